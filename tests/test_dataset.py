@@ -1,0 +1,257 @@
+"""Discovery, reading, caching, splits, slice weights and the phantom writer."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import dataset
+from dataset import (
+    DataError,
+    MRISegmentationDataset,
+    discover_patients,
+    load_volume,
+    load_volumes,
+    make_split,
+    read_volume,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_patient(root: Path, pid: str, numbers, size=32, masks=True, value=80):
+    folder = root / pid
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in numbers:
+        image = np.full((size, size, 3), value, np.uint8)
+        image[0, 0] = k  # tag each slice with its number
+        tifffile.imwrite(folder / f"{pid}_{k}.tif", image, photometric="rgb")
+        if masks:
+            tifffile.imwrite(folder / f"{pid}_{k}_mask.tif", np.zeros((size, size), np.uint8))
+    return folder
+
+
+# ---------------------------------------------------------------------------- discovery
+
+
+def test_slices_sorted_numerically_and_first_last_dropped(tmp_path):
+    write_patient(tmp_path, "P1", [1, 2, 3, 10, 11, 20])
+    (tmp_path / "data.csv").write_text("a,b\n")
+    (tmp_path / "README.md").write_text("stray\n")
+    (tmp_path / ".hidden").mkdir()
+    tifffile.imwrite(tmp_path / ".hidden" / "x_1.tif", np.zeros((4, 4, 3), np.uint8))
+    (patient,) = discover_patients(tmp_path)
+    assert [s.number for s in patient.slices] == [1, 2, 3, 10, 11, 20]
+    assert [s.number for s in patient.kept] == [2, 3, 10, 11]
+    images, masks = read_volume(patient)
+    assert images[:, 0, 0, 0].tolist() == [2, 3, 10, 11]
+    assert masks.shape == (4, 32, 32)
+
+
+def test_missing_and_empty_data_dir(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        discover_patients(tmp_path / "nope")
+    with pytest.raises(DataError, match="no patients"):
+        discover_patients(tmp_path)
+
+
+def test_partial_masks_name_the_missing_file(tmp_path):
+    folder = write_patient(tmp_path, "P1", range(1, 6))
+    (folder / "P1_4_mask.tif").unlink()
+    with pytest.raises(DataError, match="P1_4_mask.tif"):
+        discover_patients(tmp_path)
+
+
+def test_too_few_slices_names_patient(tmp_path):
+    write_patient(tmp_path, "TINY", [1, 2])
+    with pytest.raises(DataError, match="TINY"):
+        discover_patients(tmp_path)
+
+
+def test_unlabelled_patient_is_not_an_error(tmp_path):
+    write_patient(tmp_path, "U1", range(1, 6), masks=False)
+    (patient,) = discover_patients(tmp_path)
+    assert not patient.labelled
+    volume = load_volume(patient, 32, None)
+    assert volume.masks is None
+    with pytest.raises(DataError, match="U1"):
+        MRISegmentationDataset([volume])
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def test_mask_size_mismatch_names_file(tmp_path):
+    folder = write_patient(tmp_path, "P1", range(1, 6))
+    tifffile.imwrite(folder / "P1_3_mask.tif", np.zeros((16, 16), np.uint8))
+    with pytest.raises(DataError, match="P1_3_mask.tif"):
+        read_volume(discover_patients(tmp_path)[0])
+
+
+def test_truncated_tiff_names_file(tmp_path):
+    folder = write_patient(tmp_path, "P1", range(1, 6))
+    path = folder / "P1_2.tif"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataError, match="P1_2.tif"):
+        read_volume(discover_patients(tmp_path)[0])
+
+
+def test_grayscale_image_rejected_with_file_name(tmp_path):
+    folder = write_patient(tmp_path, "P1", range(1, 6))
+    tifffile.imwrite(folder / "P1_3.tif", np.zeros((32, 32), np.uint8))
+    with pytest.raises(DataError, match="P1_3.tif.*3-channel"):
+        read_volume(discover_patients(tmp_path)[0])
+
+
+def test_multichannel_and_nonbinary_masks_accepted(tmp_path):
+    folder = write_patient(tmp_path, "P1", range(1, 6))
+    mask = np.zeros((32, 32, 3), np.uint8)
+    mask[4:8, 4:8, 1] = 1  # foreground only in one channel, value 1 not 255
+    tifffile.imwrite(folder / "P1_3_mask.tif", mask)
+    _, masks = read_volume(discover_patients(tmp_path)[0])
+    assert masks[1].sum() == 16 and masks.dtype == bool
+
+
+def test_16bit_images_preprocess_like_8bit(small_phantom, tmp_path):
+    patient = discover_patients(small_phantom)[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(patient.directory, copy / patient.patient_id)
+    for item in discover_patients(copy)[0].slices:
+        image = tifffile.imread(item.image).astype(np.uint16) * 257  # 0..255 -> 0..65535
+        tifffile.imwrite(item.image, image, photometric="rgb")
+    v8 = load_volume(patient, 64, None)
+    v16 = load_volume(discover_patients(copy)[0], 64, None)
+    assert v16.geometry == v8.geometry
+    np.testing.assert_allclose(v16.images.astype(np.float32), v8.images.astype(np.float32), atol=0.02)
+    np.testing.assert_array_equal(v16.masks, v8.masks)
+
+
+def test_cli_errors_exit_nonzero_without_traceback(tmp_path):
+    folder = write_patient(tmp_path, "P1", range(1, 6))
+    (folder / "P1_4_mask.tif").unlink()
+    result = subprocess.run(
+        [sys.executable, "dataset.py", "preprocess", "--data-dir", str(tmp_path), "--no-cache"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "P1_4_mask.tif" in result.stderr and "Traceback" not in result.stderr
+
+
+# -------------------------------------------------------------------------------- cache
+
+
+def test_cache_hit_and_memory_mapped(small_phantom, tmp_path, monkeypatch):
+    patient = discover_patients(small_phantom)[0]
+    first = load_volume(patient, 32, tmp_path)
+    calls = []
+    real = dataset._preprocess_patient
+    monkeypatch.setattr(dataset, "_preprocess_patient", lambda *a: calls.append(1) or real(*a))
+    second = load_volume(patient, 32, tmp_path)
+    assert calls == []
+    assert isinstance(second.images, np.memmap)
+    assert second.images.dtype == np.float16 and second.masks.dtype == np.uint8
+    np.testing.assert_array_equal(first.images, second.images)
+    assert first.geometry == second.geometry
+
+
+def test_cache_miss_after_touch_or_new_image_size(small_phantom, tmp_path, monkeypatch):
+    patient = discover_patients(small_phantom)[0]
+    load_volume(patient, 32, tmp_path)
+    calls = []
+    real = dataset._preprocess_patient
+    monkeypatch.setattr(dataset, "_preprocess_patient", lambda *a: calls.append(1) or real(*a))
+    assert load_volume(patient, 48, tmp_path).images.shape[-1] == 48
+    assert len(calls) == 1
+    path = patient.kept[0].image
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    load_volume(patient, 32, tmp_path)
+    assert len(calls) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+
+
+def test_parallel_load_matches_serial(small_phantom):
+    patients = discover_patients(small_phantom)
+    parallel = load_volumes(patients, 32, None, num_workers=3)
+    serial = [load_volume(p, 32, None) for p in patients]
+    assert [v.patient_id for v in parallel] == [p.patient_id for p in patients]
+    for a, b in zip(parallel, serial):
+        np.testing.assert_array_equal(a.images, b.images)
+
+
+# ------------------------------------------------------------------------------- splits
+
+
+def test_holdout_split_deterministic_and_disjoint():
+    ids = [f"P{i}" for i in range(20)]
+    a, b = make_split(ids, 5, seed=1), make_split(list(reversed(ids)), 5, seed=1)
+    assert a == b
+    assert len(a["val"]) == 5 and not set(a["val"]) & set(a["train"])
+    assert sorted(a["val"] + a["train"]) == sorted(ids)
+    assert make_split(ids, 5, seed=2)["val"] != a["val"]
+
+
+def test_folds_cover_every_patient_once():
+    ids = [f"P{i}" for i in range(13)]
+    vals = [make_split(ids, folds=5, fold=i, seed=3)["val"] for i in range(5)]
+    flat = [p for v in vals for p in v]
+    assert sorted(flat) == sorted(ids)
+    assert all(2 <= len(v) <= 3 for v in vals)
+
+
+@pytest.mark.parametrize("kwargs", [{"val_patients": 0}, {"val_patients": 4}, {"folds": 5, "fold": 0}, {"folds": 2, "fold": 2}])
+def test_bad_split_arguments(kwargs):
+    with pytest.raises(DataError):
+        make_split(["a", "b", "c", "d"], **kwargs)
+
+
+# ------------------------------------------------------------------ dataset and weights
+
+
+def test_dataset_items_and_weights(phantom_dir):
+    volumes = load_volumes(discover_patients(phantom_dir), 32, None)
+    ds = MRISegmentationDataset(volumes)
+    assert len(ds) == sum(len(v.images) for v in volumes)
+    image, mask = ds[3]
+    assert image.shape == (3, 32, 32) and image.dtype.__str__() == "torch.float32"
+    assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    images, masks = ds.volume(1)
+    assert images.shape[0] == masks.shape[0] == len(volumes[1].images)
+    areas = ds.slice_areas()
+    weights = ds.slice_weights()
+    assert (weights > 0).all()
+    assert (areas == 0).any(), "phantom should have empty slices"
+    np.testing.assert_allclose(weights, areas + 0.1 * areas.mean())
+    big, small = np.argmax(areas), np.argmin(np.where(areas > 0, areas, np.inf))
+    assert weights[big] > weights[small] > weights[np.argmin(areas)]
+
+
+# ------------------------------------------------------------------------------ phantom
+
+
+def test_phantom_layout(phantom_dir):
+    root_files = sorted(p.name for p in phantom_dir.iterdir() if p.is_file())
+    assert root_files == ["README.md", "data.csv"]
+    patients = discover_patients(phantom_dir)
+    assert len(patients) == 8
+    lesion_patients = 0
+    for patient in patients:
+        assert 12 <= len(patient.slices) <= 18
+        assert [s.number for s in patient.slices] == list(range(1, len(patient.slices) + 1))
+        image = tifffile.imread(patient.slices[5].image)
+        mask = tifffile.imread(patient.slices[5].mask)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        assert mask.shape == (64, 64) and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255}
+        masks = np.stack([tifffile.imread(s.mask) for s in patient.slices])
+        lesion_patients += bool(masks.any())
+        if masks.any():
+            images = np.stack([tifffile.imread(s.image) for s in patient.slices])
+            inside, outside = images[..., 1][masks > 0], images[..., 1][(masks == 0) & (images[..., 1] > 40)]
+            assert inside.mean() > 1.15 * outside.mean(), "lesions are bright in FLAIR"
+    assert 0 < lesion_patients < 8

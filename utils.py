@@ -1,0 +1,336 @@
+"""Shared helpers: volume preprocessing and its exact inverse, metrics, largest connected
+component, overlays and the Dice chart, seeding, and checkpoint save/load."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+CHECKPOINT_FORMAT_VERSION = 1
+BRAIN_THRESHOLD = 0.10  # a pixel is "head" where any channel exceeds 10 % of its volume max
+CLIP_PERCENTILES = (10.0, 99.0)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a preprocessed volume came from: enough to map a mask back exactly."""
+
+    original_shape: tuple[int, int]  # native (H, W) of the input slices
+    crop_box: tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open, in native pixels
+    padding: tuple[int, int, int, int]  # (top, bottom, left, right) zero padding to square
+    image_size: int  # side of the preprocessed square
+    scale: float  # image_size / padded side
+    slice_numbers: tuple[int, ...]  # the kept slice numbers k, in order
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Geometry":
+        return cls(
+            original_shape=tuple(data["original_shape"]),
+            crop_box=tuple(data["crop_box"]),
+            padding=tuple(data["padding"]),
+            image_size=int(data["image_size"]),
+            scale=float(data["scale"]),
+            slice_numbers=tuple(int(k) for k in data["slice_numbers"]),
+        )
+
+    @property
+    def padded_side(self) -> int:
+        top, bottom, left, right = self.padding
+        y0, y1, x0, x1 = self.crop_box
+        return y1 - y0 + top + bottom
+
+
+def brain_bounding_box(volume: np.ndarray) -> tuple[int, int, int, int]:
+    """In-plane box (y0, y1, x0, x1) of pixels where any channel exceeds 10 % of that
+    channel's maximum over the volume; the full frame for an all-dark volume."""
+    projection = volume.max(axis=0)  # (S, H, W, C) -> (H, W, C): a pixel's brightest slice
+    channel_max = projection.reshape(-1, projection.shape[-1]).max(axis=0)
+    plane = ((projection > BRAIN_THRESHOLD * channel_max) & (channel_max > 0)).any(axis=-1)
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if rows.size == 0:
+        return 0, volume.shape[1], 0, volume.shape[2]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _square_padding(height: int, width: int) -> tuple[int, int, int, int]:
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    return top, side - height - top, left, side - width - left
+
+
+def _resize(tensor: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Resize (N, C, h, w) to (N, C, size, size); half-pixel centres for every mode."""
+    if tensor.shape[-2:] == (size, size):
+        return tensor
+    if mode == "nearest":
+        return F.interpolate(tensor, size=(size, size), mode="nearest-exact")
+    return F.interpolate(tensor, size=(size, size), mode=mode, align_corners=False)
+
+
+def normalize_channels(images: np.ndarray) -> np.ndarray:
+    """Per channel over the volume: clip to the [10th, 99th] percentile, then z-score.
+    A constant channel becomes zeros. (S, C, H, W) float32 in, same shape out."""
+    out = np.empty_like(images, dtype=np.float32)
+    for c in range(images.shape[1]):
+        channel = images[:, c]
+        low, high = np.percentile(channel, CLIP_PERCENTILES)
+        clipped = np.clip(channel, low, high)
+        std = float(clipped.std())
+        out[:, c] = (clipped - clipped.mean()) / std if std > 1e-6 else 0.0
+    return out
+
+
+def preprocess_volume(
+    images: np.ndarray,
+    masks: np.ndarray | None,
+    image_size: int,
+    slice_numbers: list[int] | tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    """Crop to the brain, pad to a centred square, resize, normalise per channel.
+
+    images: (S, H, W, 3) any real dtype; masks: (S, H, W) bool/0-1 or None.
+    Returns images float32 (S, 3, size, size), masks uint8 0/1 (S, size, size) or None,
+    and the Geometry that `restore_geometry` inverts.
+    """
+    height, width = images.shape[1:3]
+    y0, y1, x0, x1 = brain_bounding_box(images)
+    padding = _square_padding(y1 - y0, x1 - x0)
+    top, bottom, left, right = padding
+    side = y1 - y0 + top + bottom
+    geometry = Geometry(
+        original_shape=(height, width),
+        crop_box=(y0, y1, x0, x1),
+        padding=padding,
+        image_size=image_size,
+        scale=image_size / side,
+        slice_numbers=tuple(int(k) for k in slice_numbers),
+    )
+    with torch.no_grad():
+        crop = torch.from_numpy(np.ascontiguousarray(images[:, y0:y1, x0:x1])).float()
+        crop = crop.permute(0, 3, 1, 2)  # (S, H, W, 3) -> (S, 3, h, w)
+        square = F.pad(crop, (left, right, top, bottom))
+        resized = _resize(square, image_size, "bicubic").numpy()
+        out_masks = None
+        if masks is not None:
+            mask_crop = torch.from_numpy(np.ascontiguousarray(masks[:, y0:y1, x0:x1] > 0))
+            mask_square = F.pad(mask_crop[:, None].to(torch.uint8), (left, right, top, bottom))
+            out_masks = _resize(mask_square, image_size, "nearest")[:, 0].numpy()
+    return normalize_channels(resized), out_masks, geometry
+
+
+def restore_geometry(array: np.ndarray, geometry: Geometry, mode: str = "nearest") -> np.ndarray:
+    """Map (S, size, size) from preprocessed space back onto the native (S, H, W) grid.
+
+    `mode="nearest"` for masks (exact inverse whenever preprocessing upsampled),
+    `"bilinear"` for probability maps. Pixels outside the brain box become 0.
+    """
+    top, bottom, left, right = geometry.padding
+    y0, y1, x0, x1 = geometry.crop_box
+    side = geometry.padded_side
+    with torch.no_grad():
+        tensor = torch.from_numpy(np.ascontiguousarray(array))[:, None]
+        if mode == "nearest":
+            square = _resize(tensor.to(torch.uint8), side, "nearest")
+        else:
+            square = _resize(tensor.float(), side, mode)
+        crop = square[:, 0, top : side - bottom, left : side - right].numpy()
+    out = np.zeros((array.shape[0], *geometry.original_shape), dtype=crop.dtype)
+    out[:, y0:y1, x0:x1] = crop
+    return out
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary arrays; 1.0 when both are empty, 0.0 for a prediction on empty truth."""
+    prediction, truth = prediction.astype(bool), truth.astype(bool)
+    total = int(prediction.sum()) + int(truth.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(prediction, truth).sum()) / total
+
+
+def precision_recall(prediction: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Precision and recall; each is 1.0 when its denominator and the overlap are both empty."""
+    prediction, truth = prediction.astype(bool), truth.astype(bool)
+    overlap = int(np.logical_and(prediction, truth).sum())
+    n_pred, n_true = int(prediction.sum()), int(truth.sum())
+    precision = overlap / n_pred if n_pred else (1.0 if n_true == 0 else 0.0)
+    recall = overlap / n_true if n_true else (1.0 if n_pred == 0 else 0.0)
+    return precision, recall
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3,) * mask.ndim), border_value=0)
+
+
+def hd95(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance between the surfaces, in voxels
+    (max of the two directed 95th percentiles). NaN when either mask is empty."""
+    prediction, truth = prediction.astype(bool), truth.astype(bool)
+    if not prediction.any() or not truth.any():
+        return float("nan")
+    surface_p, surface_t = _surface(prediction), _surface(truth)
+    to_truth = ndimage.distance_transform_edt(~surface_t)[surface_p]
+    to_pred = ndimage.distance_transform_edt(~surface_p)[surface_t]
+    return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
+
+
+def largest_connected_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest connected component (full connectivity: 26 neighbours in 3-D).
+    An empty mask is returned unchanged (as bool)."""
+    mask = mask.astype(bool)
+    if not mask.any():
+        return mask
+    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
+    if count == 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+# ------------------------------------------------------------------------ visualisation
+
+
+def overlay(flair: np.ndarray, prediction: np.ndarray | None, truth: np.ndarray | None) -> np.ndarray:
+    """RGB uint8 (H, W, 3): the FLAIR slice in grey, prediction contour red, truth green."""
+    from skimage.segmentation import find_boundaries
+
+    flair = flair.astype(np.float32)
+    low, high = float(flair.min()), float(flair.max())
+    grey = ((flair - low) / (high - low) * 255.0) if high > low else np.zeros_like(flair)
+    rgb = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+    if truth is not None and truth.any():
+        rgb[find_boundaries(truth.astype(bool), mode="inner")] = (0, 255, 0)
+    if prediction is not None and prediction.any():
+        rgb[find_boundaries(prediction.astype(bool), mode="inner")] = (255, 0, 0)
+    return rgb
+
+
+def plot_dice_distribution(dice_by_patient: dict[str, float], path: str | Path) -> None:
+    """Horizontal bar per patient, sorted, with mean and median lines in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(dice_by_patient.items(), key=lambda item: item[1])
+    names, values = [name for name, _ in items], [value for _, value in items]
+    mean, median = float(np.mean(values)), float(np.median(values))
+    height = max(3.0, 0.25 * len(values) + 1.5)
+    fig, ax = plt.subplots(figsize=(8, height))
+    ax.barh(range(len(values)), values, color="tab:blue")
+    ax.set_yticks(range(len(values)), names, fontsize=7)
+    ax.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.3f}")
+    ax.axvline(median, color="tab:green", linestyle=":", label=f"median {median:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("Dice")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ seeding/checkpoints
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch global RNGs (for entry points, not library code)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def unwrap_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from keys."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        key = key.replace("._orig_mod.", ".").replace(".module.", ".")
+        cleaned[key] = value
+    return cleaned
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """`torch.save` a plain dict atomically: a crash never leaves a half-written file."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is missing, unsafe or not one of ours."""
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; clear errors for missing or unsafe files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain "
+            f"containers, which could run code ({str(error).splitlines()[0]})"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and "model" in obj and "model_config" in obj
+
+
+def model_state_from(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
+    """The model state_dict from a training checkpoint or a bare state_dict."""
+    state = obj["model"] if is_training_checkpoint(obj) else obj
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{source}: not a checkpoint of this project (expected a dict with 'model' and "
+            "'model_config', or a state_dict of tensors)"
+        )
+    return unwrap_state_dict(state)
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds < 60 else f"{int(seconds // 60)} min {math.fmod(seconds, 60):.0f} s"

@@ -27,7 +27,7 @@ import tifffile
 import torch
 from torch.utils.data import Dataset
 
-from utils import BRAIN_THRESHOLD, CLIP_PERCENTILES, Geometry, preprocess_volume
+from utils import BRAIN_THRESHOLD, CLIP_PERCENTILES, Geometry, largest_connected_component, preprocess_volume
 
 CACHE_FORMAT_VERSION = 1
 IMAGE_RE = re.compile(r"^(?P<prefix>.+)_(?P<k>\d+)\.tiff?$", re.IGNORECASE)
@@ -202,7 +202,7 @@ def preprocessing_config(image_size: int) -> dict:
         "image_size": int(image_size),
         "brain_threshold": BRAIN_THRESHOLD,
         "clip_percentiles": list(CLIP_PERCENTILES),
-        "image_resize": "bicubic",
+        "image_resize": "bicubic, anti-aliased when shrinking",
         "mask_resize": "nearest-exact",
         "drop_first_last": True,
     }
@@ -432,9 +432,8 @@ def _phantom_patient(rng: np.random.Generator, n_slices: int, size: int, lesion:
         images[..., 2][spot] *= 1.8
 
     masks = np.zeros((n_slices, size, size), dtype=bool)
-    if lesion:
-        for _ in range(rng.integers(1, 3)):
-            masks |= _phantom_lesion(rng, z, dy, dx, axes, n_slices, size) & brain & ~ventricles
+    if lesion:  # one connected abnormality, as in most LGG cases
+        masks = largest_connected_component(_phantom_lesion(rng, z, dy, dx, axes, n_slices, size) & brain & ~ventricles)
         contrast = rng.uniform(1.3, 1.9)
         halo = _soft_edge(masks)
         images[..., 1] *= 1 + (contrast - 1) * halo
@@ -450,7 +449,7 @@ def _phantom_lesion(rng, z, dy, dx, axes, n_slices, size) -> np.ndarray:
     angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.5)
     cy, cx = dist * axes[0] * np.sin(angle), dist * axes[1] * np.cos(angle)
     cz = rng.uniform(-0.4, 0.4)
-    ry, rx = size * rng.uniform(0.03, 0.14, 2)
+    ry, rx = size * rng.uniform(0.04, 0.14, 2)
     rz = rng.uniform(0.15, 0.45)
     distance = np.sqrt(((dy - cy) / ry) ** 2 + ((dx - cx) / rx) ** 2 + ((z - cz) / rz) ** 2)
     wobble = 0.25 * _smooth_noise(rng, (n_slices, size, size), 3.0)
@@ -474,8 +473,8 @@ def make_synthetic_dataset(
     """Write a phantom data set in the kaggle_3m layout; returns the patient ids.
 
     Each patient is a head (scalp, brain texture, ventricles, bright vessels in channel 2)
-    with 0-2 irregular lesions that are bright in channel 1 (FLAIR) at a per-patient
-    contrast; about `lesion_free_fraction` of the patients have no lesion at all.
+    with one irregular, connected lesion that is bright in channel 1 (FLAIR) at a
+    per-patient contrast and size; about `lesion_free_fraction` of the patients have no lesion at all.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -77,12 +77,13 @@ def _square_padding(height: int, width: int) -> tuple[int, int, int, int]:
 
 
 def _resize(tensor: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """Resize (N, C, h, w) to (N, C, size, size); half-pixel centres for every mode."""
+    """Resize (N, C, h, w) to (N, C, size, size); half-pixel centres for every mode, and
+    an anti-aliasing filter when an interpolating mode shrinks the image."""
     if tensor.shape[-2:] == (size, size):
         return tensor
     if mode == "nearest":
         return F.interpolate(tensor, size=(size, size), mode="nearest-exact")
-    return F.interpolate(tensor, size=(size, size), mode=mode, align_corners=False)
+    return F.interpolate(tensor, size=(size, size), mode=mode, align_corners=False, antialias=tensor.shape[-1] > size)
 
 
 def normalize_channels(images: np.ndarray) -> np.ndarray:
@@ -334,3 +335,23 @@ def model_state_from(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
 
 def format_seconds(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds < 60 else f"{int(seconds // 60)} min {math.fmod(seconds, 60):.0f} s"
+
+
+class UsageError(ValueError):
+    """An invalid command-line value; the message says which flag and why."""
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`None` -> cuda:0 when available, else cpu. An unavailable CUDA device is an error."""
+    if name is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device {name}: not a device name ({error})") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device

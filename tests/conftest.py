@@ -25,3 +25,23 @@ def small_phantom(tmp_path) -> Path:
     root = tmp_path / "kaggle_3m"
     make_synthetic_dataset(root, patients=3, seed=3, image_size=64, slices=(5, 12))
     return root
+
+
+TINY_TRAIN = ["--image-size", "32", "--base-filters", "4", "--batch-size", "8", "--val-patients", "3",
+              "--num-workers", "0", "--vis-frequency", "0", "--log-interval", "2"]
+
+
+def tiny_train_args(data_dir: Path, work: Path, *extra: str) -> list[str]:
+    """Arguments for a seconds-long CPU training run writing under `work`."""
+    return ["--data-dir", str(data_dir), "--checkpoint-dir", str(work / "ckpt"), "--log-dir", str(work / "tb"),
+            "--cache-dir", str(work / "cache"), *TINY_TRAIN, *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(phantom_dir, tmp_path_factory) -> Path:
+    """best_model.pt of a tiny 2-epoch run on the shared phantom (not a good model)."""
+    import train
+
+    work = tmp_path_factory.mktemp("trained")
+    train.main(tiny_train_args(phantom_dir, work, "--epochs", "2", "--steps-per-epoch", "3"))
+    return work / "ckpt" / "best_model.pt"

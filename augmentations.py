@@ -1,0 +1,75 @@
+"""Batched, on-device training augmentation: random isotropic scale, rotation and
+horizontal flip composed into one affine transform and applied with one resampling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_affine_parameters(
+    batch: int, scale: float, angle: float, flip_prob: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Per-sample parameters drawn on the CPU: scale ~ U(1-s, 1+s), angle ~ U(-a, a)
+    degrees, flip ~ Bernoulli(flip_prob). Returns float32 tensors of shape (B,)."""
+    u = torch.rand(3, batch, generator=generator)
+    return {
+        "scale": 1 + scale * (2 * u[0] - 1),
+        "angle": angle * (2 * u[1] - 1),
+        "flip": (u[2] < flip_prob).float(),
+    }
+
+
+def affine_matrices(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, 2, 3) matrices for `F.affine_grid`, mapping output to input coordinates:
+    content is flipped, rotated by `angle` and magnified by `scale` about the centre."""
+    radians = params["angle"] * (math.pi / 180)
+    cos, sin = torch.cos(radians) / params["scale"], torch.sin(radians) / params["scale"]
+    sign = 1 - 2 * params["flip"]  # -1 mirrors x
+    zero = torch.zeros_like(cos)
+    row_x = torch.stack([cos * sign, -sin, zero], dim=1)
+    row_y = torch.stack([sin * sign, cos, zero], dim=1)
+    return torch.stack([row_x, row_y], dim=1)  # (B, 2, 3)
+
+
+def apply_affine(
+    images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample images (bilinear) and masks (nearest) with the same transform. Pixels
+    from outside the frame get each image channel's background (its minimum) and 0 in masks.
+    images (B, C, H, W), masks (B, 1, H, W), theta (B, 2, 3) -> same shapes."""
+    theta = theta.to(device=images.device, dtype=torch.float32)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = images.float()
+    background = images.amin(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    warped = F.grid_sample(images - background, grid, mode="bilinear", align_corners=False) + background
+    warped_masks = F.grid_sample(masks.float(), grid, mode="nearest", align_corners=False)
+    return warped, warped_masks
+
+
+class BatchAugmentation:
+    """Random scale / rotation / flip of a whole batch on its own device, seeded."""
+
+    def __init__(self, scale: float = 0.05, angle: float = 15.0, flip_prob: float = 0.5, seed: int = 0):
+        if not 0 <= scale < 1 or angle < 0 or not 0 <= flip_prob <= 1:
+            raise ValueError(f"need 0 <= scale < 1, angle >= 0, 0 <= flip_prob <= 1; got {scale}, {angle}, {flip_prob}")
+        self.scale, self.angle, self.flip_prob = scale, angle, flip_prob
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 0 and self.angle == 0 and self.flip_prob == 0
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_identity:
+            return images, masks
+        params = random_affine_parameters(images.shape[0], self.scale, self.angle, self.flip_prob, self.generator)
+        return apply_affine(images, masks, affine_matrices(params))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])

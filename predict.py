@@ -200,16 +200,19 @@ def models_for(patient_id: str, models: Sequence[LoadedModel], folds: bool) -> t
 # ------------------------------------------------------------------------------ output
 
 
+def all_slices(patient: Patient, kept: np.ndarray) -> np.ndarray:
+    """(kept S, H, W) -> (all slices, H, W) with zeros for the dropped first and last slice."""
+    full = np.zeros((len(patient.slices), *kept.shape[1:]), kept.dtype)
+    full[1:-1] = kept
+    return full
+
+
 def write_masks(patient: Patient, native: np.ndarray, out_dir: Path) -> None:
     """One uint8 0/255 TIFF per input slice; the dropped first/last slices are empty."""
     folder = out_dir / "masks" / patient.patient_id
     folder.mkdir(parents=True, exist_ok=True)
-    by_number = dict(zip((s.number for s in patient.kept), native))
-    empty = np.zeros(native.shape[1:], np.uint8)
-    for item in patient.slices:
-        mask = by_number.get(item.number)
-        data = empty if mask is None else mask.astype(np.uint8) * 255
-        tifffile.imwrite(folder / f"{patient.patient_id}_{item.number}_mask.tif", data)
+    for item, mask in zip(patient.slices, all_slices(patient, native)):
+        tifffile.imwrite(folder / f"{patient.patient_id}_{item.number}_mask.tif", mask.astype(np.uint8) * 255)
 
 
 def write_overlays(patient: Patient, images: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, out_dir: Path) -> int:
@@ -328,7 +331,7 @@ def run(args: argparse.Namespace) -> dict:
         write_masks(patient, native_mask, out_dir)
         if args.save_probabilities:
             (out_dir / "probabilities").mkdir(exist_ok=True)
-            np.save(out_dir / "probabilities" / f"{patient.patient_id}.npy", native_probs.astype(np.float16))
+            np.save(out_dir / "probabilities" / f"{patient.patient_id}.npy", all_slices(patient, native_probs.astype(np.float16)))
         images, truth = read_volume(patient)
         row = {"patient": patient.patient_id, "slices": len(patient.kept),
                "models": " ".join(str(i) for i in indices), "held_out": held_out}

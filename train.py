@@ -182,6 +182,8 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
             device = resolve_device(f"cuda:{local_rank}")
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn: SyncBatchNorm works only on CUDA devices")
     amp = args.amp
     if amp == "auto":
         amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
@@ -312,7 +314,7 @@ def evaluate(
     local = []
     for volume in volumes[runtime.rank :: runtime.world_size]:
         probs = predict_volume(model, volume.images, runtime.device, batch_size, amp_dtype=runtime.amp_dtype)
-        truth = np.asarray(volume.masks)
+        truth = np.array(volume.masks)  # a writable copy of the memory map
         loss = criterion(torch.from_numpy(probs)[:, None], torch.from_numpy(truth)[:, None]).item()
         prediction = binarize(probs, 0.5, lcc)
         local.append({"patient": volume.patient_id, "loss": loss, "slices": len(probs),

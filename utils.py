@@ -171,13 +171,14 @@ def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 def precision_recall(prediction: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Precision and recall; each is 1.0 when its denominator and the overlap are both empty."""
+    """Precision and recall, with Dice's convention for empty masks: both empty -> (1, 1),
+    exactly one empty -> (0, 0), so neither a missed lesion nor a false alarm scores well."""
     prediction, truth = prediction.astype(bool), truth.astype(bool)
-    overlap = int(np.logical_and(prediction, truth).sum())
     n_pred, n_true = int(prediction.sum()), int(truth.sum())
-    precision = overlap / n_pred if n_pred else (1.0 if n_true == 0 else 0.0)
-    recall = overlap / n_true if n_true else (1.0 if n_pred == 0 else 0.0)
-    return precision, recall
+    if n_pred == 0 or n_true == 0:
+        return (1.0, 1.0) if n_pred == n_true else (0.0, 0.0)
+    overlap = int(np.logical_and(prediction, truth).sum())
+    return overlap / n_pred, overlap / n_true
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -267,10 +268,8 @@ def unwrap_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """Strip `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from keys."""
     cleaned = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
-        key = key.replace("._orig_mod.", ".").replace(".module.", ".")
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
         cleaned[key] = value
     return cleaned
 

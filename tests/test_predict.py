@@ -31,8 +31,8 @@ def test_dice_precision_recall_hand_made():
     assert dice_score(pred, empty) == 0.0
     assert dice_score(empty, truth) == 0.0
     assert precision_recall(empty, empty) == (1.0, 1.0)
-    assert precision_recall(pred, empty) == (0.0, 1.0)
-    assert precision_recall(empty, truth) == (1.0, 0.0)
+    assert precision_recall(pred, empty) == (0.0, 0.0)
+    assert precision_recall(empty, truth) == (0.0, 0.0)
 
 
 def test_largest_component_matches_skimage():

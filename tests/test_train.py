@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +35,11 @@ def losses(result):
         (["--device", "cuda:0"], "CUDA"),
         (["--val-patients", "50"], "--val-patients 50"),
         (["--lr", "-1"], "--lr"),
+        (["--sync-bn"], "--sync-bn"),
     ],
 )
 def test_invalid_arguments_rejected(flags, message, phantom_dir, tmp_path, capsys):
-    if "cuda" in flags[-1] and torch.cuda.is_available():
+    if ("cuda" in flags[-1] or "--sync-bn" in flags) and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_train_args(phantom_dir, tmp_path, *flags))
@@ -152,10 +154,16 @@ def test_learns_the_phantom(phantom_dir, tmp_path):
     assert result["best_dice"] > max(empty, ones) + 0.25, (result["best_dice"], empty, ones)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_ddp_on_cpu(phantom_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "train.py",
-               *tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "2", "--sync-bn")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "train.py", *tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "2")]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)

@@ -305,19 +305,24 @@ def make_split(
     seed: int = 42,
     folds: int | None = None,
     fold: int | None = None,
+    strata: dict[str, bool] | None = None,
 ) -> dict:
     """Deterministic patient-level split: hold out `val_patients`, or fold `fold` of `folds`.
-    Returns a plain dict {train, val, seed, folds, fold, val_patients}."""
+
+    With `strata` (e.g. patient -> has a lesion) each group is spread evenly over the
+    validation set and the folds, so a lucky draw cannot put every lesion-free patient in
+    validation. Returns a plain dict {train, val, seed, folds, fold, val_patients, stratified}.
+    """
     ids = sorted(patient_ids)
     if len(set(ids)) != len(ids):
         raise DataError("duplicate patient ids in the data directory")
-    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    order = _stratified_order(ids, strata or {}, np.random.default_rng(seed))
     if folds is not None:
         if not 2 <= folds <= len(ids):
             raise DataError(f"--folds {folds}: need 2 <= folds <= number of patients ({len(ids)})")
         if fold is None or not 0 <= fold < folds:
             raise DataError(f"--fold {fold}: must be in 0..{folds - 1}")
-        val = list(np.array_split(np.array(order, dtype=object), folds)[fold])
+        val = [str(i) for i in np.array_split(np.array(order, dtype=object), folds)[fold]]
     else:
         if not 0 < val_patients < len(ids):
             raise DataError(
@@ -333,7 +338,21 @@ def make_split(
         "folds": folds,
         "fold": fold,
         "val_patients": len(val),
+        "stratified": bool(strata),
     }
+
+
+def _stratified_order(ids: list[str], strata: dict[str, bool], rng: np.random.Generator) -> list[str]:
+    """A random order in which every stratum is spread evenly: shuffle each group, give
+    its members positions (rank + 0.5) / group size, and sort by position (ties at random)."""
+    groups: dict[bool, list[str]] = {}
+    for i in ids:
+        groups.setdefault(strata.get(i, False), []).append(i)
+    keyed = []
+    for key in sorted(groups):
+        members = [groups[key][j] for j in rng.permutation(len(groups[key]))]
+        keyed += [((rank + 0.5) / len(members), rng.random(), pid) for rank, pid in enumerate(members)]
+    return [pid for _, _, pid in sorted(keyed)]
 
 
 # ------------------------------------------------------------------------------ dataset

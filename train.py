@@ -410,24 +410,27 @@ def prepare_demo_data(args: argparse.Namespace, runtime: Runtime) -> None:
 
 
 def load_split_volumes(args: argparse.Namespace, runtime: Runtime, split: dict | None) -> tuple[dict, list[Volume], list[Volume]]:
-    """Discover patients, make (or reuse) the split, load train and validation volumes.
-    Rank 0 fills the cache first; the other ranks then read it."""
+    """Discover patients, load their volumes (rank 0 fills the cache first), then make the
+    split stratified by lesion presence, or reuse the split of the checkpoint resumed from."""
     patients = discover_patients(args.data_dir)
-    if split is None:
-        split = make_split([p.patient_id for p in patients], args.val_patients, args.seed, args.folds, args.fold)
-    train_patients = select_patients(patients, split["train"])
-    val_patients = select_patients(patients, split["val"])
-    unlabelled = [p.patient_id for p in train_patients + val_patients if not p.labelled]
+    if split is not None:
+        patients = select_patients(patients, split["train"] + split["val"])
+    unlabelled = [p.patient_id for p in patients if not p.labelled]
     if unlabelled:
         raise DataError(f"training needs masks, but these patients have no _mask.tif files: {', '.join(unlabelled)}")
+    if split is None:  # checks --val-patients / --folds against the data before any preprocessing
+        make_split([p.patient_id for p in patients], args.val_patients, args.seed, args.folds, args.fold)
     cache_dir = None if args.no_cache else args.cache_dir
     if runtime.distributed and not runtime.is_main and cache_dir is not None:
         dist.barrier()  # wait for rank 0 to fill the cache
-    volumes = load_volumes(train_patients + val_patients, args.image_size, cache_dir, max(1, args.num_workers),
-                           progress=runtime.is_main)
+    volumes = load_volumes(patients, args.image_size, cache_dir, max(1, args.num_workers), progress=runtime.is_main)
     if runtime.distributed and runtime.is_main and cache_dir is not None:
         dist.barrier()
-    return split, volumes[: len(train_patients)], volumes[len(train_patients) :]
+    by_id = {v.patient_id: v for v in volumes}
+    if split is None:
+        has_lesion = {v.patient_id: bool(np.asarray(v.masks).any()) for v in volumes}
+        split = make_split(list(by_id), args.val_patients, args.seed, args.folds, args.fold, strata=has_lesion)
+    return split, [by_id[i] for i in split["train"]], [by_id[i] for i in split["val"]]
 
 
 def train(args: argparse.Namespace, runtime: Runtime) -> dict:

@@ -255,3 +255,15 @@ def test_phantom_layout(phantom_dir):
             inside, outside = images[..., 1][masks > 0], images[..., 1][(masks == 0) & (images[..., 1] > 40)]
             assert inside.mean() > 1.15 * outside.mean(), "lesions are bright in FLAIR"
     assert 0 < lesion_patients < 8
+
+
+def test_stratified_split_spreads_lesion_free_patients():
+    ids = [f"P{i:02d}" for i in range(20)]
+    strata = {pid: i >= 4 for i, pid in enumerate(ids)}  # 4 lesion-free, 16 with lesion
+    for seed in range(10):
+        split = make_split(ids, 5, seed=seed, strata=strata)
+        assert sum(not strata[p] for p in split["val"]) == 1
+        folds = [make_split(ids, folds=4, fold=f, seed=seed, strata=strata)["val"] for f in range(4)]
+        assert [sum(not strata[p] for p in v) for v in folds] == [1, 1, 1, 1]
+        assert sorted(p for v in folds for p in v) == ids
+    assert make_split(ids, 5, seed=3, strata=strata) == make_split(ids, 5, seed=3, strata=strata)

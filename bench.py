@@ -112,7 +112,7 @@ def plain_training_rate(data: ResidentSlices, base_filters: int, batch_size: int
     start = time.perf_counter()
     for images, masks in batches:
         loss = step(images, masks)
-    float(loss)
+    float(loss.detach())
     synchronize(device)
     return steps * batch_size / (time.perf_counter() - start)
 
@@ -128,9 +128,9 @@ def configured_training_rate(data: ResidentSlices, base_filters: int, batch_size
     runtime = Runtime(device, amp_dtype=amp_dtype)
     args = (optimizer, scaler, SoftDiceLoss(), BatchAugmentation(seed=0), runtime)
     warmup = 3 if compile_model else 1
-    train_one_epoch(model, data, *args, warmup, batch_size, torch.Generator().manual_seed(0), 0, 10**9)
+    train_one_epoch(model, data, *args, warmup, batch_size, torch.Generator().manual_seed(0), 0, 10**9, progress=False)
     synchronize(device)
-    stats = train_one_epoch(model, data, *args, steps, batch_size, torch.Generator().manual_seed(1), 1, 10**9)
+    stats = train_one_epoch(model, data, *args, steps, batch_size, torch.Generator().manual_seed(1), 1, 10**9, progress=False)
     return stats["slices_per_s"]
 
 
@@ -153,15 +153,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--image-size", type=int, default=256, help="preprocessed slice size")
     parser.add_argument("--base-filters", type=int, default=32, help="U-Net width")
-    parser.add_argument("--batch-size", type=int, default=16, help="training batch")
-    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 4 quick, 20 full; x10 on CUDA)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 16; 8 with --quick on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 3 quick, 20 full; x10 on CUDA)")
     parser.add_argument("--compile", action="store_true", help="also time the configured path with torch.compile")
     parser.add_argument("--quick", action="store_true", help="small phantom and few steps (under 2 minutes on 2 CPU cores)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    steps = args.steps or (4 if args.quick else 20) * (10 if device.type == "cuda" else 1)
-    n_patients, slices = (4, (20, 24)) if args.quick else (12, (20, 44))
+    on_cpu = device.type == "cpu"
+    steps = args.steps or (3 if args.quick else 20) * (1 if on_cpu else 10)
+    args.batch_size = args.batch_size or (8 if args.quick and on_cpu else 16)
+    n_patients, slices = (3, (16, 20)) if args.quick else (12, (20, 44))
     results: dict = {"device": str(device), "torch": torch.__version__, "image_size": args.image_size,
                      "base_filters": args.base_filters, "batch_size": args.batch_size, "steps": steps,
                      "threads": torch.get_num_threads()}

@@ -59,7 +59,7 @@ DEMO_DEFAULTS = {
     "checkpoint_dir": "./demo_checkpoints",
     "log_dir": "./tb_logs/demo",
     "cache_dir": "./cache",
-    "epochs": 12,
+    "epochs": 30,
     "image_size": 64,
     "base_filters": 16,
     "val_patients": 4,
@@ -266,13 +266,14 @@ def train_one_epoch(
     generator: torch.Generator,
     epoch: int,
     log_interval: int,
+    progress: bool = True,
 ) -> dict[str, float]:
     """One epoch of `steps` weighted-sampled batches. Returns loss, slices/s and seconds."""
     model.train()
     device = runtime.device
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not runtime.is_main, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not (progress and runtime.is_main), leave=False, dynamic_ncols=True)
     for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator), start=1):
         images, masks = augment(images, masks)  # on the device, whole batch at once
         images = images.contiguous(memory_format=torch.channels_last)

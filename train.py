@@ -399,6 +399,18 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
     return path
 
 
+def check_resume_compatible(checkpoint: dict, path: Path, args: argparse.Namespace) -> None:
+    """A resumed run must keep the model width and the preprocessing of the checkpoint."""
+    if not {"model", "model_config", "preprocessing", "optimizer", "epoch"} <= set(checkpoint):
+        raise CheckpointError(f"{path}: not a training checkpoint of this project; cannot resume from it")
+    saved = {"--base-filters": checkpoint["model_config"]["base_filters"],
+             "--image-size": checkpoint["preprocessing"]["image_size"]}
+    given = {"--base-filters": args.base_filters, "--image-size": args.image_size}
+    for flag, value in saved.items():
+        if given[flag] != value:
+            raise CheckpointError(f"{path} was trained with {flag} {value}, not {given[flag]}; pass {flag} {value} to resume")
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -439,6 +451,8 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
     checkpoint_dir = Path(args.checkpoint_dir)
     resume_path = find_resume_checkpoint(args)
     resumed = load_checkpoint(resume_path) if resume_path else None
+    if resumed:
+        check_resume_compatible(resumed, resume_path, args)
     if args.demo:
         prepare_demo_data(args, runtime)
     split, train_volumes, val_volumes = load_split_volumes(args, runtime, resumed["split"] if resumed else None)
@@ -491,7 +505,9 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
         train_stats = train_one_epoch(model, data, optimizer, scaler, criterion, augment, runtime, steps,
                                       args.batch_size, generator, epoch, args.log_interval)
         visualise = args.vis_frequency > 0 and epoch % args.vis_frequency == 0 and args.n_vis_images > 0
+        val_start = time.perf_counter()
         val = evaluate(raw_model, val_volumes, runtime, args.batch_size * 2, not args.no_lcc, visualise and runtime.is_main)
+        val_seconds = time.perf_counter() - val_start
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         is_best = val["dice_mean"] > best_dice
@@ -505,12 +521,13 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
                 save_checkpoint(checkpoint, checkpoint_dir / "best_model.pt")
             logger.scalars({"train/loss": train_stats["loss"], "val/loss": val["loss"], "val/dice_mean": val["dice_mean"],
                             "val/dice_median": val["dice_median"], "lr": lr, "time/epoch_s": train_stats["seconds"],
-                            "time/slices_per_s": train_stats["slices_per_s"]}, epoch)
+                            "time/val_s": val_seconds, "time/slices_per_s": train_stats["slices_per_s"]}, epoch)
             if visualise:
                 log_overlays(logger, val_volumes, val["predictions"], args.n_vis_images, epoch)
             print(f"epoch {epoch:3d}/{args.epochs}  loss {train_stats['loss']:.4f}  val loss {val['loss']:.4f}  "
                   f"Dice mean {val['dice_mean']:.4f} median {val['dice_median']:.4f}  lr {lr:.2e}  "
-                  f"{train_stats['slices_per_s']:.1f} slices/s  {train_stats['seconds']:.1f} s" + ("  *best*" if is_best else ""),
+                  f"{train_stats['slices_per_s']:.1f} slices/s  {train_stats['seconds']:.1f} s + val {val_seconds:.1f} s"
+                  + ("  *best*" if is_best else ""),
                   flush=True)
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
             break

@@ -135,7 +135,7 @@ def test_tensorboard_scalars_and_overlays(phantom_dir, tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in ["train/loss", "val/loss", "val/dice_mean", "val/dice_median", "lr", "time/epoch_s", "time/slices_per_s"]:
+    for tag in ["train/loss", "val/loss", "val/dice_mean", "val/dice_median", "lr", "time/epoch_s", "time/val_s", "time/slices_per_s"]:
         assert tag in tags["scalars"], tag
     assert 1 <= len(tags["images"]) <= 3
 
@@ -170,3 +170,10 @@ def test_two_process_ddp_on_cpu(phantom_dir, tmp_path):
     assert checkpoint["epoch"] == 2
     assert not [k for k in checkpoint["model"] if k.startswith("module.")]
     assert result.stdout.count("epoch   2/2") == 1, "only rank 0 prints the epoch summary"
+
+
+def test_resume_with_other_width_is_refused(phantom_dir, tmp_path):
+    train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1", "--stop-after-epoch", "1"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--base-filters", "8", "--resume", "auto"))
+    assert "--base-filters 4" in str(exit_info.value.code)

@@ -117,11 +117,17 @@ def discover_patients(data_dir: str | Path) -> list[Patient]:
         if any(_is_tiff(p) for p in directory.iterdir()):
             patients.append(_scan_patient(directory))
     if not patients:
+        nested = [d for d in sorted(root.iterdir()) if d.is_dir() and _holds_patients(d)]
+        hint = f"; did you mean --data-dir {nested[0]}?" if nested else ""
         raise DataError(
             f"no patients in {root}: expected sub-folders holding <patient>_<k>.tif slices "
-            "(the kaggle_3m layout)"
+            f"(the kaggle_3m layout){hint}"
         )
     return patients
+
+
+def _holds_patients(directory: Path) -> bool:
+    return any(d.is_dir() and any(_is_tiff(p) for p in d.iterdir()) for d in directory.iterdir())
 
 
 def select_patients(patients: Sequence[Patient], ids: Iterable[str]) -> list[Patient]:

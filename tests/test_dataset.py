@@ -40,7 +40,8 @@ def write_patient(root: Path, pid: str, numbers, size=32, masks=True, value=80):
 
 
 def test_slices_sorted_numerically_and_first_last_dropped(tmp_path):
-    write_patient(tmp_path, "P1", [1, 2, 3, 10, 11, 20])
+    folder = write_patient(tmp_path, "P1", [1, 2, 3, 10, 11, 20])
+    (folder / "._P1_4.tif").write_bytes(b"macOS resource fork, not a TIFF")
     (tmp_path / "data.csv").write_text("a,b\n")
     (tmp_path / "README.md").write_text("stray\n")
     (tmp_path / ".hidden").mkdir()
@@ -57,6 +58,9 @@ def test_missing_and_empty_data_dir(tmp_path):
     with pytest.raises(DataError, match="not found"):
         discover_patients(tmp_path / "nope")
     with pytest.raises(DataError, match="no patients"):
+        discover_patients(tmp_path)
+    write_patient(tmp_path / "kaggle_3m", "P1", range(1, 5))  # the zip's parent folder given by mistake
+    with pytest.raises(DataError, match="did you mean --data-dir .*kaggle_3m"):
         discover_patients(tmp_path)
 
 

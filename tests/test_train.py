@@ -177,3 +177,12 @@ def test_resume_with_other_width_is_refused(phantom_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--base-filters", "8", "--resume", "auto"))
     assert "--base-filters 4" in str(exit_info.value.code)
+
+
+def test_compiled_training_saves_plain_weights(phantom_dir, tmp_path):
+    train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "2", "--compile"))
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    assert not [k for k in checkpoint["model"] if "_orig_mod" in k or k.startswith("module.")]
+    from network import UNetModel
+
+    UNetModel(**checkpoint["model_config"]).load_state_dict(checkpoint["model"])  # strict

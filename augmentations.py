@@ -34,9 +34,7 @@ def affine_matrices(params: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([row_x, row_y], dim=1)  # (B, 2, 3)
 
 
-def apply_affine(
-    images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_affine(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample images (bilinear) and masks (nearest) with the same transform. Pixels
     from outside the frame get each image channel's background (its minimum) and 0 in masks.
     images (B, C, H, W), masks (B, 1, H, W), theta (B, 2, 3) -> same shapes."""

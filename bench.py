@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import tempfile
 import time
@@ -47,8 +46,11 @@ def bench_preprocessing(patients, image_size: int, cache_dir: Path) -> dict:
         float(np.asarray(volume.images, dtype=np.float32).sum())  # touch every byte
         warm.append(time.perf_counter() - start)
     slices = np.mean([len(p.kept) for p in patients])
-    return {"cold_s_per_patient": float(np.mean(cold)), "warm_s_per_patient": float(np.mean(warm)),
-            "mean_slices_per_patient": float(slices)}
+    return {
+        "cold_s_per_patient": float(np.mean(cold)),
+        "warm_s_per_patient": float(np.mean(warm)),
+        "mean_slices_per_patient": float(slices),
+    }
 
 
 def skimage_augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +93,9 @@ def bench_augmentation(images: torch.Tensor, masks: torch.Tensor, device: torch.
     return {"ours_ms_per_slice": 1e3 * ours, "skimage_ms_per_slice": 1e3 * baseline, "speedup": baseline / ours}
 
 
-def plain_training_rate(data: ResidentSlices, base_filters: int, batch_size: int, steps: int, device: torch.device) -> float:
+def plain_training_rate(
+    data: ResidentSlices, base_filters: int, batch_size: int, steps: int, device: torch.device
+) -> float:
     """Slices/s of the simplest loop: eager fp32, contiguous memory, no augmentation."""
     torch.manual_seed(0)
     model = UNetModel(base_filters=base_filters).to(device).train()
@@ -117,8 +121,15 @@ def plain_training_rate(data: ResidentSlices, base_filters: int, batch_size: int
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def configured_training_rate(data: ResidentSlices, base_filters: int, batch_size: int, steps: int,
-                             device: torch.device, amp_dtype: torch.dtype | None, compile_model: bool) -> float:
+def configured_training_rate(
+    data: ResidentSlices,
+    base_filters: int,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    compile_model: bool,
+) -> float:
     """Slices/s of train.py's own `train_one_epoch` (channels_last, AMP, on-device augmentation)."""
     torch.manual_seed(0)
     raw = UNetModel(base_filters=base_filters).to(device).to(memory_format=torch.channels_last)
@@ -130,7 +141,9 @@ def configured_training_rate(data: ResidentSlices, base_filters: int, batch_size
     warmup = 3 if compile_model else 1
     train_one_epoch(model, data, *args, warmup, batch_size, torch.Generator().manual_seed(0), 0, 10**9, progress=False)
     synchronize(device)
-    stats = train_one_epoch(model, data, *args, steps, batch_size, torch.Generator().manual_seed(1), 1, 10**9, progress=False)
+    stats = train_one_epoch(
+        model, data, *args, steps, batch_size, torch.Generator().manual_seed(1), 1, 10**9, progress=False
+    )
     return stats["slices_per_s"]
 
 
@@ -153,10 +166,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--image-size", type=int, default=256, help="preprocessed slice size")
     parser.add_argument("--base-filters", type=int, default=32, help="U-Net width")
-    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 16; 8 with --quick on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 3 quick, 20 full; x10 on CUDA)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="training batch (default 16; 8 with --quick on CPU)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed training steps (default 3 quick, 20 full; x10 on CUDA)"
+    )
     parser.add_argument("--compile", action="store_true", help="also time the configured path with torch.compile")
-    parser.add_argument("--quick", action="store_true", help="small phantom and few steps (under 2 minutes on 2 CPU cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small phantom and few steps (under 2 minutes on 2 CPU cores)"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -164,9 +183,15 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.steps or (3 if args.quick else 20) * (1 if on_cpu else 10)
     args.batch_size = args.batch_size or (8 if args.quick and on_cpu else 16)
     n_patients, slices = (3, (16, 20)) if args.quick else (12, (20, 44))
-    results: dict = {"device": str(device), "torch": torch.__version__, "image_size": args.image_size,
-                     "base_filters": args.base_filters, "batch_size": args.batch_size, "steps": steps,
-                     "threads": torch.get_num_threads()}
+    results: dict = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "image_size": args.image_size,
+        "base_filters": args.base_filters,
+        "batch_size": args.batch_size,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
 
@@ -181,15 +206,22 @@ def main(argv: list[str] | None = None) -> dict:
         results["training_slices"] = len(dataset)
 
         batch = torch.multinomial(data.weights, 16, True, generator=torch.Generator().manual_seed(0))
-        results["augmentation"] = bench_augmentation(data.images[batch].cpu(), data.masks[batch].cpu(), device,
-                                                     repeats=3 if args.quick else 10)
+        results["augmentation"] = bench_augmentation(
+            data.images[batch].cpu(), data.masks[batch].cpu(), device, repeats=3 if args.quick else 10
+        )
         plain = plain_training_rate(data, args.base_filters, args.batch_size, steps, device)
-        amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else (
-            torch.float16 if device.type == "cuda" else None)
+        amp = (
+            torch.bfloat16
+            if device.type == "cuda" and torch.cuda.is_bf16_supported()
+            else (torch.float16 if device.type == "cuda" else None)
+        )
         configured = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, False)
-        results["training"] = {"plain_fp32_slices_per_s": plain, "configured_slices_per_s": configured,
-                               "configured_amp": str(amp).replace("torch.", "") if amp else "off",
-                               "speedup": configured / plain}
+        results["training"] = {
+            "plain_fp32_slices_per_s": plain,
+            "configured_slices_per_s": configured,
+            "configured_amp": str(amp).replace("torch.", "") if amp else "off",
+            "speedup": configured / plain,
+        }
         if args.compile:
             compiled = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, True)
             results["training"].update({"compiled_slices_per_s": compiled, "compiled_speedup": compiled / plain})
@@ -206,24 +238,39 @@ def main(argv: list[str] | None = None) -> dict:
 def print_table(r: dict) -> None:
     p, a, t, i = r["preprocessing"], r["augmentation"], r["training"], r["inference"]
     rows = [
-        ("preprocessing, cold (s/patient)", f"{p['cold_s_per_patient']:.3f}", f"{p['mean_slices_per_patient']:.0f} slices"),
+        (
+            "preprocessing, cold (s/patient)",
+            f"{p['cold_s_per_patient']:.3f}",
+            f"{p['mean_slices_per_patient']:.0f} slices",
+        ),
         ("preprocessing, warm cache (s/patient)", f"{p['warm_s_per_patient']:.4f}", ""),
         ("augmentation, ours (ms/slice)", f"{a['ours_ms_per_slice']:.2f}", f"{a['speedup']:.1f}x faster"),
         ("augmentation, skimage (ms/slice)", f"{a['skimage_ms_per_slice']:.2f}", "baseline"),
         ("training, plain eager fp32 (slices/s)", f"{t['plain_fp32_slices_per_s']:.1f}", "baseline"),
-        (f"training, train.py path, amp {t['configured_amp']} (slices/s)", f"{t['configured_slices_per_s']:.1f}",
-         f"{t['speedup']:.2f}x"),
+        (
+            f"training, train.py path, amp {t['configured_amp']} (slices/s)",
+            f"{t['configured_slices_per_s']:.1f}",
+            f"{t['speedup']:.2f}x",
+        ),
     ]
     if "compiled_slices_per_s" in t:
-        rows.append(("training, + torch.compile (slices/s)", f"{t['compiled_slices_per_s']:.1f}", f"{t['compiled_speedup']:.2f}x"))
+        rows.append(
+            (
+                "training, + torch.compile (slices/s)",
+                f"{t['compiled_slices_per_s']:.1f}",
+                f"{t['compiled_speedup']:.2f}x",
+            )
+        )
     rows += [
         ("inference incl. LCC + inverse (s/patient)", f"{i['s_per_patient']:.3f}", f"{i['slices_per_s']:.1f} slices/s"),
         ("peak RAM (MiB)", f"{r['peak_ram_mib']:.0f}", ""),
     ]
     if "peak_gpu_mib" in r:
         rows.append(("peak GPU memory (MiB)", f"{r['peak_gpu_mib']:.0f}", ""))
-    print(f"\n{r['device']} {r.get('gpu', '')}, torch {r['torch']}, {r['image_size']}x{r['image_size']}, "
-          f"{r['base_filters']} filters, batch {r['batch_size']}, {r['threads']} threads")
+    print(
+        f"\n{r['device']} {r.get('gpu', '')}, torch {r['torch']}, {r['image_size']}x{r['image_size']}, "
+        f"{r['base_filters']} filters, batch {r['batch_size']}, {r['threads']} threads"
+    )
     width = max(len(name) for name, _, _ in rows)
     for name, value, note in rows:
         print(f"  {name:<{width}}  {value:>10}  {note}")

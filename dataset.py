@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import tifffile
@@ -79,9 +79,7 @@ def _scan_patient(directory: Path) -> Patient:
         mask_match, image_match = MASK_RE.match(path.name), IMAGE_RE.match(path.name)
         target, match = (masks, mask_match) if mask_match else (images, image_match)
         if match is None:
-            raise DataError(
-                f"{path}: unexpected file name; expected <prefix>_<k>.tif or <prefix>_<k>_mask.tif"
-            )
+            raise DataError(f"{path}: unexpected file name; expected <prefix>_<k>.tif or <prefix>_<k>_mask.tif")
         k = int(match["k"])
         if k in target:
             raise DataError(f"{path}: slice number {k} appears twice (also {target[k]})")
@@ -120,8 +118,7 @@ def discover_patients(data_dir: str | Path) -> list[Patient]:
         nested = [d for d in sorted(root.iterdir()) if d.is_dir() and _holds_patients(d)]
         hint = f"; did you mean --data-dir {nested[0]}?" if nested else ""
         raise DataError(
-            f"no patients in {root}: expected sub-folders holding <patient>_<k>.tif slices "
-            f"(the kaggle_3m layout){hint}"
+            f"no patients in {root}: expected sub-folders holding <patient>_<k>.tif slices (the kaggle_3m layout){hint}"
         )
     return patients
 
@@ -136,9 +133,7 @@ def select_patients(patients: Sequence[Patient], ids: Iterable[str]) -> list[Pat
     ids = list(ids)
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise DataError(
-            f"{len(missing)} patient(s) not found in the data directory: {', '.join(missing)}"
-        )
+        raise DataError(f"{len(missing)} patient(s) not found in the data directory: {', '.join(missing)}")
     return [by_id[i] for i in ids]
 
 
@@ -192,8 +187,7 @@ def read_volume(patient: Patient) -> tuple[np.ndarray, np.ndarray | None]:
             mask = read_mask(item.mask)
             if mask.shape != image.shape[:2]:
                 raise DataError(
-                    f"{item.mask}: mask size {mask.shape} does not match its image "
-                    f"{item.image.name} {image.shape[:2]}"
+                    f"{item.mask}: mask size {mask.shape} does not match its image {item.image.name} {image.shape[:2]}"
                 )
             masks.append(mask)
     return np.stack(images), (np.stack(masks) if masks else None)
@@ -332,8 +326,7 @@ def make_split(
     else:
         if not 0 < val_patients < len(ids):
             raise DataError(
-                f"--val-patients {val_patients}: must be between 1 and {len(ids) - 1} "
-                f"({len(ids)} patients found)"
+                f"--val-patients {val_patients}: must be between 1 and {len(ids) - 1} ({len(ids)} patients found)"
             )
         val = order[:val_patients]
     val_set = set(val)
@@ -389,9 +382,9 @@ class MRISegmentationDataset(Dataset):
         return self.volumes[v].images, self.volumes[v].masks
 
     def slice_areas(self) -> np.ndarray:
-        return np.concatenate(
-            [np.asarray(v.masks).reshape(len(v.masks), -1).sum(axis=1) for v in self.volumes]
-        ).astype(np.float64)
+        return np.concatenate([np.asarray(v.masks).reshape(len(v.masks), -1).sum(axis=1) for v in self.volumes]).astype(
+            np.float64
+        )
 
     def slice_weights(self, floor_fraction: float = 0.1) -> np.ndarray:
         """Sampling weight per slice: lesion area + `floor_fraction` x mean area over all

@@ -1,8 +1,8 @@
 """torch.hub entry points.
 
-    model = torch.hub.load(repo, "unet_segmentation", weights_path="best_model.pt")
-    segment = torch.hub.load(repo, "segmentation_pipeline", weights_path="best_model.pt")
-    masks, probabilities = segment(volume)  # volume: uint8 (S, H, W, 3)
+model = torch.hub.load(repo, "unet_segmentation", weights_path="best_model.pt")
+segment = torch.hub.load(repo, "segmentation_pipeline", weights_path="best_model.pt")
+masks, probabilities = segment(volume)  # volume: uint8 (S, H, W, 3)
 """
 
 dependencies = ["torch", "numpy", "scipy", "skimage", "tifffile"]
@@ -48,11 +48,25 @@ class SegmentationPipeline:
     """Raw volume in, native-size masks out: the preprocessing, batched inference,
     threshold and 3-D largest component that predict.py uses."""
 
-    def __init__(self, model: UNetModel, image_size: int, device: str | torch.device = "cpu",
-                 threshold: float = 0.5, lcc: bool = True, tta: bool = False, batch_size: int = 32):
+    def __init__(
+        self,
+        model: UNetModel,
+        image_size: int,
+        device: str | torch.device = "cpu",
+        threshold: float = 0.5,
+        lcc: bool = True,
+        tta: bool = False,
+        batch_size: int = 32,
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
-        self.image_size, self.threshold, self.lcc, self.tta, self.batch_size = image_size, threshold, lcc, tta, batch_size
+        self.image_size, self.threshold, self.lcc, self.tta, self.batch_size = (
+            image_size,
+            threshold,
+            lcc,
+            tta,
+            batch_size,
+        )
 
     def __call__(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """volume (S, H, W, 3) of one patient, all slices in order -> masks uint8 0/1
@@ -78,5 +92,9 @@ def segmentation_pipeline(
     a training checkpoint; pass `image_size` for a bare state_dict (default 256)."""
     model, checkpoint = _load(weights_path, "cpu")
     if image_size is None:
-        image_size = checkpoint["preprocessing"]["image_size"] if is_training_checkpoint(checkpoint) and "preprocessing" in checkpoint else 256
+        image_size = (
+            checkpoint["preprocessing"]["image_size"]
+            if is_training_checkpoint(checkpoint) and "preprocessing" in checkpoint
+            else 256
+        )
     return SegmentationPipeline(model, int(image_size), device, threshold, lcc, tta)

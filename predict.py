@@ -93,7 +93,11 @@ def build_model(checkpoint: dict, source: str | Path = "checkpoint") -> UNetMode
         first = state.get("inc.0.weight")
         if first is None:
             raise CheckpointError(f"{source}: not a UNetModel state_dict (no 'inc.0.weight')")
-        config = {"in_channels": first.shape[1], "out_channels": state["head.weight"].shape[0], "base_filters": first.shape[0]}
+        config = {
+            "in_channels": first.shape[1],
+            "out_channels": state["head.weight"].shape[0],
+            "base_filters": first.shape[0],
+        }
     model = UNetModel(**config)
     try:
         model.load_state_dict(state)
@@ -211,11 +215,13 @@ def write_masks(patient: Patient, native: np.ndarray, out_dir: Path) -> None:
     """One uint8 0/255 TIFF per input slice; the dropped first/last slices are empty."""
     folder = out_dir / "masks" / patient.patient_id
     folder.mkdir(parents=True, exist_ok=True)
-    for item, mask in zip(patient.slices, all_slices(patient, native)):
+    for item, mask in zip(patient.slices, all_slices(patient, native), strict=True):
         tifffile.imwrite(folder / f"{patient.patient_id}_{item.number}_mask.tif", mask.astype(np.uint8) * 255)
 
 
-def write_overlays(patient: Patient, images: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, out_dir: Path) -> int:
+def write_overlays(
+    patient: Patient, images: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, out_dir: Path
+) -> int:
     """PNG per kept slice with truth or prediction: FLAIR, prediction red, truth green."""
     from skimage.io import imsave
 
@@ -245,7 +251,9 @@ def print_table(rows: list[dict], summary: dict) -> None:
         if r.get("dice") is None:
             print(f"{r['patient']:<32} {r['slices']:>6} {'(unlabelled: masks written, no metrics)':>40}")
             continue
-        print(f"{r['patient']:<32} {r['slices']:>6} {r['dice']:7.4f} {r['precision']:7.4f} {r['recall']:7.4f} {r['hd95']:7.2f}")
+        print(
+            f"{r['patient']:<32} {r['slices']:>6} {r['dice']:7.4f} {r['precision']:7.4f} {r['recall']:7.4f} {r['hd95']:7.2f}"
+        )
     dice = summary["metrics"]["dice"]
     if dice["mean"] is not None:
         print(
@@ -259,14 +267,22 @@ def print_table(rows: list[dict], summary: dict) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-path", nargs="+", default=["./checkpoints/best_model.pt"],
-                   help="one checkpoint, several folds of one cross-validation (pooled), or an ensemble")
+    p.add_argument(
+        "--model-path",
+        nargs="+",
+        default=["./checkpoints/best_model.pt"],
+        help="one checkpoint, several folds of one cross-validation (pooled), or an ensemble",
+    )
     p.add_argument("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder")
     p.add_argument("--output-dir", default="./predictions", help="masks, overlays, metrics.csv, summary.json")
     p.add_argument("--figure-path", default="./dice_distribution.png", help="per-patient Dice bar chart")
     p.add_argument("--device", default=None, help="cuda:0 when available, else cpu")
-    p.add_argument("--patients", nargs="+", default=["val"],
-                   help="'val' (the checkpoints' validation split), 'all', or patient ids")
+    p.add_argument(
+        "--patients",
+        nargs="+",
+        default=["val"],
+        help="'val' (the checkpoints' validation split), 'all', or patient ids",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     p.add_argument("--no-lcc", action="store_true", help="keep every component, not only the largest")
@@ -275,8 +291,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="./cache", help="preprocessing cache")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
-    p.add_argument("--save-probabilities", action="store_true",
-                   help="also write <output-dir>/probabilities/<patient>.npy (float16, native size)")
+    p.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <output-dir>/probabilities/<patient>.npy (float16, native size)",
+    )
     return p
 
 
@@ -301,7 +320,10 @@ def predict_patient(
         raise CheckpointError(f"ensembled checkpoints use different image sizes {sorted(sizes)}")
     volume = load_volume(patient, sizes.pop(), cache_dir)
     probs = np.mean(
-        [predict_volume(m.model, volume.images, device, args.batch_size, args.tta, autocast_dtype(device)) for m in models],
+        [
+            predict_volume(m.model, volume.images, device, args.batch_size, args.tta, autocast_dtype(device))
+            for m in models
+        ],
         axis=0,
     )
     mask = binarize(probs, args.threshold, not args.no_lcc)
@@ -331,10 +353,17 @@ def run(args: argparse.Namespace) -> dict:
         write_masks(patient, native_mask, out_dir)
         if args.save_probabilities:
             (out_dir / "probabilities").mkdir(exist_ok=True)
-            np.save(out_dir / "probabilities" / f"{patient.patient_id}.npy", all_slices(patient, native_probs.astype(np.float16)))
+            np.save(
+                out_dir / "probabilities" / f"{patient.patient_id}.npy",
+                all_slices(patient, native_probs.astype(np.float16)),
+            )
         images, truth = read_volume(patient)
-        row = {"patient": patient.patient_id, "slices": len(patient.kept),
-               "models": " ".join(str(i) for i in indices), "held_out": held_out}
+        row = {
+            "patient": patient.patient_id,
+            "slices": len(patient.kept),
+            "models": " ".join(str(i) for i in indices),
+            "held_out": held_out,
+        }
         if truth is not None:
             row.update(patient_metrics(native_mask, truth))
         rows.append(row)
@@ -361,8 +390,12 @@ def run(args: argparse.Namespace) -> dict:
     if dice:
         plot_dice_distribution(dice, args.figure_path)
     print_table(rows, summary)
-    print(f"wrote {out_dir}/metrics.csv, summary.json, masks/" + ("" if args.no_overlays else ", overlays/")
-          + (f" and {args.figure_path}" if dice else "") + f" in {elapsed:.1f} s")
+    print(
+        f"wrote {out_dir}/metrics.csv, summary.json, masks/"
+        + ("" if args.no_overlays else ", overlays/")
+        + (f" and {args.figure_path}" if dice else "")
+        + f" in {elapsed:.1f} s"
+    )
     return summary
 
 

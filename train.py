@@ -1,8 +1,8 @@
 """Train the U-Net on a kaggle_3m-style data set.
 
-    python train.py --data-dir kaggle_3m                 # one GPU (or the CPU)
-    torchrun --nproc_per_node=4 train.py --data-dir ...  # DistributedDataParallel
-    python train.py --demo                               # phantom data, about 3 min on a CPU
+python train.py --data-dir kaggle_3m                 # one GPU (or the CPU)
+torchrun --nproc_per_node=4 train.py --data-dir ...  # DistributedDataParallel
+python train.py --demo                               # phantom data, about 3 min on a CPU
 """
 
 from __future__ import annotations
@@ -100,21 +100,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="./cache", help="preprocessing cache")
     p.add_argument("--no-cache", action="store_true", help="preprocess in memory, write no cache")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
-    p.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto",
-                   help="mixed precision; auto = bf16 on GPUs that support it, else fp16; off on CPU")
+    p.add_argument(
+        "--amp",
+        choices=["auto", "fp16", "bf16", "off"],
+        default="auto",
+        help="mixed precision; auto = bf16 on GPUs that support it, else fp16; off on CPU",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", default=None, help="'auto' (last.pt in --checkpoint-dir, if any) or a path")
     p.add_argument("--no-lcc", action="store_true", help="validation without the largest-component step")
     p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm across processes")
-    p.add_argument("--data-placement", choices=["auto", "device", "stream"], default="auto",
-                   help="device: keep the training set on the training device; stream: DataLoader from "
-                        "the cache; auto: device if it fits in GPU memory (always on CPU)")
+    p.add_argument(
+        "--data-placement",
+        choices=["auto", "device", "stream"],
+        default="auto",
+        help="device: keep the training set on the training device; stream: DataLoader from "
+        "the cache; auto: device if it fits in GPU memory (always on CPU)",
+    )
     p.add_argument("--log-interval", type=int, default=20, help="steps between progress-bar loss updates")
-    p.add_argument("--stop-after-epoch", type=int, default=None,
-                   help="exit after this epoch (split a run over jobs; continue with --resume auto)")
-    p.add_argument("--demo", action="store_true",
-                   help=f"write a phantom to ./demo_3m if absent and train a small model on it "
-                        f"(sets {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in DEMO_DEFAULTS.items())} unless given)")
+    p.add_argument(
+        "--stop-after-epoch",
+        type=int,
+        default=None,
+        help="exit after this epoch (split a run over jobs; continue with --resume auto)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"write a phantom to ./demo_3m if absent and train a small model on it "
+        f"(sets {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in DEMO_DEFAULTS.items())} unless given)",
+    )
     return p
 
 
@@ -214,7 +229,9 @@ class ResidentSlices:
         self.weights = torch.as_tensor(dataset.slice_weights(), dtype=torch.double)
         self.device = device
 
-    def batches(self, steps: int, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, steps: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = torch.multinomial(self.weights, steps * batch_size, True, generator=generator)
         indices = indices.to(self.device, non_blocking=True).view(steps, batch_size)
         for row in indices:
@@ -228,10 +245,18 @@ class StreamedSlices:
         self.dataset, self.device, self.num_workers = dataset, device, num_workers
         self.weights = torch.as_tensor(dataset.slice_weights(), dtype=torch.double)
 
-    def batches(self, steps: int, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, steps: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = WeightedRandomSampler(self.weights, steps * batch_size, replacement=True, generator=generator)
-        loader = DataLoader(self.dataset, batch_size, sampler=sampler, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", drop_last=True)
+        loader = DataLoader(
+            self.dataset,
+            batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+        )
         for images, masks in loader:
             yield images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
 
@@ -273,11 +298,20 @@ def train_one_epoch(
     device = runtime.device
     loss_sum = torch.zeros((), device=device)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not (progress and runtime.is_main), leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        desc=f"epoch {epoch}",
+        unit="step",
+        disable=not (progress and runtime.is_main),
+        leave=False,
+        dynamic_ncols=True,
+    )
     for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator), start=1):
         images, masks = augment(images, masks)  # on the device, whole batch at once
         images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=runtime.amp_dtype or torch.float32, enabled=runtime.amp_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=runtime.amp_dtype or torch.float32, enabled=runtime.amp_dtype is not None
+        ):
             probabilities = model(images)  # (B, 3, H, W) -> (B, 1, H, W)
         loss = criterion(probabilities, masks)
         optimizer.zero_grad(set_to_none=True)
@@ -297,7 +331,11 @@ def train_one_epoch(
         dist.all_reduce(loss_sum)
         loss_sum /= runtime.world_size
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum.item() / steps, "slices_per_s": steps * batch_size * runtime.world_size / seconds, "seconds": seconds}
+    return {
+        "loss": loss_sum.item() / steps,
+        "slices_per_s": steps * batch_size * runtime.world_size / seconds,
+        "seconds": seconds,
+    }
 
 
 def evaluate(
@@ -318,8 +356,15 @@ def evaluate(
         truth = np.array(volume.masks)  # a writable copy of the memory map
         loss = criterion(torch.from_numpy(probs)[:, None], torch.from_numpy(truth)[:, None]).item()
         prediction = binarize(probs, 0.5, lcc)
-        local.append({"patient": volume.patient_id, "loss": loss, "slices": len(probs),
-                      "dice": dice_score(prediction, truth), "prediction": prediction if keep_predictions else None})
+        local.append(
+            {
+                "patient": volume.patient_id,
+                "loss": loss,
+                "slices": len(probs),
+                "dice": dice_score(prediction, truth),
+                "prediction": prediction if keep_predictions else None,
+            }
+        )
     results = local
     if runtime.distributed:
         gathered: list = [None] * runtime.world_size
@@ -368,8 +413,16 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_checkpoint(raw_model: UNetModel, optimizer, scheduler, scaler, split: dict, epoch: int,
-                    best_dice: float, args: argparse.Namespace) -> dict:
+def make_checkpoint(
+    raw_model: UNetModel,
+    optimizer,
+    scheduler,
+    scaler,
+    split: dict,
+    epoch: int,
+    best_dice: float,
+    args: argparse.Namespace,
+) -> dict:
     """The checkpoint contract of DESIGN.md: weights of the unwrapped model plus everything to resume."""
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -403,12 +456,16 @@ def check_resume_compatible(checkpoint: dict, path: Path, args: argparse.Namespa
     """A resumed run must keep the model width and the preprocessing of the checkpoint."""
     if not {"model", "model_config", "preprocessing", "optimizer", "epoch"} <= set(checkpoint):
         raise CheckpointError(f"{path}: not a training checkpoint of this project; cannot resume from it")
-    saved = {"--base-filters": checkpoint["model_config"]["base_filters"],
-             "--image-size": checkpoint["preprocessing"]["image_size"]}
+    saved = {
+        "--base-filters": checkpoint["model_config"]["base_filters"],
+        "--image-size": checkpoint["preprocessing"]["image_size"],
+    }
     given = {"--base-filters": args.base_filters, "--image-size": args.image_size}
     for flag, value in saved.items():
         if given[flag] != value:
-            raise CheckpointError(f"{path} was trained with {flag} {value}, not {given[flag]}; pass {flag} {value} to resume")
+            raise CheckpointError(
+                f"{path} was trained with {flag} {value}, not {given[flag]}; pass {flag} {value} to resume"
+            )
 
 
 # ---------------------------------------------------------------------------- main
@@ -422,7 +479,9 @@ def prepare_demo_data(args: argparse.Namespace, runtime: Runtime) -> None:
         dist.barrier()
 
 
-def load_split_volumes(args: argparse.Namespace, runtime: Runtime, split: dict | None) -> tuple[dict, list[Volume], list[Volume]]:
+def load_split_volumes(
+    args: argparse.Namespace, runtime: Runtime, split: dict | None
+) -> tuple[dict, list[Volume], list[Volume]]:
     """Discover patients, load their volumes (rank 0 fills the cache first), then make the
     split stratified by lesion presence, or reuse the split of the checkpoint resumed from."""
     patients = discover_patients(args.data_dir)
@@ -466,7 +525,9 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
         if args.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             raw_model = model
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
     if args.compile:
         model = torch.compile(model)
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999))
@@ -481,19 +542,26 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
         restore_rng_state(resumed["rng"])
         start_epoch, best_dice = resumed["epoch"] + 1, resumed["best_dice"]
 
-    samples_per_rank = (args.steps_per_epoch * args.batch_size if args.steps_per_epoch
-                        else math.ceil(len(train_set) / runtime.world_size))
+    samples_per_rank = (
+        args.steps_per_epoch * args.batch_size
+        if args.steps_per_epoch
+        else math.ceil(len(train_set) / runtime.world_size)
+    )
     steps = max(1, math.ceil(samples_per_rank / args.batch_size))
     logger = TBLogger(args.log_dir, enabled=runtime.is_main)
     if runtime.is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(json.dumps(vars(args), indent=2).encode(), checkpoint_dir / "args.json")
         amp = {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[runtime.amp_dtype]
-        print(f"device {runtime.device} x {runtime.world_size} process(es), amp {amp}, data on "
-              f"{'device' if placement == 'device' else 'host (streamed)'}, "
-              f"{count_parameters(raw_model) / 1e6:.2f} M parameters")
-        print(f"{len(split['train'])} training patients ({len(train_set)} slices), {len(split['val'])} validation "
-              f"patients; {steps} steps of {args.batch_size} x {runtime.world_size} per epoch")
+        print(
+            f"device {runtime.device} x {runtime.world_size} process(es), amp {amp}, data on "
+            f"{'device' if placement == 'device' else 'host (streamed)'}, "
+            f"{count_parameters(raw_model) / 1e6:.2f} M parameters"
+        )
+        print(
+            f"{len(split['train'])} training patients ({len(train_set)} slices), {len(split['val'])} validation "
+            f"patients; {steps} steps of {args.batch_size} x {runtime.world_size} per epoch"
+        )
         if resumed:
             print(f"resumed from {resume_path} after epoch {start_epoch - 1} (best Dice {best_dice:.4f})")
 
@@ -501,34 +569,69 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
     history = []
     for epoch in range(start_epoch, args.epochs + 1):
         generator = torch.Generator().manual_seed(stream_seed(args.seed, epoch, runtime.rank, 0))
-        augment = BatchAugmentation(args.aug_scale, args.aug_angle, 0.5, seed=stream_seed(args.seed, epoch, runtime.rank, 1))
-        train_stats = train_one_epoch(model, data, optimizer, scaler, criterion, augment, runtime, steps,
-                                      args.batch_size, generator, epoch, args.log_interval)
+        augment = BatchAugmentation(
+            args.aug_scale, args.aug_angle, 0.5, seed=stream_seed(args.seed, epoch, runtime.rank, 1)
+        )
+        train_stats = train_one_epoch(
+            model,
+            data,
+            optimizer,
+            scaler,
+            criterion,
+            augment,
+            runtime,
+            steps,
+            args.batch_size,
+            generator,
+            epoch,
+            args.log_interval,
+        )
         visualise = args.vis_frequency > 0 and epoch % args.vis_frequency == 0 and args.n_vis_images > 0
         val_start = time.perf_counter()
-        val = evaluate(raw_model, val_volumes, runtime, args.batch_size * 2, not args.no_lcc, visualise and runtime.is_main)
+        val = evaluate(
+            raw_model, val_volumes, runtime, args.batch_size * 2, not args.no_lcc, visualise and runtime.is_main
+        )
         val_seconds = time.perf_counter() - val_start
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         is_best = val["dice_mean"] > best_dice
         best_dice = max(best_dice, val["dice_mean"])
-        history.append({"epoch": epoch, "train_loss": train_stats["loss"], "val_loss": val["loss"],
-                        "dice_mean": val["dice_mean"], "dice_median": val["dice_median"]})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_stats["loss"],
+                "val_loss": val["loss"],
+                "dice_mean": val["dice_mean"],
+                "dice_median": val["dice_median"],
+            }
+        )
         if runtime.is_main:
             checkpoint = make_checkpoint(raw_model, optimizer, scheduler, scaler, split, epoch, best_dice, args)
             save_checkpoint(checkpoint, checkpoint_dir / "last.pt")
             if is_best:
                 save_checkpoint(checkpoint, checkpoint_dir / "best_model.pt")
-            logger.scalars({"train/loss": train_stats["loss"], "val/loss": val["loss"], "val/dice_mean": val["dice_mean"],
-                            "val/dice_median": val["dice_median"], "lr": lr, "time/epoch_s": train_stats["seconds"],
-                            "time/val_s": val_seconds, "time/slices_per_s": train_stats["slices_per_s"]}, epoch)
+            logger.scalars(
+                {
+                    "train/loss": train_stats["loss"],
+                    "val/loss": val["loss"],
+                    "val/dice_mean": val["dice_mean"],
+                    "val/dice_median": val["dice_median"],
+                    "lr": lr,
+                    "time/epoch_s": train_stats["seconds"],
+                    "time/val_s": val_seconds,
+                    "time/slices_per_s": train_stats["slices_per_s"],
+                },
+                epoch,
+            )
             if visualise:
                 log_overlays(logger, val_volumes, val["predictions"], args.n_vis_images, epoch)
-            print(f"epoch {epoch:3d}/{args.epochs}  loss {train_stats['loss']:.4f}  val loss {val['loss']:.4f}  "
-                  f"Dice mean {val['dice_mean']:.4f} median {val['dice_median']:.4f}  lr {lr:.2e}  "
-                  f"{train_stats['slices_per_s']:.1f} slices/s  {train_stats['seconds']:.1f} s + val {val_seconds:.1f} s"
-                  + ("  *best*" if is_best else ""),
-                  flush=True)
+            print(
+                f"epoch {epoch:3d}/{args.epochs}  loss {train_stats['loss']:.4f}  val loss {val['loss']:.4f}  "
+                f"Dice mean {val['dice_mean']:.4f} median {val['dice_median']:.4f}  lr {lr:.2e}  "
+                f"{train_stats['slices_per_s']:.1f} slices/s  {train_stats['seconds']:.1f} s + val {val_seconds:.1f} s"
+                + ("  *best*" if is_best else ""),
+                flush=True,
+            )
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
             break
     logger.close()
@@ -551,8 +654,10 @@ def main(argv: list[str] | None = None) -> dict:
             dist.destroy_process_group()
     if runtime.is_main and args.demo:
         out = "./demo_predictions"
-        print(f"\nnext: python predict.py --model-path {Path(args.checkpoint_dir) / 'best_model.pt'} "
-              f"--data-dir {args.data_dir} --output-dir {out} --figure-path {out}/dice_distribution.png")
+        print(
+            f"\nnext: python predict.py --model-path {Path(args.checkpoint_dir) / 'best_model.pt'} "
+            f"--data-dir {args.data_dir} --output-dir {out} --figure-path {out}/dice_distribution.png"
+        )
     return result
 
 

@@ -27,14 +27,38 @@ def small_phantom(tmp_path) -> Path:
     return root
 
 
-TINY_TRAIN = ["--image-size", "32", "--base-filters", "4", "--batch-size", "8", "--val-patients", "3",
-              "--num-workers", "0", "--vis-frequency", "0", "--log-interval", "2"]
+TINY_TRAIN = [
+    "--image-size",
+    "32",
+    "--base-filters",
+    "4",
+    "--batch-size",
+    "8",
+    "--val-patients",
+    "3",
+    "--num-workers",
+    "0",
+    "--vis-frequency",
+    "0",
+    "--log-interval",
+    "2",
+]
 
 
 def tiny_train_args(data_dir: Path, work: Path, *extra: str) -> list[str]:
     """Arguments for a seconds-long CPU training run writing under `work`."""
-    return ["--data-dir", str(data_dir), "--checkpoint-dir", str(work / "ckpt"), "--log-dir", str(work / "tb"),
-            "--cache-dir", str(work / "cache"), *TINY_TRAIN, *extra]
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--checkpoint-dir",
+        str(work / "ckpt"),
+        "--log-dir",
+        str(work / "tb"),
+        "--cache-dir",
+        str(work / "cache"),
+        *TINY_TRAIN,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")

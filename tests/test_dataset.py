@@ -140,7 +140,9 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path):
     (folder / "P1_4_mask.tif").unlink()
     result = subprocess.run(
         [sys.executable, "dataset.py", "preprocess", "--data-dir", str(tmp_path), "--no-cache"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
     assert "P1_4_mask.tif" in result.stderr and "Traceback" not in result.stderr
@@ -208,7 +210,9 @@ def test_folds_cover_every_patient_once():
     assert all(2 <= len(v) <= 3 for v in vals)
 
 
-@pytest.mark.parametrize("kwargs", [{"val_patients": 0}, {"val_patients": 4}, {"folds": 5, "fold": 0}, {"folds": 2, "fold": 2}])
+@pytest.mark.parametrize(
+    "kwargs", [{"val_patients": 0}, {"val_patients": 4}, {"folds": 5, "fold": 0}, {"folds": 2, "fold": 2}]
+)
 def test_bad_split_arguments(kwargs):
     with pytest.raises(DataError):
         make_split(["a", "b", "c", "d"], **kwargs)

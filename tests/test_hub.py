@@ -69,9 +69,24 @@ def test_pipeline_matches_predict_cli(trained_checkpoint, phantom_dir, tmp_path)
     assert masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
     assert probabilities.dtype == np.float32 and 0 <= probabilities.min() and probabilities.max() <= 1
 
-    predict.main(["--model-path", str(trained_checkpoint), "--data-dir", str(phantom_dir), "--output-dir",
-                  str(tmp_path), "--patients", patient.patient_id, "--threshold", "0.3", "--no-cache",
-                  "--no-overlays", "--figure-path", str(tmp_path / "d.png")])
+    predict.main(
+        [
+            "--model-path",
+            str(trained_checkpoint),
+            "--data-dir",
+            str(phantom_dir),
+            "--output-dir",
+            str(tmp_path),
+            "--patients",
+            patient.patient_id,
+            "--threshold",
+            "0.3",
+            "--no-cache",
+            "--no-overlays",
+            "--figure-path",
+            str(tmp_path / "d.png"),
+        ]
+    )
     written = np.stack([tifffile.imread(tmp_path / "masks" / patient.patient_id / s.mask.name) for s in patient.kept])
     np.testing.assert_array_equal(written > 0, masks > 0)
     with pytest.raises(ValueError, match="slices, H, W, 3"):

@@ -1,7 +1,5 @@
 """UNetModel, SoftDiceLoss and the batched augmentation."""
 
-import math
-
 import numpy as np
 import pytest
 import torch

@@ -74,8 +74,26 @@ def test_hd95_matches_brute_force():
 
 def test_summary_counts_undefined_hd95_without_improving_mean():
     rows = [
-        {"patient": "a", "slices": 3, "dice": 0.8, "precision": 1, "recall": 1, "hd95": 2.0, "gt_pixels": 5, "pred_pixels": 5},
-        {"patient": "b", "slices": 3, "dice": 0.0, "precision": 1, "recall": 0, "hd95": float("nan"), "gt_pixels": 9, "pred_pixels": 0},
+        {
+            "patient": "a",
+            "slices": 3,
+            "dice": 0.8,
+            "precision": 1,
+            "recall": 1,
+            "hd95": 2.0,
+            "gt_pixels": 5,
+            "pred_pixels": 5,
+        },
+        {
+            "patient": "b",
+            "slices": 3,
+            "dice": 0.0,
+            "precision": 1,
+            "recall": 0,
+            "hd95": float("nan"),
+            "gt_pixels": 9,
+            "pred_pixels": 0,
+        },
         {"patient": "c", "slices": 3},  # unlabelled
     ]
     summary = predict.summarize(rows, {})
@@ -90,9 +108,23 @@ def test_summary_counts_undefined_hd95_without_improving_mean():
 
 
 def run_predict(checkpoints, data_dir, out, *extra):
-    return predict.main(["--model-path", *map(str, checkpoints), "--data-dir", str(data_dir),
-                         "--output-dir", str(out), "--figure-path", str(out / "dice.png"),
-                         "--cache-dir", str(out / "cache"), "--num-workers", "0", *extra])
+    return predict.main(
+        [
+            "--model-path",
+            *map(str, checkpoints),
+            "--data-dir",
+            str(data_dir),
+            "--output-dir",
+            str(out),
+            "--figure-path",
+            str(out / "dice.png"),
+            "--cache-dir",
+            str(out / "cache"),
+            "--num-workers",
+            "0",
+            *extra,
+        ]
+    )
 
 
 def read_metrics(out):
@@ -155,8 +187,11 @@ def test_folds_pool_and_ensemble_averages(phantom_dir, tmp_path):
     paths = []
     for fold in range(2):
         work = tmp_path / f"fold{fold}"
-        train.main(tiny_train_args(phantom_dir, work, "--epochs", "1", "--steps-per-epoch", "2",
-                                   "--folds", "2", "--fold", str(fold)))
+        train.main(
+            tiny_train_args(
+                phantom_dir, work, "--epochs", "1", "--steps-per-epoch", "2", "--folds", "2", "--fold", str(fold)
+            )
+        )
         paths.append(work / "ckpt" / "best_model.pt")
     summary = run_predict(paths, phantom_dir, tmp_path / "pooled", "--no-overlays")
     rows = read_metrics(tmp_path / "pooled")
@@ -170,7 +205,9 @@ def test_folds_pool_and_ensemble_averages(phantom_dir, tmp_path):
     single = run_predict([paths[0]], phantom_dir, tmp_path / "single", "--no-overlays")
     twice = run_predict([paths[0], paths[0]], phantom_dir, tmp_path / "twice", "--no-overlays")
     assert twice["protocol"]["mode"] == "ensemble"
-    assert [r["dice"] for r in read_metrics(tmp_path / "twice")] == [r["dice"] for r in read_metrics(tmp_path / "single")]
+    assert [r["dice"] for r in read_metrics(tmp_path / "twice")] == [
+        r["dice"] for r in read_metrics(tmp_path / "single")
+    ]
     assert single["metrics"]["dice"] == twice["metrics"]["dice"]
 
 

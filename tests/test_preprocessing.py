@@ -64,7 +64,6 @@ def test_round_trip_is_exact_when_upsampling(image_size):
 
 
 def test_round_trip_when_downsampling_differs_only_at_boundaries():
-    rng = np.random.default_rng(3)
     images = np.zeros((4, 120, 100, 3), np.uint8)
     images[:, 5:115, 5:95] = 150
     masks = np.zeros((4, 120, 100), bool)

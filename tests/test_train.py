@@ -17,8 +17,19 @@ from dataset import discover_patients, load_volumes, select_patients
 from utils import dice_score
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT_KEYS = {"model", "model_config", "preprocessing", "split", "epoch", "best_dice", "optimizer",
-                   "scheduler", "scaler", "args", "format_version"}
+CHECKPOINT_KEYS = {
+    "model",
+    "model_config",
+    "preprocessing",
+    "split",
+    "epoch",
+    "best_dice",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "args",
+    "format_version",
+}
 
 
 def losses(result):
@@ -52,10 +63,35 @@ def test_help_lists_every_flag_with_default(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ["--data-dir", "--checkpoint-dir", "--log-dir", "--epochs", "--batch-size", "--lr", "--image-size",
-                 "--aug-scale", "--aug-angle", "--device", "--num-workers", "--vis-frequency", "--n-vis-images",
-                 "--val-patients", "--seed", "--folds", "--fold", "--base-filters", "--cache-dir", "--no-cache",
-                 "--steps-per-epoch", "--amp", "--compile", "--resume", "--no-lcc", "--demo", "--sync-bn"]:
+    for flag in [
+        "--data-dir",
+        "--checkpoint-dir",
+        "--log-dir",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--image-size",
+        "--aug-scale",
+        "--aug-angle",
+        "--device",
+        "--num-workers",
+        "--vis-frequency",
+        "--n-vis-images",
+        "--val-patients",
+        "--seed",
+        "--folds",
+        "--fold",
+        "--base-filters",
+        "--cache-dir",
+        "--no-cache",
+        "--steps-per-epoch",
+        "--amp",
+        "--compile",
+        "--resume",
+        "--no-lcc",
+        "--demo",
+        "--sync-bn",
+    ]:
         assert flag in text
     assert "(default: 100)" in text and "(default: 0.0001)" in text
 
@@ -121,7 +157,9 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(phantom_dir, tmp_path, m
 
 
 def test_bf16_autocast_on_cpu(phantom_dir, tmp_path):
-    result = train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "2", "--amp", "bf16"))
+    result = train.main(
+        tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "2", "--amp", "bf16")
+    )
     assert np.isfinite(losses(result)).all()
     weights = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]
     assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
@@ -130,21 +168,58 @@ def test_bf16_autocast_on_cpu(phantom_dir, tmp_path):
 def test_tensorboard_scalars_and_overlays(phantom_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "2",
-                               "--vis-frequency", "1", "--n-vis-images", "3"))
+    train.main(
+        tiny_train_args(
+            phantom_dir,
+            tmp_path,
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--vis-frequency",
+            "1",
+            "--n-vis-images",
+            "3",
+        )
+    )
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in ["train/loss", "val/loss", "val/dice_mean", "val/dice_median", "lr", "time/epoch_s", "time/val_s", "time/slices_per_s"]:
+    for tag in [
+        "train/loss",
+        "val/loss",
+        "val/dice_mean",
+        "val/dice_median",
+        "lr",
+        "time/epoch_s",
+        "time/val_s",
+        "time/slices_per_s",
+    ]:
         assert tag in tags["scalars"], tag
     assert 1 <= len(tags["images"]) <= 3
 
 
 def test_learns_the_phantom(phantom_dir, tmp_path):
     """A few hundred steps on 64x64 slices beat the trivial predictions by a wide margin."""
-    result = train.main(tiny_train_args(
-        phantom_dir, tmp_path, "--image-size", "64", "--base-filters", "8", "--batch-size", "16",
-        "--epochs", "8", "--steps-per-epoch", "30", "--lr", "3e-3", "--no-cache"))
+    result = train.main(
+        tiny_train_args(
+            phantom_dir,
+            tmp_path,
+            "--image-size",
+            "64",
+            "--base-filters",
+            "8",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "8",
+            "--steps-per-epoch",
+            "30",
+            "--lr",
+            "3e-3",
+            "--no-cache",
+        )
+    )
     history = result["history"]
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
     patients = select_patients(discover_patients(phantom_dir), result["split"]["val"])
@@ -162,8 +237,15 @@ def free_port() -> int:
 
 def test_two_process_ddp_on_cpu(phantom_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "train.py", *tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "2")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "train.py",
+        *tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "2"),
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
@@ -173,7 +255,9 @@ def test_two_process_ddp_on_cpu(phantom_dir, tmp_path):
 
 
 def test_resume_with_other_width_is_refused(phantom_dir, tmp_path):
-    train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1", "--stop-after-epoch", "1"))
+    train.main(
+        tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1", "--stop-after-epoch", "1")
+    )
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--base-filters", "8", "--resume", "auto"))
     assert "--base-filters 4" in str(exit_info.value.code)

@@ -588,9 +588,7 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
         )
         visualise = args.vis_frequency > 0 and epoch % args.vis_frequency == 0 and args.n_vis_images > 0
         val_start = time.perf_counter()
-        val = evaluate(
-            raw_model, val_volumes, runtime, args.batch_size * 2, not args.no_lcc, visualise and runtime.is_main
-        )
+        val = evaluate(raw_model, val_volumes, runtime, args.batch_size * 2, not args.no_lcc, visualise)
         val_seconds = time.perf_counter() - val_start
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()

@@ -244,7 +244,7 @@ def test_two_process_ddp_on_cpu(phantom_dir, tmp_path):
         "--nproc_per_node=2",
         f"--master_port={free_port()}",
         "train.py",
-        *tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "2"),
+        *tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "2", "--vis-frequency", "1"),
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -14,18 +14,20 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tifffile
 import torch
+from tqdm import tqdm
 
 from dataset import DataError, Patient, discover_patients, load_volume, read_volume, select_patients
 from network import UNetModel
 from utils import (
     CheckpointError,
+    UsageError,
     dice_score,
     hd95,
     is_training_checkpoint,
@@ -35,7 +37,6 @@ from utils import (
     overlay,
     plot_dice_distribution,
     precision_recall,
-    UsageError,
     resolve_device,
     restore_geometry,
 )
@@ -251,9 +252,8 @@ def print_table(rows: list[dict], summary: dict) -> None:
         if r.get("dice") is None:
             print(f"{r['patient']:<32} {r['slices']:>6} {'(unlabelled: masks written, no metrics)':>40}")
             continue
-        print(
-            f"{r['patient']:<32} {r['slices']:>6} {r['dice']:7.4f} {r['precision']:7.4f} {r['recall']:7.4f} {r['hd95']:7.2f}"
-        )
+        scores = f"{r['dice']:7.4f} {r['precision']:7.4f} {r['recall']:7.4f} {r['hd95']:7.2f}"
+        print(f"{r['patient']:<32} {r['slices']:>6} {scores}")
     dice = summary["metrics"]["dice"]
     if dice["mean"] is not None:
         print(
@@ -332,6 +332,36 @@ def predict_patient(
     return native_mask, native_probs
 
 
+def process_patient(
+    patient: Patient,
+    models: Sequence[LoadedModel],
+    folds: bool,
+    device: torch.device,
+    args: argparse.Namespace,
+    out_dir: Path,
+) -> dict:
+    """Predict one patient, write its masks (and probabilities, overlays); its metrics row."""
+    indices, held_out = models_for(patient.patient_id, models, folds)
+    native_mask, native_probs = predict_patient(patient, [models[i] for i in indices], device, args)
+    write_masks(patient, native_mask, out_dir)
+    if args.save_probabilities:
+        (out_dir / "probabilities").mkdir(exist_ok=True)
+        probabilities = all_slices(patient, native_probs.astype(np.float16))
+        np.save(out_dir / "probabilities" / f"{patient.patient_id}.npy", probabilities)
+    images, truth = read_volume(patient)  # native images and masks, kept slices
+    row = {
+        "patient": patient.patient_id,
+        "slices": len(patient.kept),
+        "models": " ".join(str(i) for i in indices),
+        "held_out": held_out,
+    }
+    if truth is not None:
+        row.update(patient_metrics(native_mask, truth))
+    if not args.no_overlays:
+        write_overlays(patient, images, native_mask, truth, out_dir)
+    return row
+
+
 def run(args: argparse.Namespace) -> dict:
     """Predict, write every output, return the summary."""
     device = resolve_device(args.device)
@@ -347,28 +377,8 @@ def run(args: argparse.Namespace) -> dict:
 
     rows = []
     start = time.perf_counter()
-    for patient in patients:
-        indices, held_out = models_for(patient.patient_id, models, folds)
-        native_mask, native_probs = predict_patient(patient, [models[i] for i in indices], device, args)
-        write_masks(patient, native_mask, out_dir)
-        if args.save_probabilities:
-            (out_dir / "probabilities").mkdir(exist_ok=True)
-            np.save(
-                out_dir / "probabilities" / f"{patient.patient_id}.npy",
-                all_slices(patient, native_probs.astype(np.float16)),
-            )
-        images, truth = read_volume(patient)
-        row = {
-            "patient": patient.patient_id,
-            "slices": len(patient.kept),
-            "models": " ".join(str(i) for i in indices),
-            "held_out": held_out,
-        }
-        if truth is not None:
-            row.update(patient_metrics(native_mask, truth))
-        rows.append(row)
-        if not args.no_overlays:
-            write_overlays(patient, images, native_mask, truth, out_dir)
+    for patient in tqdm(patients, desc="predict", unit="patient", leave=False):
+        rows.append(process_patient(patient, models, folds, device, args, out_dir))
     elapsed = time.perf_counter() - start
 
     protocol = {

@@ -14,9 +14,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -77,6 +77,10 @@ class TrainingDiverged(Exception):
 # -------------------------------------------------------------------------- arguments
 
 
+def demo_flags() -> str:
+    return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in DEMO_DEFAULTS.items())
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder of patient sub-folders")
@@ -127,8 +131,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--demo",
         action="store_true",
-        help=f"write a phantom to ./demo_3m if absent and train a small model on it "
-        f"(sets {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in DEMO_DEFAULTS.items())} unless given)",
+        help=f"write a phantom to ./demo_3m if absent and train a small model on it (sets {demo_flags()} unless given)",
     )
     return p
 

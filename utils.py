@@ -41,7 +41,7 @@ class Geometry:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Geometry":
+    def from_dict(cls, data: dict[str, Any]) -> Geometry:
         return cls(
             original_shape=tuple(data["original_shape"]),
             crop_box=tuple(data["crop_box"]),
@@ -53,8 +53,8 @@ class Geometry:
 
     @property
     def padded_side(self) -> int:
-        top, bottom, left, right = self.padding
-        y0, y1, x0, x1 = self.crop_box
+        top, bottom = self.padding[:2]
+        y0, y1 = self.crop_box[:2]
         return y1 - y0 + top + bottom
 
 

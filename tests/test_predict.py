@@ -15,7 +15,6 @@ import predict
 from dataset import discover_patients
 from utils import dice_score, hd95, largest_connected_component, precision_recall
 
-
 # ------------------------------------------------------------------------------ metrics
 
 
@@ -181,8 +180,9 @@ def test_unlabelled_patient_gets_masks_without_metrics(trained_checkpoint, phant
 
 
 def test_folds_pool_and_ensemble_averages(phantom_dir, tmp_path):
-    import train
     from conftest import tiny_train_args
+
+    import train
 
     paths = []
     for fold in range(2):

@@ -567,6 +567,8 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
         )
         if resumed:
             print(f"resumed from {resume_path} after epoch {start_epoch - 1} (best Dice {best_dice:.4f})")
+        elif args.resume == "auto":
+            print(f"--resume auto: no last.pt in {checkpoint_dir}, starting from scratch")
 
     criterion = SoftDiceLoss()
     history = []

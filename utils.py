@@ -4,7 +4,6 @@ component, overlays and the Dice chart, seeding, and checkpoint save/load."""
 from __future__ import annotations
 
 import io
-import math
 import os
 import pickle
 import random
@@ -330,10 +329,6 @@ def model_state_from(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
             "'model_config', or a state_dict of tensors)"
         )
     return unwrap_state_dict(state)
-
-
-def format_seconds(seconds: float) -> str:
-    return f"{seconds:.2f} s" if seconds < 60 else f"{int(seconds // 60)} min {math.fmod(seconds, 60):.0f} s"
 
 
 class UsageError(ValueError):

@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from network import UNetModel  # noqa: E402
-from predict import autocast_dtype, binarize, build_model, predict_volume  # noqa: E402
-from utils import is_training_checkpoint, load_checkpoint, preprocess_volume, restore_geometry  # noqa: E402
+from predict import autocast_dtype, build_model, predict_volume, to_native  # noqa: E402
+from utils import is_training_checkpoint, load_checkpoint, preprocess_volume  # noqa: E402
 
 NO_PRETRAINED = (
     "no pretrained weights are published for this model: train your own with "
@@ -76,8 +76,7 @@ class SegmentationPipeline:
             raise ValueError(f"expected a volume of shape (slices, H, W, 3), got {volume.shape}")
         images, _, geometry = preprocess_volume(volume, None, self.image_size, range(len(volume)))
         probs = predict_volume(self.model, images, self.device, self.batch_size, self.tta, autocast_dtype(self.device))
-        mask = binarize(probs, self.threshold, self.lcc).astype(np.uint8)
-        return restore_geometry(mask, geometry), restore_geometry(probs, geometry, mode="bilinear")
+        return to_native(probs, geometry, self.threshold, self.lcc)
 
 
 def segmentation_pipeline(

@@ -2,7 +2,7 @@
 
     python predict.py --model-path checkpoints/best_model.pt --data-dir kaggle_3m
 
-Also the one implementation of "predict a volume" (`predict_volume` + `binarize`) that
+Also the one implementation of "predict a volume" (`predict_volume`, `binarize`, `to_native`) that
 training validation, this CLI and the torch.hub pipeline share.
 """
 
@@ -27,6 +27,7 @@ from dataset import DataError, Patient, discover_patients, load_volume, read_vol
 from network import UNetModel
 from utils import (
     CheckpointError,
+    Geometry,
     UsageError,
     dice_score,
     hd95,
@@ -84,6 +85,15 @@ def binarize(probabilities: np.ndarray, threshold: float = 0.5, lcc: bool = True
     """Threshold, then keep the 3-D largest connected component (unless `lcc` is False)."""
     mask = probabilities >= threshold
     return largest_connected_component(mask) if lcc else mask
+
+
+def to_native(
+    probabilities: np.ndarray, geometry: Geometry, threshold: float = 0.5, lcc: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Binarize in model space, then map the mask (nearest) and the probabilities
+    (bilinear) back onto the native grid: uint8 0/1 masks and float32 probabilities (S, H, W)."""
+    mask = binarize(probabilities, threshold, lcc).astype(np.uint8)
+    return restore_geometry(mask, geometry), restore_geometry(probabilities, geometry, mode="bilinear")
 
 
 def build_model(checkpoint: dict, source: str | Path = "checkpoint") -> UNetModel:
@@ -326,10 +336,8 @@ def predict_patient(
         ],
         axis=0,
     )
-    mask = binarize(probs, args.threshold, not args.no_lcc)
-    native_mask = restore_geometry(mask.astype(np.uint8), volume.geometry).astype(bool)
-    native_probs = restore_geometry(probs, volume.geometry, mode="bilinear")
-    return native_mask, native_probs
+    native_mask, native_probs = to_native(probs, volume.geometry, args.threshold, not args.no_lcc)
+    return native_mask.astype(bool), native_probs
 
 
 def process_patient(

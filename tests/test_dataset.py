@@ -90,25 +90,26 @@ def test_unlabelled_patient_is_not_an_error(tmp_path):
 # ------------------------------------------------------------------------------ reading
 
 
-def test_mask_size_mismatch_names_file(tmp_path):
-    folder = write_patient(tmp_path, "P1", range(1, 6))
+def shrink_mask(folder):
     tifffile.imwrite(folder / "P1_3_mask.tif", np.zeros((16, 16), np.uint8))
-    with pytest.raises(DataError, match="P1_3_mask.tif"):
-        read_volume(discover_patients(tmp_path)[0])
 
 
-def test_truncated_tiff_names_file(tmp_path):
-    folder = write_patient(tmp_path, "P1", range(1, 6))
+def truncate_image(folder):
     path = folder / "P1_2.tif"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(DataError, match="P1_2.tif"):
-        read_volume(discover_patients(tmp_path)[0])
 
 
-def test_grayscale_image_rejected_with_file_name(tmp_path):
-    folder = write_patient(tmp_path, "P1", range(1, 6))
+def make_grayscale(folder):
     tifffile.imwrite(folder / "P1_3.tif", np.zeros((32, 32), np.uint8))
-    with pytest.raises(DataError, match="P1_3.tif.*3-channel"):
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [(shrink_mask, "P1_3_mask.tif"), (truncate_image, "P1_2.tif"), (make_grayscale, "P1_3.tif.*3-channel")],
+)
+def test_bad_slice_file_is_named(damage, message, tmp_path):
+    damage(write_patient(tmp_path, "P1", range(1, 6)))
+    with pytest.raises(DataError, match=message):
         read_volume(discover_patients(tmp_path)[0])
 
 

@@ -349,3 +349,25 @@ def resolve_device(name: str | None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
+
+
+def ensure_writable_dir(path: str | Path, flag: str) -> Path:
+    """Create `path` (and its parents) if needed and check that files can be written in it.
+
+    Called before any preprocessing or training, so an unusable folder is reported at once.
+    Raises UsageError naming `flag` and the path when `path` (or a parent) is a file, when
+    the folder cannot be created, or when it is not writable (read-only mount, permissions).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot create the folder ({error.strerror or error})") from error
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: folder is not writable ({error.strerror or error})") from error
+    return path

@@ -2,7 +2,7 @@
 preprocessed volumes, split patients, serve slices to PyTorch, and write phantom data.
 
 CLI:
-    python dataset.py synthesize OUT --patients N --seed S
+    python dataset.py synthesize OUT --patients N --seed S [--difficulty easy|hard]
     python dataset.py preprocess --data-dir D [--cache-dir C] [--image-size S] [--num-workers W]
 """
 
@@ -27,7 +27,10 @@ import tifffile
 import torch
 from torch.utils.data import Dataset
 
-from utils import BRAIN_THRESHOLD, CLIP_PERCENTILES, Geometry, largest_connected_component, preprocess_volume
+from phantom import DEFAULT_SLICES, DIFFICULTIES, make_synthetic_dataset
+from utils import BRAIN_THRESHOLD, CLIP_PERCENTILES, Geometry, preprocess_volume
+
+__all__ = ["make_synthetic_dataset"]  # re-exported: the phantom writers live in phantom.py
 
 CACHE_FORMAT_VERSION = 1
 IMAGE_RE = re.compile(r"^(?P<prefix>.+)_(?P<k>\d+)\.tiff?$", re.IGNORECASE)
@@ -401,131 +404,20 @@ class MRISegmentationDataset(Dataset):
         )
 
 
-# ------------------------------------------------------------------------------ phantom
-
-
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
-    noise = gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
-    return noise / (noise.std() + 1e-8)
-
-
-def _phantom_patient(rng: np.random.Generator, n_slices: int, size: int, lesion: bool):
-    """One phantom volume: images uint8 (S, H, W, 3), masks bool (S, H, W)."""
-    z = np.linspace(-1.0, 1.0, n_slices, dtype=np.float32)[:, None, None]
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    centre = size / 2 + rng.normal(0, 0.03 * size, 2)
-    axes = size * np.array([rng.uniform(0.32, 0.42), rng.uniform(0.27, 0.35)])
-    tilt = rng.uniform(-0.3, 0.3)
-    dy, dx = y - centre[0], x - centre[1]
-    u, v = dy * np.cos(tilt) - dx * np.sin(tilt), dy * np.sin(tilt) + dx * np.cos(tilt)
-    radius = np.sqrt(np.clip(1.0 - (0.92 * z) ** 2, 0.05, None))  # head narrows at the ends
-    rho = np.sqrt((u / axes[0]) ** 2 + (v / axes[1]) ** 2) / radius  # (S, H, W); 1 = scalp
-
-    head, brain = rho <= 1.0, rho <= 0.86
-    skull = head & ~brain
-    texture = 0.6 * _smooth_noise(rng, (n_slices, size, size), 2.0) + 0.4 * _smooth_noise(
-        rng, (n_slices, size, size), 6.0
-    )
-    gain = rng.uniform(0.7, 1.3, 3)  # scanner gain per channel
-    base = np.array([95.0, 85.0, 100.0]) * gain
-    images = np.zeros((n_slices, size, size, 3), dtype=np.float32)
-    for c in range(3):
-        images[..., c] = np.where(brain, base[c] * (1 + 0.12 * texture), 0)
-        images[..., c] += np.where(skull, base[c] * (1.6 if c != 1 else 0.7), 0)
-
-    # ventricles: dark in FLAIR and T1, in the middle of the volume
-    ventricles = np.zeros((n_slices, size, size), dtype=bool)
-    for side in (-1, 1):
-        vy, vx = dy - 0.05 * size, dx - side * 0.07 * size
-        ventricles |= ((vy / (0.12 * size)) ** 2 + (vx / (0.035 * size)) ** 2 + (z / 0.45) ** 2) <= 1
-    images[ventricles] *= np.array([0.45, 0.3, 0.5], dtype=np.float32)
-
-    # vessels: bright spots in the post-contrast channel only (distractors)
-    for _ in range(rng.integers(2, 6)):
-        py, px = centre + rng.normal(0, 0.15 * size, 2)
-        pz = rng.uniform(-0.8, 0.8)
-        spot = ((y - py) ** 2 + (x - px) ** 2 < (0.015 * size) ** 2) & (np.abs(z - pz) < 0.2) & brain
-        images[..., 2][spot] *= 1.8
-
-    masks = np.zeros((n_slices, size, size), dtype=bool)
-    if lesion:  # one connected abnormality, as in most LGG cases
-        masks = largest_connected_component(_phantom_lesion(rng, z, dy, dx, axes, n_slices, size) & brain & ~ventricles)
-        contrast = rng.uniform(1.3, 1.9)
-        halo = _soft_edge(masks)
-        images[..., 1] *= 1 + (contrast - 1) * halo
-        images[..., 0] *= 1 - 0.12 * halo
-        images[..., 2] *= 1 + rng.uniform(0.0, 0.3) * halo
-
-    images += rng.normal(0, 3.0, images.shape).astype(np.float32) * head[..., None]
-    return np.clip(images, 0, 255).astype(np.uint8), masks
-
-
-def _phantom_lesion(rng, z, dy, dx, axes, n_slices, size) -> np.ndarray:
-    """An irregular blob inside the brain with a random size and position."""
-    angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.5)
-    cy, cx = dist * axes[0] * np.sin(angle), dist * axes[1] * np.cos(angle)
-    cz = rng.uniform(-0.4, 0.4)
-    ry, rx = size * rng.uniform(0.04, 0.14, 2)
-    rz = rng.uniform(0.15, 0.45)
-    distance = np.sqrt(((dy - cy) / ry) ** 2 + ((dx - cx) / rx) ** 2 + ((z - cz) / rz) ** 2)
-    wobble = 0.25 * _smooth_noise(rng, (n_slices, size, size), 3.0)
-    return distance + wobble < 1.0
-
-
-def _soft_edge(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
-    return np.clip(gaussian_filter(mask.astype(np.float32), (0.5, 1.2, 1.2)) * 1.6, 0, 1)
-
-
-def make_synthetic_dataset(
-    root: str | Path,
-    patients: int = 8,
-    seed: int = 0,
-    image_size: int = 256,
-    slices: tuple[int, int] = (20, 40),
-    lesion_free_fraction: float = 0.15,
-) -> list[str]:
-    """Write a phantom data set in the kaggle_3m layout; returns the patient ids.
-
-    Each patient is a head (scalp, brain texture, ventricles, bright vessels in channel 2)
-    with one irregular, connected lesion that is bright in channel 1 (FLAIR) at a
-    per-patient contrast and size; about `lesion_free_fraction` of the patients have no lesion at all.
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    n_free = int(round(lesion_free_fraction * patients))
-    lesion_free = set(rng.permutation(patients)[:n_free].tolist())
-    ids, rows = [], ["patient,slices,lesion_slices"]
-    for p in range(patients):
-        patient_rng = np.random.default_rng([seed, p])
-        n_slices = int(patient_rng.integers(slices[0], slices[1] + 1))
-        images, masks = _phantom_patient(patient_rng, n_slices, image_size, p not in lesion_free)
-        pid = f"TCGA_PH_{p:04d}_{20000101 + int(patient_rng.integers(0, 1200))}"
-        folder = root / pid
-        folder.mkdir(exist_ok=True)
-        for k in range(1, n_slices + 1):
-            tifffile.imwrite(folder / f"{pid}_{k}.tif", images[k - 1], photometric="rgb")
-            tifffile.imwrite(folder / f"{pid}_{k}_mask.tif", masks[k - 1].astype(np.uint8) * 255)
-        ids.append(pid)
-        rows.append(f"{pid},{n_slices},{int(masks.any(axis=(1, 2)).sum())}")
-    (root / "data.csv").write_text("\n".join(rows) + "\n")
-    (root / "README.md").write_text("Synthetic phantom in the kaggle_3m layout (dataset.py).\n")
-    return ids
-
-
 # ---------------------------------------------------------------------------------- CLI
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     ids = make_synthetic_dataset(
-        args.out, args.patients, args.seed, args.image_size, (args.min_slices, args.max_slices)
+        args.out, args.patients, args.seed, args.image_size, _slice_range(args), difficulty=args.difficulty
     )
-    print(f"wrote {len(ids)} phantom patients to {args.out} in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {len(ids)} {args.difficulty} phantom patients to {args.out} in {time.perf_counter() - start:.1f} s")
+
+
+def _slice_range(args: argparse.Namespace) -> tuple[int, int]:
+    low, high = DEFAULT_SLICES[args.difficulty]
+    return (low if args.min_slices is None else args.min_slices, high if args.max_slices is None else args.max_slices)
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> None:
@@ -551,8 +443,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     synth.add_argument("--patients", type=int, default=8, help="number of patients (default 8)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--image-size", type=int, default=256, help="slice size in pixels (default 256)")
-    synth.add_argument("--min-slices", type=int, default=20, help="fewest slices per patient (default 20)")
-    synth.add_argument("--max-slices", type=int, default=40, help="most slices per patient (default 40)")
+    synth.add_argument(
+        "--difficulty",
+        choices=DIFFICULTIES,
+        default="easy",
+        help="easy: the demo phantom; hard: realistic FLAIR distractors and faint lesions (default easy)",
+    )
+    synth.add_argument("--min-slices", type=int, default=None, help="fewest slices per patient (default 20; hard 12)")
+    synth.add_argument("--max-slices", type=int, default=None, help="most slices per patient (default 40; hard 60)")
     synth.set_defaults(func=_cmd_synthesize)
     prep = commands.add_parser("preprocess", help="fill the preprocessing cache")
     prep.add_argument("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder (default ./kaggle_3m)")
@@ -568,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     if getattr(args, "patients", 1) < 1 or getattr(args, "image_size", 16) < 16:
         sys.exit("error: --patients must be >= 1 and --image-size >= 16")
-    if args.command == "synthesize" and not 3 <= args.min_slices <= args.max_slices:
+    if args.command == "synthesize" and not 3 <= _slice_range(args)[0] <= _slice_range(args)[1]:
         sys.exit("error: need 3 <= --min-slices <= --max-slices")
     try:
         args.func(args)

@@ -199,10 +199,11 @@ def read_volume(patient: Patient) -> tuple[np.ndarray, np.ndarray | None]:
 # -------------------------------------------------------------------------------- cache
 
 
-def preprocessing_config(image_size: int) -> dict:
+def preprocessing_config(image_size: int, norm_region: str = "crop") -> dict:
     """Every parameter that changes preprocessing: saved in checkpoints, part of cache keys."""
     return {
         "image_size": int(image_size),
+        "norm_region": norm_region,
         "brain_threshold": BRAIN_THRESHOLD,
         "clip_percentiles": list(CLIP_PERCENTILES),
         "image_resize": "bicubic, anti-aliased when shrinking",
@@ -236,7 +237,7 @@ def cache_key(patient: Patient, config: dict) -> str:
 def _preprocess_patient(patient: Patient, config: dict) -> Volume:
     images, masks = read_volume(patient)
     numbers = [item.number for item in patient.kept]
-    images, masks, geometry = preprocess_volume(images, masks, config["image_size"], numbers)
+    images, masks, geometry = preprocess_volume(images, masks, config["image_size"], numbers, config["norm_region"])
     return Volume(patient.patient_id, images.astype(np.float16), masks, geometry)
 
 
@@ -360,14 +361,40 @@ def _stratified_order(ids: list[str], strata: dict[str, bool], rng: np.random.Ge
 # ------------------------------------------------------------------------------ dataset
 
 
-class MRISegmentationDataset(Dataset):
-    """Slices of preprocessed volumes: (image float32 [3, H, W], mask float32 [1, H, W])."""
+def neighbour_indices(n_slices: int, context: int) -> np.ndarray:
+    """(S, 2C+1) int64: row s lists slices s-C .. s+C of a volume of `n_slices`, clamped to
+    the volume, so edge slices repeat the border slice (2.5-D input)."""
+    if context < 0:
+        raise ValueError(f"context slices {context}: must be >= 0")
+    offsets = np.arange(-context, context + 1)
+    return np.clip(np.arange(n_slices)[:, None] + offsets, 0, n_slices - 1)
 
-    def __init__(self, volumes: Sequence[Volume]):
+
+def stack_context(images: np.ndarray | torch.Tensor, context: int) -> np.ndarray | torch.Tensor:
+    """A volume's slices with their C neighbours on each side as channels:
+    (S, K, H, W) -> (S, K * (2C+1), H, W), channel blocks ordered s-C, ..., s, ..., s+C
+    (K channels each); the same for training and prediction. C = 0 returns `images`."""
+    if context == 0:
+        return images
+    rows = neighbour_indices(len(images), context)  # (S, 2C+1)
+    if isinstance(images, torch.Tensor):
+        rows = torch.as_tensor(rows, device=images.device)
+    stacked = images[rows]  # (S, 2C+1, K, H, W)
+    return stacked.reshape(len(images), -1, *images.shape[2:])
+
+
+class MRISegmentationDataset(Dataset):
+    """Slices of preprocessed volumes: (image float32 [3 (2C+1), H, W], mask float32 [1, H, W])
+    with C = `context_slices` neighbours on each side stacked as channels (see `stack_context`)."""
+
+    def __init__(self, volumes: Sequence[Volume], context_slices: int = 0):
         unlabelled = [v.patient_id for v in volumes if v.masks is None]
         if unlabelled:
             raise DataError(f"patients without mask files cannot be used here: {', '.join(unlabelled)}")
+        if context_slices < 0:
+            raise ValueError(f"context slices {context_slices}: must be >= 0")
         self.volumes = list(volumes)
+        self.context_slices = context_slices
         self.index = [(v, s) for v, vol in enumerate(self.volumes) for s in range(len(vol.images))]
 
     def __len__(self) -> int:
@@ -376,7 +403,8 @@ class MRISegmentationDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         v, s = self.index[i]
         volume = self.volumes[v]
-        image = torch.from_numpy(np.asarray(volume.images[s], dtype=np.float32))
+        rows = neighbour_indices(len(volume.images), self.context_slices)[s]  # (2C+1,)
+        image = torch.from_numpy(np.asarray(volume.images[rows], dtype=np.float32)).flatten(0, 1)  # (3(2C+1), H, W)
         mask = torch.from_numpy(np.asarray(volume.masks[s], dtype=np.float32))[None]
         return image, mask
 
@@ -388,6 +416,19 @@ class MRISegmentationDataset(Dataset):
         return np.concatenate([np.asarray(v.masks).reshape(len(v.masks), -1).sum(axis=1) for v in self.volumes]).astype(
             np.float64
         )
+
+    def context_table(self) -> np.ndarray:
+        """(N, 2C+1) int64 indices into `stacked()` of each slice's neighbours (clamped within
+        its volume): `images[table[batch]].flatten(1, 2)` gives the 2.5-D input of a batch."""
+        tables, offset = [], 0
+        for volume in self.volumes:
+            tables.append(neighbour_indices(len(volume.images), self.context_slices) + offset)
+            offset += len(volume.images)
+        return np.concatenate(tables)
+
+    def slice_patients(self) -> np.ndarray:
+        """(N,) int64: the volume number of each slice, in `index` order."""
+        return np.array([v for v, _ in self.index], dtype=np.int64)
 
     def slice_weights(self, floor_fraction: float = 0.1) -> np.ndarray:
         """Sampling weight per slice: lesion area + `floor_fraction` x mean area over all
@@ -402,6 +443,131 @@ class MRISegmentationDataset(Dataset):
             np.concatenate([np.asarray(v.images) for v in self.volumes]),
             np.concatenate([np.asarray(v.masks) for v in self.volumes]),
         )
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} {value}: must be in [0, 1]")
+
+
+class SliceSampler:
+    """Draws training slice indices for an epoch: `sampler(steps, batch_size, generator)`
+    returns int64 (steps * batch_size,), batch after batch, indexing the concatenated
+    slices of `MRISegmentationDataset` (its `index` / `stacked()` order). Sampling is with
+    replacement and on the host, as `WeightedRandomSampler` does."""
+
+    def __init__(self, areas: np.ndarray, patients: np.ndarray):
+        self.areas = np.asarray(areas, dtype=np.float64)  # (N,) lesion pixels per slice
+        self.patients = np.asarray(patients)  # (N,) volume number of each slice
+        self.lesion = self.areas > 0
+
+    def __call__(self, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lesion_share(self, batch_size: int) -> float:
+        """The expected share of lesion slices among the drawn slices."""
+        raise NotImplementedError
+
+
+class AreaSampler(SliceSampler):
+    """Pooled area weights (today's scheme): weight = lesion area + `floor_fraction` x mean
+    area over all slices, so lesion-free slices are still drawn; uniform without lesions."""
+
+    def __init__(self, areas: np.ndarray, patients: np.ndarray, floor_fraction: float = 0.1):
+        super().__init__(areas, patients)
+        if floor_fraction < 0:
+            raise ValueError(f"floor fraction {floor_fraction}: must be >= 0")
+        floor = floor_fraction * self.areas.mean()
+        self.weights = torch.as_tensor(self.areas + floor if floor > 0 else np.ones_like(self.areas))
+
+    def __call__(self, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.multinomial(self.weights, steps * batch_size, True, generator=generator)
+
+    def lesion_share(self, batch_size: int) -> float:
+        return float(self.weights[torch.as_tensor(self.lesion)].sum() / self.weights.sum())
+
+
+def forced_foreground(batch_size: int, lesion_fraction: float) -> int:
+    """Slices of a batch that must be lesion slices: nnU-Net's rule (the last
+    B - round(B x (1 - p)) samples of a batch are oversampled foreground)."""
+    return batch_size - round(batch_size * (1 - lesion_fraction))
+
+
+class ForegroundSampler(SliceSampler):
+    """Foreground oversampling as in nnU-Net (Isensee et al. 2021, `oversample_foreground_percent`):
+    in every batch a fixed share `lesion_fraction` of the slices is drawn from lesion slices
+    with probability proportional to lesion area, the rest uniformly from all slices."""
+
+    def __init__(self, areas: np.ndarray, patients: np.ndarray, lesion_fraction: float = 1 / 3):
+        super().__init__(areas, patients)
+        _check_fraction("lesion fraction", lesion_fraction)
+        self.lesion_fraction = lesion_fraction
+
+    def __call__(self, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        forced = forced_foreground(batch_size, self.lesion_fraction) if self.lesion.any() else 0
+        uniform = torch.randint(len(self.areas), (steps, batch_size - forced), generator=generator)
+        if forced == 0:
+            return uniform.flatten()
+        foreground = torch.as_tensor(np.flatnonzero(self.lesion))
+        picks = torch.multinomial(torch.as_tensor(self.areas[self.lesion]), steps * forced, True, generator=generator)
+        batches = torch.cat([uniform, foreground[picks].view(steps, forced)], dim=1)  # (steps, B)
+        return batches.flatten()
+
+    def lesion_share(self, batch_size: int) -> float:
+        forced = forced_foreground(batch_size, self.lesion_fraction) / batch_size if self.lesion.any() else 0.0
+        return forced + (1 - forced) * float(self.lesion.mean())
+
+
+class PatientFirstSampler(SliceSampler):
+    """The original implementation's scheme (mateuszbuda/brain-segmentation-pytorch,
+    dataset.py): a patient uniformly, then one of its slices with weight = lesion area +
+    `floor_fraction` x the patient's mean area; uniform within a lesion-free patient."""
+
+    def __init__(self, areas: np.ndarray, patients: np.ndarray, floor_fraction: float = 0.1):
+        super().__init__(areas, patients)
+        if floor_fraction < 0:
+            raise ValueError(f"floor fraction {floor_fraction}: must be >= 0")
+        self.members = [np.flatnonzero(self.patients == p) for p in np.unique(self.patients)]
+        width = max(len(m) for m in self.members)
+        self.table = torch.zeros(len(self.members), width, dtype=torch.long)  # (P, S_max) slice indices
+        self.weights = torch.zeros(len(self.members), width, dtype=torch.float64)  # (P, S_max), 0 = padding
+        for p, members in enumerate(self.members):
+            area = self.areas[members]
+            floor = floor_fraction * area.mean()
+            self.table[p, : len(members)] = torch.as_tensor(members)
+            self.weights[p, : len(members)] = torch.as_tensor(area + floor if floor > 0 else np.ones_like(area))
+
+    def __call__(self, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        patient = torch.randint(len(self.members), (steps * batch_size,), generator=generator)
+        column = torch.multinomial(self.weights[patient], 1, generator=generator)  # (n, 1)
+        return self.table[patient, column[:, 0]]
+
+    def lesion_share(self, batch_size: int) -> float:
+        lesion = torch.zeros_like(self.weights, dtype=torch.bool)
+        for p, members in enumerate(self.members):
+            lesion[p, : len(members)] = torch.as_tensor(self.lesion[members])
+        per_patient = (self.weights * lesion).sum(dim=1) / self.weights.sum(dim=1)
+        return float(per_patient.mean())
+
+
+SAMPLING_SCHEMES = ("area", "foreground", "patient")
+
+
+def make_sampler(
+    dataset: MRISegmentationDataset, scheme: str = "area", floor_fraction: float = 0.1, lesion_fraction: float = 1 / 3
+) -> SliceSampler:
+    """The slice sampler for `--sampling` (area | foreground | patient); ValueError otherwise."""
+    areas, patients = dataset.slice_areas(), dataset.slice_patients()
+    if scheme == "area":
+        return AreaSampler(areas, patients, floor_fraction)
+    if scheme == "foreground":
+        return ForegroundSampler(areas, patients, lesion_fraction)
+    if scheme == "patient":
+        return PatientFirstSampler(areas, patients, floor_fraction)
+    raise ValueError(f"sampling scheme {scheme!r}: expected one of {', '.join(SAMPLING_SCHEMES)}")
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -85,16 +85,31 @@ def _resize(tensor: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return F.interpolate(tensor, size=(size, size), mode=mode, align_corners=False, antialias=tensor.shape[-1] > size)
 
 
-def normalize_channels(images: np.ndarray) -> np.ndarray:
-    """Per channel over the volume: clip to the [10th, 99th] percentile, then z-score.
-    A constant channel becomes zeros. (S, C, H, W) float32 in, same shape out."""
+NORM_REGIONS = ("crop", "head")
+
+
+def head_mask(images: np.ndarray) -> np.ndarray:
+    """(S, C, H, W) -> (S, H, W) bool: pixels where any channel exceeds `BRAIN_THRESHOLD`
+    of that channel's maximum over the volume (the rule `brain_bounding_box` crops with)."""
+    channel_max = images.max(axis=(0, 2, 3))[None, :, None, None]  # (1, C, 1, 1)
+    return ((images > BRAIN_THRESHOLD * channel_max) & (channel_max > 0)).any(axis=1)
+
+
+def normalize_channels(images: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+    """Per channel over the whole volume (never per slice): clip to the [10th, 99th]
+    percentile, then z-score. The statistics come from the pixels of `region`
+    ((S, H, W) bool, e.g. `head_mask`), or from every pixel when it is None or empty;
+    they are applied to every pixel. A constant channel becomes zeros.
+    (S, C, H, W) float32 in, same shape out."""
     out = np.empty_like(images, dtype=np.float32)
+    use_region = region is not None and bool(region.any())
     for c in range(images.shape[1]):
         channel = images[:, c]
-        low, high = np.percentile(channel, CLIP_PERCENTILES)
-        clipped = np.clip(channel, low, high)
-        std = float(clipped.std())
-        out[:, c] = (clipped - clipped.mean()) / std if std > 1e-6 else 0.0
+        sample = channel[region] if use_region else channel
+        low, high = np.percentile(sample, CLIP_PERCENTILES)
+        clipped_sample = np.clip(sample, low, high)
+        mean, std = float(clipped_sample.mean()), float(clipped_sample.std())
+        out[:, c] = (np.clip(channel, low, high) - mean) / std if std > 1e-6 else 0.0
     return out
 
 
@@ -103,13 +118,20 @@ def preprocess_volume(
     masks: np.ndarray | None,
     image_size: int,
     slice_numbers: list[int] | tuple[int, ...],
+    norm_region: str = "crop",
 ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
     """Crop to the brain, pad to a centred square, resize, normalise per channel.
 
     images: (S, H, W, 3) any real dtype; masks: (S, H, W) bool/0-1 or None.
+    norm_region: where the normalisation statistics come from: "crop" (every pixel of the
+    padded, resized crop) or "head" (its `head_mask` pixels only, so the share of background
+    in the crop, which changes with the slice coverage, does not shift tissue values).
+    Raises ValueError for another norm_region.
     Returns images float32 (S, 3, size, size), masks uint8 0/1 (S, size, size) or None,
     and the Geometry that `restore_geometry` inverts.
     """
+    if norm_region not in NORM_REGIONS:
+        raise ValueError(f"normalisation region {norm_region!r}: expected one of {', '.join(NORM_REGIONS)}")
     height, width = images.shape[1:3]
     y0, y1, x0, x1 = brain_bounding_box(images)
     padding = _square_padding(y1 - y0, x1 - x0)
@@ -133,7 +155,8 @@ def preprocess_volume(
             mask_crop = torch.from_numpy(np.ascontiguousarray(masks[:, y0:y1, x0:x1] > 0))
             mask_square = F.pad(mask_crop[:, None].to(torch.uint8), (left, right, top, bottom))
             out_masks = _resize(mask_square, image_size, "nearest")[:, 0].numpy()
-    return normalize_channels(resized), out_masks, geometry
+    region = head_mask(resized) if norm_region == "head" else None
+    return normalize_channels(resized, region), out_masks, geometry
 
 
 def restore_geometry(array: np.ndarray, geometry: Geometry, mode: str = "nearest") -> np.ndarray:

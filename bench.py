@@ -1,6 +1,8 @@
-"""Performance benchmark on a phantom data set written to a temp dir.
+"""Performance benchmark on a phantom data set written to a temp dir, and the ablation of
+training-recipe candidates on the hard phantom.
 
     python bench.py [--device cpu|cuda] [--image-size 256] [--quick] [--json PATH]
+    python bench.py ablation [--seeds 0 1 2] [--candidates NAME ...] [--output ablation.md]
 
 Measures, side by side: preprocessing per patient (cold and warm cache), augmentation per
 slice (ours, batched on the device, against per-sample skimage rescale + rotate), training
@@ -13,15 +15,25 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from augmentations import BatchAugmentation
-from dataset import MRISegmentationDataset, discover_patients, load_volume, load_volumes, make_synthetic_dataset
+from dataset import (
+    MRISegmentationDataset,
+    discover_patients,
+    load_volume,
+    load_volumes,
+    make_synthetic_dataset,
+    read_mask,
+)
 from losses import SoftDiceLoss
 from network import UNetModel
 from predict import autocast_dtype, binarize, predict_volume
@@ -162,6 +174,9 @@ def bench_inference(volumes, base_filters: int, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ablation"]:
+        return ablation_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--image-size", type=int, default=256, help="preprocessed slice size")
@@ -274,6 +289,203 @@ def print_table(r: dict) -> None:
     width = max(len(name) for name, _, _ in rows)
     for name, value, note in rows:
         print(f"  {name:<{width}}  {value:>10}  {note}")
+
+
+# ---------------------------------------------------------------------------- ablation
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One training recipe: flags added to the shared budget for train.py and predict.py."""
+
+    name: str
+    train_flags: tuple[str, ...] = ()
+    predict_flags: tuple[str, ...] = ()
+    note: str = ""
+
+
+# Each candidate changes one thing against today's recipe (issue 13). Flags that train.py
+# does not know yet are reported as "not wired" instead of failing the whole ablation.
+CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("today", note="pooled area weights + 10 % floor, soft Dice, crop normalisation"),
+    Candidate("area floor x10", ("--sampling", "area", "--sampling-floor", "1.0")),
+    Candidate("foreground 1/3", ("--sampling", "foreground", "--lesion-fraction", "0.333")),
+    Candidate("patient-first", ("--sampling", "patient")),
+    Candidate("dice+bce", ("--loss", "dice+bce")),
+    Candidate("head normalisation", ("--norm-region", "head")),
+    Candidate("context 1", ("--context-slices", "1")),
+    Candidate("flip TTA", predict_flags=("--tta",)),
+)
+
+# The budget of the issue's measurement: 10 epochs of 60 steps of 16 slices at 128 px.
+ABLATION_BUDGET = (
+    "--image-size 128 --base-filters 16 --lr 1e-3 --batch-size 16 --epochs 10 --steps-per-epoch 60 --val-patients 6"
+)
+QUICK_BUDGET = (
+    "--image-size 32 --base-filters 4 --lr 1e-3 --batch-size 8 --epochs 2 --steps-per-epoch 2 --val-patients 2"
+)
+
+
+@dataclass
+class AblationRun:
+    candidate: Candidate
+    seed: int
+    dice_last: float = float("nan")
+    dice_best: float = float("nan")
+    fp_last: float = float("nan")  # predicted voxels in lesion-free slices, mean per test patient
+    fp_best: float = float("nan")
+    lesion_voxels: float = float("nan")  # true lesion voxels, mean per test patient
+    seconds: float = float("nan")
+    missing: list[str] = field(default_factory=list)
+
+
+def unknown_flags(flags: tuple[str, ...], parser: argparse.ArgumentParser) -> list[str]:
+    """The option strings in `flags` that `parser` does not define."""
+    known = set(parser._option_string_actions)
+    return [flag for flag in flags if flag.startswith("--") and flag not in known]
+
+
+def false_positives_in_lesion_free_slices(test_dir: Path, masks_dir: Path) -> tuple[float, float]:
+    """Mean per patient of (predicted voxels in slices whose truth is empty, true lesion
+    voxels), over the kept slices of every patient in `test_dir`; predicted masks are
+    predict.py's `<masks_dir>/<patient>/<patient>_<k>_mask.tif`."""
+    fp, lesion = [], []
+    for patient in discover_patients(test_dir):
+        fp_patient, lesion_patient = 0, 0
+        for item in patient.kept:
+            truth = read_mask(item.mask)
+            predicted = read_mask(masks_dir / patient.patient_id / item.mask.name)
+            lesion_patient += int(truth.sum())
+            fp_patient += 0 if truth.any() else int(predicted.sum())
+        fp.append(fp_patient)
+        lesion.append(lesion_patient)
+    return float(np.mean(fp)), float(np.mean(lesion))
+
+
+def run_candidate(
+    candidate: Candidate, seed: int, data_dir: Path, test_dir: Path, work: Path, budget: str, device: str | None
+) -> AblationRun:
+    """Train with `budget` + the candidate's flags, then predict the unseen test patients
+    with last.pt and best_model.pt. Returns the run's test Dice and false positives."""
+    import predict
+    import train
+
+    run = AblationRun(candidate, seed)
+    run.missing = unknown_flags(candidate.train_flags, train.get_args_parser()) + unknown_flags(
+        candidate.predict_flags, predict.get_args_parser()
+    )
+    if run.missing:
+        return run
+    out = work / f"{candidate.name.replace(' ', '_').replace('/', '-')}_seed{seed}"
+    device_flags = ["--device", device] if device else []
+    start = time.perf_counter()
+    train.main(
+        ["--data-dir", str(data_dir), "--checkpoint-dir", str(out / "ckpt"), "--log-dir", str(out / "tb")]
+        + ["--cache-dir", str(work / "cache"), "--seed", str(seed), "--vis-frequency", "0", "--num-workers", "2"]
+        + shlex.split(budget)
+        + list(candidate.train_flags)
+        + device_flags
+    )
+    for which in ("last", "best"):
+        checkpoint = out / "ckpt" / ("last.pt" if which == "last" else "best_model.pt")
+        pred_dir = out / f"test_{which}"
+        summary = predict.main(
+            ["--model-path", str(checkpoint), "--data-dir", str(test_dir), "--patients", "all"]
+            + ["--output-dir", str(pred_dir), "--figure-path", str(pred_dir / "dice.png"), "--no-overlays"]
+            + ["--cache-dir", str(work / "cache"), "--num-workers", "2"]
+            + list(candidate.predict_flags)
+            + device_flags
+        )
+        fp, lesion = false_positives_in_lesion_free_slices(test_dir, pred_dir / "masks")
+        metrics = summary.get("headline", {}).get("metrics") or summary["metrics"]  # test + unseen when present
+        setattr(run, f"dice_{which}", float(metrics["dice"]["mean"]))
+        setattr(run, f"fp_{which}", fp)
+        run.lesion_voxels = lesion
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def ablation_table(runs: list[AblationRun]) -> str:
+    """Markdown: one row per candidate, mean ± SD over seeds of the test Dice (last and best
+    epoch), false-positive voxels per test patient in lesion-free slices (and as a share of
+    the true lesion voxels) and minutes per run (train + both predictions)."""
+    header = (
+        "| candidate | flags | seeds | test Dice, last epoch | test Dice, best epoch "
+        "| FP voxels in lesion-free slices per patient, last (best) | FP / lesion voxels, last | min per run |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for candidate in dict.fromkeys(r.candidate for r in runs):
+        mine = [r for r in runs if r.candidate == candidate]
+        flags = " ".join(candidate.train_flags + tuple(f"predict {f}" for f in candidate.predict_flags)) or "(none)"
+        if mine[0].missing:
+            rows.append(f"| {candidate.name} | `{flags}` | - | not wired: {', '.join(mine[0].missing)} | | | | |")
+            continue
+        seeds = ", ".join(str(r.seed) for r in mine)
+        share = [r.fp_last / r.lesion_voxels for r in mine if r.lesion_voxels > 0]
+        rows.append(
+            f"| {candidate.name} | `{flags}` | {seeds} | {_mean_sd([r.dice_last for r in mine], 3)} "
+            f"| {_mean_sd([r.dice_best for r in mine], 3)} | {_mean_sd([r.fp_last for r in mine], 0)} "
+            f"({_mean_sd([r.fp_best for r in mine], 0)}) | {_mean_sd(share, 3) if share else '-'} "
+            f"| {np.mean([r.seconds for r in mine]) / 60:.1f} |"
+        )
+    return header + "\n".join(rows) + "\n"
+
+
+def ablation_main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="bench.py ablation",
+        description="Train + predict each candidate recipe on the hard phantom over several seeds; "
+        "write a Markdown table of test Dice (last and best epoch) and false positives.",
+    )
+    names = [c.name for c in CANDIDATES]
+    parser.add_argument("--candidates", nargs="+", default=names, metavar="NAME", help=f"subset of: {names}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    parser.add_argument("--patients", type=int, default=30, help="hard-phantom training + validation patients")
+    parser.add_argument("--test-patients", type=int, default=10, help="unseen hard-phantom test patients")
+    parser.add_argument("--budget", default=ABLATION_BUDGET, help="train.py flags shared by every candidate")
+    parser.add_argument("--device", default=None, help="passed to train.py and predict.py")
+    parser.add_argument("--work-dir", default=None, help="keep data, checkpoints, predictions here (default: temp)")
+    parser.add_argument("--output", default="ablation.md", help="Markdown table (default ablation.md)")
+    parser.add_argument("--quick", action="store_true", help="tiny phantom and budget: a smoke test, not evidence")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.candidates) - set(names))
+    if unknown:
+        sys.exit(f"error: --candidates {' '.join(unknown)}: unknown; choose from {', '.join(names)}")
+    if args.quick:
+        args.budget, args.patients, args.test_patients = QUICK_BUDGET, min(args.patients, 6), min(args.test_patients, 2)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        size, slices = (48, (12, 16)) if args.quick else (256, None)
+        data_dir, test_dir = work / "hard_train", work / "hard_test"
+        if not data_dir.exists():
+            make_synthetic_dataset(data_dir, args.patients, 0, size, slices, difficulty="hard")
+        if not test_dir.exists():
+            make_synthetic_dataset(test_dir, args.test_patients, 1000, size, slices, difficulty="hard")
+        runs = [
+            run_candidate(candidate, seed, data_dir, test_dir, work, args.budget, args.device)
+            for candidate in CANDIDATES
+            if candidate.name in args.candidates
+            for seed in args.seeds
+        ]
+    table = ablation_table(runs)
+    command = "python bench.py ablation " + " ".join(shlex.quote(a) for a in argv)
+    text = (
+        f"Generated by `{command}` in {(time.perf_counter() - start) / 60:.1f} min "
+        f"(torch {torch.__version__}, device {args.device or 'default'}). Hard phantom: {args.patients} "
+        f"training + validation patients (seed 0), {args.test_patients} unseen test patients (seed 1000); "
+        f"shared budget `{args.budget}`.\n\n" + table
+    )
+    Path(args.output).write_text(text)
+    print(text)
+    return {"runs": runs, "table": table}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""bench.py ablation: false-positive counting, the generated table, and a smoke run."""
+
+import shutil
+
+import numpy as np
+import tifffile
+
+import bench
+from bench import AblationRun, Candidate, ablation_table, false_positives_in_lesion_free_slices
+from dataset import discover_patients, read_mask
+
+
+def test_false_positives_count_only_slices_without_lesion(small_phantom, tmp_path):
+    masks_dir = tmp_path / "masks"
+    expected_fp, expected_lesion = [], []
+    for patient in discover_patients(small_phantom):
+        (masks_dir / patient.patient_id).mkdir(parents=True)
+        fp = 0
+        for item in patient.kept:
+            truth = read_mask(item.mask)
+            predicted = truth.copy()
+            predicted[:2, :3] = True  # 6 extra pixels in every slice (the corner is background)
+            fp += 0 if truth.any() else int(predicted.sum())
+            tifffile.imwrite(masks_dir / patient.patient_id / item.mask.name, predicted.astype(np.uint8) * 255)
+        expected_fp.append(fp)
+        expected_lesion.append(sum(int(read_mask(i.mask).sum()) for i in patient.kept))
+    assert min(expected_fp) < max(expected_fp) or expected_fp[0] > 0
+    fp, lesion = false_positives_in_lesion_free_slices(small_phantom, masks_dir)
+    assert fp == np.mean(expected_fp) and lesion == np.mean(expected_lesion)
+
+
+def test_table_averages_seeds_and_marks_unwired_candidates():
+    today, wired, unwired = Candidate("today"), Candidate("tta", predict_flags=("--tta",)), Candidate("x", ("--new",))
+    runs = [
+        AblationRun(today, 0, 0.5, 0.7, 100, 50, 1000, 60),
+        AblationRun(today, 1, 0.7, 0.9, 300, 150, 1000, 120),
+        AblationRun(wired, 0, 0.6, 0.6, 10, 10, 1000, 30),
+        AblationRun(unwired, 0, missing=["--new"]),
+    ]
+    lines = ablation_table(runs).splitlines()
+    assert len(lines) == 5
+    assert lines[2].startswith("| today | `(none)` | 0, 1 | 0.600 ± 0.141 | 0.800 ± 0.141 | 200 ± 141 (100 ± 71)")
+    assert "| 0.200 ± 0.141 | 1.5 |" in lines[2]
+    assert lines[3].startswith("| tta | `predict --tta` | 0 | 0.600 | 0.600 | 10 (10) | 0.010 | 0.5 |")
+    assert "not wired: --new" in lines[4]
+
+
+def test_ablation_smoke_run_writes_the_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "ablation.md"
+    args = ["ablation", "--quick", "--seeds", "0", "--patients", "4", "--test-patients", "1"]
+    bench.main(
+        [*args, "--candidates", "today", "context 1", "--work-dir", str(tmp_path / "w"), "--output", str(output)]
+    )
+    text = output.read_text()
+    assert "python bench.py ablation --quick" in text and "| today | `(none)` | 0 |" in text
+    assert "| context 1 | `--context-slices 1` | - | not wired: --context-slices" in text
+    assert (tmp_path / "w" / "today_seed0" / "test_last" / "metrics.csv").exists()
+    shutil.rmtree(tmp_path / "w")

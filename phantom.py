@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
+import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from utils import largest_connected_component
@@ -122,6 +124,19 @@ LESION_COUNT_P = (0.5, 0.3, 0.2)  # 1, 2 or 3 lesions in a patient with lesions
 MISSING_SEQUENCE_P = 0.15  # a patient whose pre- or post-contrast channel is a FLAIR copy
 
 
+def _coarse_noise(rng: np.random.Generator, shape: tuple[int, int, int], sigma: float) -> np.ndarray:
+    """Like `_smooth_noise` (unit std, in-plane scale `sigma` pixels, about one slice
+    through-plane) but drawn on a grid `sigma / 1.5` times coarser in-plane and upsampled
+    linearly: the same look at a fraction of the cost. (S, H, W) float32."""
+    factor = max(1, int(sigma / 1.5))
+    coarse_shape = (shape[0], -(-shape[1] // factor), -(-shape[2] // factor))
+    noise = gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), (1.0, sigma / factor, sigma / factor))
+    with torch.no_grad():  # (S, h, w) -> (S, H, W)
+        fine = F.interpolate(torch.from_numpy(noise)[:, None], size=shape[1:], mode="bilinear", align_corners=False)
+    fine = fine[:, 0].numpy()
+    return fine / (fine.std() + 1e-8)
+
+
 @dataclass(frozen=True)
 class HardAnatomy:
     """Label maps of one hard phantom on its slice grid, all (S, H, W) bool."""
@@ -150,8 +165,8 @@ def _head_coordinates(rng: np.random.Generator, n_slices: int, size: int):
 def _hard_anatomy(rng: np.random.Generator, z: np.ndarray, dy: np.ndarray, dx: np.ndarray, rho: np.ndarray):
     """Scalp, skull, CSF rim, a folded cortical ribbon with sulci, white matter, ventricles."""
     size = rho.shape[-1]
-    folding = rho + 0.035 * _smooth_noise(rng, rho.shape, 0.02 * size + 0.5)  # wavy grey/white border
-    sulcus = np.abs(_smooth_noise(rng, rho.shape, 0.015 * size + 0.5)) < 0.12
+    folding = rho + 0.035 * _coarse_noise(rng, rho.shape, 0.02 * size + 0.5)  # wavy grey/white border
+    sulcus = np.abs(_coarse_noise(rng, rho.shape, 0.015 * size + 0.5)) < 0.12
     head = rho <= 1.0
     scalp, skull = head & (rho > 0.93), (rho > 0.86) & (rho <= 0.93)
     inner = rho <= 0.86
@@ -173,9 +188,10 @@ def _hard_anatomy(rng: np.random.Generator, z: np.ndarray, dy: np.ndarray, dx: n
 def _bias_field(rng: np.random.Generator, z: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """A smooth multiplicative field (S, H, W): exp of a random quadratic in (z, y, x)."""
     size = dy.shape[-1]
-    terms = [z, dy / size, dx / size, z * dy / size, dy * dx / size**2, (dy / size) ** 2, (dx / size) ** 2]
-    coefficients = rng.normal(0, 0.25, len(terms))
-    return np.exp(sum(c * t for c, t in zip(coefficients, terms))).astype(np.float32)
+    y, x = dy / size, dx / size
+    c = rng.normal(0, 0.25, 7).astype(np.float32)
+    plane = c[1] * y + c[2] * x + c[3] * y * x + c[4] * y**2 + c[5] * x**2  # (H, W)
+    return np.exp(plane + z * (c[0] + c[6] * y)).astype(np.float32)  # (S, H, W)
 
 
 def _hard_lesions(
@@ -187,17 +203,30 @@ def _hard_lesions(
     size = dy.shape[-1]
     mask = np.zeros(anatomy.brain.shape, dtype=bool)
     candidates = np.flatnonzero(anatomy.brain)
+    wobble = 0.2 * np.clip(_coarse_noise(rng, mask.shape, 0.02 * size + 0.5), -2, 2)  # a centre stays inside
     for _ in range(count):
         s, py, px = np.unravel_index(rng.choice(candidates), anatomy.brain.shape)
         radius = size * np.exp(rng.uniform(np.log(0.02), np.log(0.14)))
         ry, rx = radius * rng.uniform(0.7, 1.3, 2)
         rz = radius / size * 2.0 / 0.7 * rng.uniform(0.7, 1.3)  # z spans 2 units over ~0.7 of the image
-        distance = np.sqrt(((dy - dy[py, px]) / ry) ** 2 + ((dx - dx[py, px]) / rx) ** 2 + ((z - z[s]) / rz) ** 2)
-        wobble = 0.2 * np.clip(_smooth_noise(rng, mask.shape, 0.02 * size + 0.5), -2, 2)  # centre stays inside
-        mask |= (distance + wobble < 1.0) & anatomy.brain
+        slab = np.flatnonzero(np.abs(z[:, 0, 0] - z[s, 0, 0]) < rz)  # slices the lesion can reach
+        in_plane = ((dy - dy[py, px]) / ry) ** 2 + ((dx - dx[py, px]) / rx) ** 2  # (H, W)
+        distance = np.sqrt(in_plane + ((z[slab] - z[s]) / rz) ** 2)  # (slab, H, W)
+        mask[slab] |= (distance + wobble[slab] < 1.0) & anatomy.brain[slab]
     edge = 0.012 * size + 0.6  # pixels of blur: a diffuse border, partial volume for tiny lesions
-    profile = np.clip(gaussian_filter(mask.astype(np.float32), (0.6, edge, edge)) * 1.4, 0, 1)
+    profile = np.zeros(mask.shape, dtype=np.float32)
+    box = _padded_box(mask, (2, int(4 * edge) + 1, int(4 * edge) + 1))
+    profile[box] = np.clip(gaussian_filter(mask[box].astype(np.float32), (0.6, edge, edge)) * 1.4, 0, 1)
     return mask, profile
+
+
+def _padded_box(mask: np.ndarray, margin: tuple[int, int, int]) -> tuple[slice, ...]:
+    """Slices of the bounding box of `mask` widened by `margin` per axis (clipped)."""
+    box = []
+    for axis, pad in enumerate(margin):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(0, hits[0] - pad), hits[-1] + pad + 1) if hits.size else slice(0, 0))
+    return tuple(box)
 
 
 def _bright_spots(rng: np.random.Generator, anatomy: HardAnatomy, z: np.ndarray, dy, dx) -> np.ndarray:
@@ -208,9 +237,11 @@ def _bright_spots(rng: np.random.Generator, anatomy: HardAnatomy, z: np.ndarray,
     for _ in range(int(rng.integers(4, 11))):
         s, py, px = np.unravel_index(rng.choice(candidates), anatomy.brain.shape)
         r = max(1.0, size * rng.uniform(0.006, 0.015))
-        in_plane = ((dy - dy[py, px]) ** 2 + (dx - dx[py, px]) ** 2) / r**2
-        through = ((z - z[s]) / rng.uniform(0.02, 0.06)) ** 2
-        spots = np.maximum(spots, np.exp(-(in_plane + through)) * rng.uniform(0.6, 1.0))
+        in_plane = ((dy - dy[py, px]) ** 2 + (dx - dx[py, px]) ** 2) / r**2  # (H, W)
+        rz = rng.uniform(0.02, 0.06)
+        slab = np.flatnonzero(np.abs(z[:, 0, 0] - z[s, 0, 0]) < 3 * rz)  # exp(-9) beyond
+        peak = rng.uniform(0.6, 1.0)
+        spots[slab] = np.maximum(spots[slab], np.exp(-(in_plane + ((z[slab] - z[s]) / rz) ** 2)) * peak)
     return spots * anatomy.brain
 
 
@@ -223,7 +254,7 @@ def _hard_patient(
     level = np.zeros((*rho.shape, 3), dtype=np.float32)
     for tissue, where in anatomy.labels.items():
         level[where] = TISSUE[tissue]
-    texture = 0.05 * _smooth_noise(rng, rho.shape, 0.01 * size + 0.5)
+    texture = 0.05 * _coarse_noise(rng, rho.shape, 0.01 * size + 0.5)
     level *= (1 + texture * anatomy.head)[..., None]
     count = int(rng.choice(3, p=LESION_COUNT_P)) + 1 if lesion else 0
     masks, profile = _hard_lesions(rng, count, anatomy, z, dy, dx) if count else (np.zeros_like(rho, bool), 0.0)
@@ -235,7 +266,9 @@ def _hard_patient(
     spots = _bright_spots(rng, anatomy, z, dy, dx)
     level[..., 1] += spots * np.clip(rng.uniform(*LESION_CONTRAST) * grey_flair - level[..., 1], 0, None)
     gains = HARD_BASE * rng.uniform(0.6, 1.4) * rng.uniform(0.75, 1.25, 3)  # per patient, per channel
-    images = np.stack([level[..., c] * gains[c] * _bias_field(rng, z, dy, dx) for c in range(3)], axis=-1)
+    images = level  # (S, H, W, 3), scaled in place
+    for c in range(3):
+        images[..., c] *= gains[c] * _bias_field(rng, z, dy, dx)
     images += rng.normal(0, 3.0, images.shape).astype(np.float32) * anatomy.head[..., None]
     images = np.clip(images, 0, 255).astype(np.uint8)
     missing = rng.random() < MISSING_SEQUENCE_P

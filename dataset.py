@@ -27,10 +27,9 @@ import tifffile
 import torch
 from torch.utils.data import Dataset
 
+# make_synthetic_dataset is re-exported: the phantom writers live in phantom.py
 from phantom import DEFAULT_SLICES, DIFFICULTIES, make_synthetic_dataset
 from utils import BRAIN_THRESHOLD, CLIP_PERCENTILES, Geometry, preprocess_volume
-
-__all__ = ["make_synthetic_dataset"]  # re-exported: the phantom writers live in phantom.py
 
 CACHE_FORMAT_VERSION = 1
 IMAGE_RE = re.compile(r"^(?P<prefix>.+)_(?P<k>\d+)\.tiff?$", re.IGNORECASE)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import predict
+import train
 from augmentations import BatchAugmentation
 from dataset import (
     MRISegmentationDataset,
@@ -367,9 +369,6 @@ def run_candidate(
 ) -> AblationRun:
     """Train with `budget` + the candidate's flags, then predict the unseen test patients
     with last.pt and best_model.pt. Returns the run's test Dice and false positives."""
-    import predict
-    import train
-
     run = AblationRun(candidate, seed)
     run.missing = unknown_flags(candidate.train_flags, train.get_args_parser()) + unknown_flags(
         candidate.predict_flags, predict.get_args_parser()

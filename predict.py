@@ -23,7 +23,15 @@ import tifffile
 import torch
 from tqdm import tqdm
 
-from dataset import DataError, Patient, discover_patients, load_volume, read_volume, select_patients
+from dataset import (
+    DataError,
+    Patient,
+    discover_inputs,
+    load_volume,
+    read_volume,
+    select_patients,
+    write_nifti_mask,
+)
 from network import UNetModel
 from utils import (
     CheckpointError,
@@ -223,7 +231,12 @@ def all_slices(patient: Patient, kept: np.ndarray) -> np.ndarray:
 
 
 def write_masks(patient: Patient, native: np.ndarray, out_dir: Path) -> None:
-    """One uint8 0/255 TIFF per input slice; the dropped first/last slices are empty."""
+    """One uint8 0/255 TIFF per input slice; the dropped first/last slices are empty.
+    A NIfTI patient gets one <patient>_mask.nii.gz (0/1) on its input grid and affine."""
+    if patient.nifti is not None:
+        (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+        write_nifti_mask(patient, all_slices(patient, native), out_dir / "masks" / f"{patient.patient_id}_mask.nii.gz")
+        return
     folder = out_dir / "masks" / patient.patient_id
     folder.mkdir(parents=True, exist_ok=True)
     for item, mask in zip(patient.slices, all_slices(patient, native), strict=True):
@@ -283,7 +296,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=["./checkpoints/best_model.pt"],
         help="one checkpoint, several folds of one cross-validation (pooled), or an ensemble",
     )
-    p.add_argument("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder")
+    p.add_argument(
+        "--data-dir",
+        default="./kaggle_3m",
+        help="kaggle_3m-style folder, and/or NIfTI files <patient>.nii.gz or <patient>_{pre,flair,post}.nii.gz",
+    )
     p.add_argument("--output-dir", default="./predictions", help="masks, overlays, metrics.csv, summary.json")
     p.add_argument("--figure-path", default="./dice_distribution.png", help="per-patient Dice bar chart")
     p.add_argument("--device", default=None, help="cuda:0 when available, else cpu")
@@ -324,7 +341,7 @@ def predict_patient(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Average the models' probabilities, binarize in model space, map back to native
     space. Returns native masks (S, H, W) bool and native probabilities (S, H, W)."""
-    cache_dir = None if args.no_cache else args.cache_dir
+    cache_dir = None if args.no_cache or patient.nifti else args.cache_dir  # the cache key knows TIFF files only
     sizes = {m.image_size for m in models}
     if len(sizes) != 1:
         raise CheckpointError(f"ensembled checkpoints use different image sizes {sorted(sizes)}")
@@ -375,7 +392,7 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     models = [load_model(path, device) for path in args.model_path]
     folds = are_folds(models)
-    patients = discover_patients(args.data_dir)
+    patients = discover_inputs(args.data_dir)
     wanted = requested_patients(args.patients, models, folds)
     patients = patients if wanted is None else select_patients(patients, wanted)
     out_dir = Path(args.output_dir)

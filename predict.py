@@ -128,7 +128,7 @@ def build_model(checkpoint: dict, source: str | Path = "checkpoint") -> UNetMode
 @dataclass
 class LoadedModel:
     path: Path
-    model: UNetModel
+    model: UNetModel  # or export.OnnxRuntimeModel with --backend onnxruntime
     image_size: int
     split: dict | None
 
@@ -143,6 +143,35 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
         )
     model = build_model(checkpoint, path).to(device).to(memory_format=torch.channels_last)
     return LoadedModel(Path(path), model, int(checkpoint["preprocessing"]["image_size"]), checkpoint.get("split"))
+
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def resolve_backend(name: str | None, device: torch.device) -> str:
+    """--backend: None picks onnxruntime on the CPU (faster there, see bench.py) and torch
+    on CUDA. Raises UsageError for onnxruntime on a non-CPU device (CPU provider only)."""
+    if name is None:
+        return "onnxruntime" if device.type == "cpu" else "torch"
+    if name == "onnxruntime" and device.type != "cpu":
+        raise UsageError(
+            f"--backend onnxruntime runs on the CPU only; pass --device cpu or --backend torch (not {device})"
+        )
+    return name
+
+
+def with_onnxruntime(loaded: LoadedModel) -> LoadedModel:
+    """The same checkpoint with its network exported to ONNX (in memory) and run by
+    onnxruntime; checked against PyTorch like export.py does."""
+    from export import TOLERANCE, OnnxRuntimeModel, export_onnx, max_abs_difference  # needs onnxruntime
+
+    runtime = OnnxRuntimeModel(export_onnx(loaded.model, loaded.image_size))
+    difference = max_abs_difference(loaded.model, runtime, loaded.image_size)
+    if not difference <= TOLERANCE:
+        raise CheckpointError(
+            f"{loaded.path}: onnxruntime differs from PyTorch by {difference:.3g}; use --backend torch"
+        )
+    return LoadedModel(loaded.path, runtime, loaded.image_size, loaded.split)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -310,6 +339,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=["val"],
         help="'val' (the checkpoints' validation split), 'all', or patient ids",
     )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="inference engine (default: onnxruntime on the CPU, torch on CUDA)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     p.add_argument("--no-lcc", action="store_true", help="keep every component, not only the largest")
@@ -390,7 +425,10 @@ def process_patient(
 def run(args: argparse.Namespace) -> dict:
     """Predict, write every output, return the summary."""
     device = resolve_device(args.device)
+    backend = resolve_backend(args.backend, device)
     models = [load_model(path, device) for path in args.model_path]
+    if backend == "onnxruntime":
+        models = [with_onnxruntime(m) for m in models]
     folds = are_folds(models)
     patients = discover_inputs(args.data_dir)
     wanted = requested_patients(args.patients, models, folds)
@@ -398,7 +436,7 @@ def run(args: argparse.Namespace) -> dict:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = "folds" if folds else ("ensemble" if len(models) > 1 else "single")
-    print(f"{len(patients)} patient(s), {len(models)} checkpoint(s) ({mode}), device {device}")
+    print(f"{len(patients)} patient(s), {len(models)} checkpoint(s) ({mode}), device {device}, backend {backend}")
 
     rows = []
     start = time.perf_counter()
@@ -414,6 +452,7 @@ def run(args: argparse.Namespace) -> dict:
         "threshold": args.threshold,
         "lcc": not args.no_lcc,
         "tta": args.tta,
+        "backend": backend,
         "space": "native (input TIFF grid), first/last slice of each patient excluded",
         "hd95_units": "pixels (slice spacing counted as 1 pixel)",
         "seconds": round(elapsed, 2),

@@ -5,8 +5,8 @@ segment = torch.hub.load(repo, "segmentation_pipeline", weights_path="best_model
 masks, probabilities = segment(volume)  # volume: uint8 (S, H, W, 3)
 
 The repo's files have generic names (`utils`, `network`, `dataset`, `predict`, ...) that a
-caller may use for modules of their own. So this file imports only the standard library
-and torch at the top, and loads the repo's files under private names
+caller may use for modules of their own. So this file imports only the standard library,
+numpy and torch at the top, and loads the repo's files under private names
 (`_brain_unet_hub_<key>_utils`, ...); while they load, their own `from utils import ...`
 resolves to the repo's copy, and afterwards the caller's `sys.modules` entries for the
 generic names are exactly as they were.

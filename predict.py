@@ -160,18 +160,36 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
     return name
 
 
-def with_onnxruntime(loaded: LoadedModel) -> LoadedModel:
-    """The same checkpoint with its network exported to ONNX (in memory) and run by
-    onnxruntime; checked against PyTorch like export.py does."""
-    from export import TOLERANCE, OnnxRuntimeModel, export_onnx, max_abs_difference  # needs onnxruntime
+_EXPORTED: dict[tuple, bytes] = {}  # checkpoint (path, size, mtime, ctime) -> checked ONNX bytes
 
-    runtime = OnnxRuntimeModel(export_onnx(loaded.model, loaded.image_size))
-    difference = max_abs_difference(loaded.model, runtime, loaded.image_size)
+
+def with_onnxruntime(loaded: LoadedModel) -> LoadedModel:
+    """The same checkpoint with its network exported to ONNX (in memory, checked against
+    PyTorch like export.py does) and run by onnxruntime. The export takes seconds, so it is
+    done once per checkpoint file and process (the last 4 are kept)."""
+    from export import OnnxRuntimeModel  # needs onnxruntime, only for this backend
+
+    stat = loaded.path.stat()
+    key = (str(loaded.path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _EXPORTED:
+        _EXPORTED[key] = checked_onnx(loaded)
+        while len(_EXPORTED) > 4:
+            del _EXPORTED[next(iter(_EXPORTED))]
+    return LoadedModel(loaded.path, OnnxRuntimeModel(_EXPORTED[key]), loaded.image_size, loaded.split)
+
+
+def checked_onnx(loaded: LoadedModel) -> bytes:
+    """ONNX bytes of a checkpoint's network. Raises CheckpointError when onnxruntime does
+    not reproduce PyTorch's probabilities within export.TOLERANCE."""
+    from export import TOLERANCE, OnnxRuntimeModel, export_onnx, max_abs_difference
+
+    data = export_onnx(loaded.model, loaded.image_size)
+    difference = max_abs_difference(loaded.model, OnnxRuntimeModel(data), loaded.image_size)
     if not difference <= TOLERANCE:
         raise CheckpointError(
             f"{loaded.path}: onnxruntime differs from PyTorch by {difference:.3g}; use --backend torch"
         )
-    return LoadedModel(loaded.path, runtime, loaded.image_size, loaded.split)
+    return data
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -427,12 +445,12 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     backend = resolve_backend(args.backend, device)
     models = [load_model(path, device) for path in args.model_path]
-    if backend == "onnxruntime":
-        models = [with_onnxruntime(m) for m in models]
     folds = are_folds(models)
     patients = discover_inputs(args.data_dir)
     wanted = requested_patients(args.patients, models, folds)
     patients = patients if wanted is None else select_patients(patients, wanted)
+    if backend == "onnxruntime":
+        models = [with_onnxruntime(m) for m in models]
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = "folds" if folds else ("ensemble" if len(models) > 1 else "single")

@@ -86,6 +86,8 @@ def test_pipeline_matches_predict_cli(trained_checkpoint, phantom_dir, tmp_path)
             "0.3",
             "--no-cache",
             "--no-overlays",
+            "--backend",
+            "torch",  # the pipeline's engine: the same code path, so the same masks bit for bit
             "--figure-path",
             str(tmp_path / "d.png"),
         ]

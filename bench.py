@@ -175,6 +175,30 @@ def bench_inference(volumes, base_filters: int, device: torch.device) -> dict:
     return {"s_per_patient": float(np.mean(times)), "slices_per_s": sum(len(v.images) for v in volumes) / sum(times)}
 
 
+def bench_cpu_backends(volumes, base_filters: int, image_size: int, max_slices: int, batch_size: int = 32) -> dict:
+    """CPU inference slices/s of the network alone, side by side: torch (eager fp32,
+    channels_last, as predict.py runs it) and onnxruntime (the graph export.py writes),
+    the same weights and the same preprocessed slices (at most `max_slices`)."""
+    from export import OnnxRuntimeModel, export_onnx
+
+    cpu = torch.device("cpu")
+    model = UNetModel(base_filters=base_filters).eval()
+    networks = {
+        "torch": model.to(memory_format=torch.channels_last),
+        "onnxruntime": OnnxRuntimeModel(export_onnx(model, image_size)),
+    }
+    images = np.concatenate([np.asarray(v.images) for v in volumes])[:max_slices]  # (N, 3, S, S)
+    result, probabilities = {"slices": len(images), "batch_size": batch_size}, {}
+    for name, network in networks.items():
+        predict_volume(network, images[:batch_size], cpu, batch_size)  # warm-up
+        start = time.perf_counter()
+        probabilities[name] = predict_volume(network, images, cpu, batch_size)
+        result[f"{name}_slices_per_s"] = len(images) / (time.perf_counter() - start)
+    result["onnxruntime_speedup"] = result["onnxruntime_slices_per_s"] / result["torch_slices_per_s"]
+    result["max_abs_difference"] = float(np.abs(probabilities["torch"] - probabilities["onnxruntime"]).max())
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ablation"]:
@@ -243,6 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
             compiled = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, True)
             results["training"].update({"compiled_slices_per_s": compiled, "compiled_speedup": compiled / plain})
         results["inference"] = bench_inference(volumes, args.base_filters, device)
+        results["cpu_backends"] = bench_cpu_backends(
+            volumes, args.base_filters, args.image_size, 32 if args.quick else 128
+        )
     results["peak_ram_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         results["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -282,6 +309,16 @@ def print_table(r: dict) -> None:
         ("inference incl. LCC + inverse (s/patient)", f"{i['s_per_patient']:.3f}", f"{i['slices_per_s']:.1f} slices/s"),
         ("peak RAM (MiB)", f"{r['peak_ram_mib']:.0f}", ""),
     ]
+    if "cpu_backends" in r:
+        b = r["cpu_backends"]
+        rows[-1:-1] = [
+            ("CPU inference, torch (slices/s)", f"{b['torch_slices_per_s']:.1f}", f"{b['slices']} slices"),
+            (
+                "CPU inference, onnxruntime (slices/s)",
+                f"{b['onnxruntime_slices_per_s']:.1f}",
+                f"{b['onnxruntime_speedup']:.2f}x, max |diff| {b['max_abs_difference']:.1e}",
+            ),
+        ]
     if "peak_gpu_mib" in r:
         rows.append(("peak GPU memory (MiB)", f"{r['peak_gpu_mib']:.0f}", ""))
     print(

@@ -3,18 +3,31 @@
 model = torch.hub.load(repo, "unet_segmentation", weights_path="best_model.pt")
 segment = torch.hub.load(repo, "segmentation_pipeline", weights_path="best_model.pt")
 masks, probabilities = segment(volume)  # volume: uint8 (S, H, W, 3)
+
+The repo's files have generic names (`utils`, `network`, `dataset`, `predict`, ...) that a
+caller may use for modules of their own. So this file imports only the standard library,
+numpy and torch at the top, and loads the repo's files under private names
+(`_brain_unet_hub_<key>_utils`, ...); while they load, their own `from utils import ...`
+resolves to the repo's copy, and afterwards the caller's `sys.modules` entries for the
+generic names are exactly as they were.
 """
 
-dependencies = ["torch", "numpy", "scipy", "skimage", "tifffile"]
+dependencies = ["torch", "numpy", "scipy", "tifffile", "tqdm"]
 
+import hashlib  # noqa: E402
+import importlib  # noqa: E402
+import importlib.abc  # noqa: E402
+import importlib.machinery  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from network import UNetModel  # noqa: E402
-from predict import autocast_dtype, build_model, predict_volume, to_native  # noqa: E402
-from utils import is_training_checkpoint, load_checkpoint, preprocess_volume  # noqa: E402
+REPO = Path(__file__).resolve().parent
+ENTRY_MODULES = ("network", "utils", "predict")  # what the entry points use (predict imports dataset)
 
 NO_PRETRAINED = (
     "no pretrained weights are published for this model: train your own with "
@@ -22,26 +35,99 @@ NO_PRETRAINED = (
 )
 
 
-def _load(weights_path: str | Path, map_location: str | torch.device) -> tuple[UNetModel, dict]:
-    checkpoint = load_checkpoint(weights_path, map_location)
-    return build_model(checkpoint, weights_path), checkpoint
+# --------------------------------------------------------------------------- isolation
+
+
+class _PrivateNameLoader(importlib.machinery.SourceFileLoader):
+    """Runs a repo file as the module `self.name` (private), whatever name it was imported by."""
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__name__ = self.name  # classes and functions get the private __module__
+        module.__spec__ = importlib.util.spec_from_loader(self.name, self, origin=self.path)
+        sys.modules[self.name] = module
+        super().exec_module(module)
+
+
+class _RepoFinder(importlib.abc.MetaPathFinder):
+    """Finds the repo's top-level files by their plain names, to be loaded under private names."""
+
+    def __init__(self, files: dict[str, Path], prefix: str):
+        self.files, self.prefix = files, prefix
+
+    def find_spec(self, name, path=None, target=None):
+        file = self.files.get(name)
+        if file is None:
+            return None
+        loader = _PrivateNameLoader(self.prefix + name, str(file))
+        return importlib.util.spec_from_file_location(name, file, loader=loader)
+
+
+def _repo_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(REPO.glob("*.py")) if p.stem != "hubconf"}
+
+
+def _private_prefix(files: dict[str, Path]) -> str:
+    """`_brain_unet_hub_<hash of the repo path and its files' contents>_`: two clones or an
+    edited file get new modules, a second load of the same files reuses the first."""
+    digest = hashlib.sha256(str(REPO).encode())
+    for name, file in files.items():
+        digest.update(name.encode() + file.read_bytes())
+    return f"_brain_unet_hub_{digest.hexdigest()[:12]}_"
+
+
+def repo_modules() -> dict[str, ModuleType]:
+    """The repo's modules that the entry points need, by plain name, loaded under private
+    names. The caller's `sys.modules` entries for every repo file name (`utils`, ...) are
+    hidden while the repo's files load and put back afterwards, untouched."""
+    files = _repo_files()
+    prefix = _private_prefix(files)
+    if all(prefix + name in sys.modules for name in ENTRY_MODULES):
+        return {name: sys.modules[prefix + name] for name in ENTRY_MODULES}
+    callers = {name: sys.modules.pop(name) for name in files if name in sys.modules}
+    finder = _RepoFinder(files, prefix)
+    sys.meta_path.insert(0, finder)
+    try:
+        return {name: importlib.import_module(name) for name in ENTRY_MODULES}
+    except BaseException:
+        for name in files:  # a failed load must not leave half-initialised modules behind
+            sys.modules.pop(prefix + name, None)
+        raise
+    finally:
+        sys.meta_path.remove(finder)
+        for name in files:
+            sys.modules.pop(name, None)
+        sys.modules.update(callers)
+
+
+# ------------------------------------------------------------------------- entry points
 
 
 def unet_segmentation(
     pretrained: bool = False,
     weights_path: str | Path | None = None,
     map_location: str | torch.device = "cpu",
-    **kwargs,
-) -> UNetModel:
-    """UNetModel in eval mode. `weights_path`: a training checkpoint (its `model_config` is
-    used) or a bare state_dict (DDP/compiled prefixes are stripped), loaded with
-    weights_only=True. Without weights, `kwargs` go to `UNetModel` (random init)."""
+    **model_kwargs,
+) -> torch.nn.Module:
+    """UNetModel in eval mode: (B, 3, H, W) float32 -> probabilities (B, 1, H, W) in [0, 1].
+
+    `weights_path`: a training checkpoint (its `model_config` is used) or a bare state_dict
+    (DDP/compiled prefixes are stripped), loaded with weights_only=True. Without weights,
+    `model_kwargs` (`in_channels`, `out_channels`, `base_filters`) go to `UNetModel` (random
+    init). Raises TypeError for model_kwargs together with weights_path (the checkpoint fixes
+    the architecture), RuntimeError for `pretrained=True` without weights (none are published).
+    """
+    modules = repo_modules()
     if weights_path is None:
         if pretrained:
             raise RuntimeError(NO_PRETRAINED)
-        return UNetModel(**kwargs).eval()
-    model, _ = _load(weights_path, map_location)
-    return model.to(map_location)
+        return modules["network"].UNetModel(**model_kwargs).eval()
+    if model_kwargs:
+        raise TypeError(
+            f"unet_segmentation: {', '.join(sorted(model_kwargs))} cannot be combined with weights_path: "
+            "the checkpoint fixes the architecture (pass model arguments only to build an untrained model)"
+        )
+    checkpoint = modules["utils"].load_checkpoint(weights_path, map_location)
+    return modules["predict"].build_model(checkpoint, weights_path).to(map_location)
 
 
 class SegmentationPipeline:
@@ -50,16 +136,17 @@ class SegmentationPipeline:
 
     def __init__(
         self,
-        model: UNetModel,
+        model: torch.nn.Module,
         image_size: int,
-        device: str | torch.device = "cpu",
+        device: torch.device,
         threshold: float = 0.5,
         lcc: bool = True,
         tta: bool = False,
         batch_size: int = 32,
     ):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self._modules = repo_modules()
+        self.device = device
+        self.model = model.to(device).to(memory_format=torch.channels_last).eval()
         self.image_size, self.threshold, self.lcc, self.tta, self.batch_size = (
             image_size,
             threshold,
@@ -70,30 +157,41 @@ class SegmentationPipeline:
 
     def __call__(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """volume (S, H, W, 3) of one patient, all slices in order -> masks uint8 0/1
-        (S, H, W) and probabilities float32 (S, H, W), both on the input grid."""
+        (S, H, W) and probabilities float32 (S, H, W), both on the input grid.
+        Raises ValueError for any other shape."""
+        utils, predict = self._modules["utils"], self._modules["predict"]
         volume = np.asarray(volume)
         if volume.ndim != 4 or volume.shape[-1] != 3:
             raise ValueError(f"expected a volume of shape (slices, H, W, 3), got {volume.shape}")
-        images, _, geometry = preprocess_volume(volume, None, self.image_size, range(len(volume)))
-        probs = predict_volume(self.model, images, self.device, self.batch_size, self.tta, autocast_dtype(self.device))
-        return to_native(probs, geometry, self.threshold, self.lcc)
+        images, _, geometry = utils.preprocess_volume(volume, None, self.image_size, range(len(volume)))
+        amp = predict.autocast_dtype(self.device)
+        probs = predict.predict_volume(self.model, images, self.device, self.batch_size, self.tta, amp)
+        return predict.to_native(probs, geometry, self.threshold, self.lcc)
 
 
 def segmentation_pipeline(
     weights_path: str | Path,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     threshold: float = 0.5,
     lcc: bool = True,
     tta: bool = False,
     image_size: int | None = None,
+    batch_size: int = 32,
 ) -> SegmentationPipeline:
-    """A callable that segments a raw uint8 volume (S, H, W, 3). The image size comes from
-    a training checkpoint; pass `image_size` for a bare state_dict (default 256)."""
-    model, checkpoint = _load(weights_path, "cpu")
+    """A callable that segments one patient's raw volume: (S, H, W, 3) -> masks uint8 0/1
+    (S, H, W) and probabilities float32 (S, H, W) on the input grid, with the preprocessing,
+    batched inference, threshold and 3-D largest component that predict.py uses.
+
+    `device`: None picks cuda:0 when available, else cpu; an unavailable CUDA device raises
+    `utils.UsageError` (a ValueError). The image size comes from a training checkpoint; pass
+    `image_size` for a bare state_dict (default 256).
+    """
+    modules = repo_modules()
+    utils = modules["utils"]
+    device = utils.resolve_device(None if device is None else str(device))
+    checkpoint = utils.load_checkpoint(weights_path, "cpu")
+    model = modules["predict"].build_model(checkpoint, weights_path)
     if image_size is None:
-        image_size = (
-            checkpoint["preprocessing"]["image_size"]
-            if is_training_checkpoint(checkpoint) and "preprocessing" in checkpoint
-            else 256
-        )
-    return SegmentationPipeline(model, int(image_size), device, threshold, lcc, tta)
+        trained = utils.is_training_checkpoint(checkpoint) and "preprocessing" in checkpoint
+        image_size = checkpoint["preprocessing"]["image_size"] if trained else 256
+    return SegmentationPipeline(model, int(image_size), device, threshold, lcc, tta, batch_size)

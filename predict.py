@@ -23,7 +23,15 @@ import tifffile
 import torch
 from tqdm import tqdm
 
-from dataset import DataError, Patient, discover_patients, load_volume, read_volume, select_patients
+from dataset import (
+    DataError,
+    Patient,
+    discover_inputs,
+    load_volume,
+    read_volume,
+    select_patients,
+    write_nifti_mask,
+)
 from network import UNetModel
 from utils import (
     CheckpointError,
@@ -120,7 +128,7 @@ def build_model(checkpoint: dict, source: str | Path = "checkpoint") -> UNetMode
 @dataclass
 class LoadedModel:
     path: Path
-    model: UNetModel
+    model: UNetModel  # or export.OnnxRuntimeModel with --backend onnxruntime
     image_size: int
     split: dict | None
 
@@ -135,6 +143,53 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
         )
     model = build_model(checkpoint, path).to(device).to(memory_format=torch.channels_last)
     return LoadedModel(Path(path), model, int(checkpoint["preprocessing"]["image_size"]), checkpoint.get("split"))
+
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def resolve_backend(name: str | None, device: torch.device) -> str:
+    """--backend: None picks onnxruntime on the CPU (faster there, see bench.py) and torch
+    on CUDA. Raises UsageError for onnxruntime on a non-CPU device (CPU provider only)."""
+    if name is None:
+        return "onnxruntime" if device.type == "cpu" else "torch"
+    if name == "onnxruntime" and device.type != "cpu":
+        raise UsageError(
+            f"--backend onnxruntime runs on the CPU only; pass --device cpu or --backend torch (not {device})"
+        )
+    return name
+
+
+_EXPORTED: dict[tuple, bytes] = {}  # checkpoint (path, size, mtime, ctime) -> checked ONNX bytes
+
+
+def with_onnxruntime(loaded: LoadedModel) -> LoadedModel:
+    """The same checkpoint with its network exported to ONNX (in memory, checked against
+    PyTorch like export.py does) and run by onnxruntime. The export takes seconds, so it is
+    done once per checkpoint file and process (the last 4 are kept)."""
+    from export import OnnxRuntimeModel  # needs onnxruntime, only for this backend
+
+    stat = loaded.path.stat()
+    key = (str(loaded.path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _EXPORTED:
+        _EXPORTED[key] = checked_onnx(loaded)
+        while len(_EXPORTED) > 4:
+            del _EXPORTED[next(iter(_EXPORTED))]
+    return LoadedModel(loaded.path, OnnxRuntimeModel(_EXPORTED[key]), loaded.image_size, loaded.split)
+
+
+def checked_onnx(loaded: LoadedModel) -> bytes:
+    """ONNX bytes of a checkpoint's network. Raises CheckpointError when onnxruntime does
+    not reproduce PyTorch's probabilities within export.TOLERANCE."""
+    from export import TOLERANCE, OnnxRuntimeModel, export_onnx, max_abs_difference
+
+    data = export_onnx(loaded.model, loaded.image_size)
+    difference = max_abs_difference(loaded.model, OnnxRuntimeModel(data), loaded.image_size)
+    if not difference <= TOLERANCE:
+        raise CheckpointError(
+            f"{loaded.path}: onnxruntime differs from PyTorch by {difference:.3g}; use --backend torch"
+        )
+    return data
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -223,7 +278,12 @@ def all_slices(patient: Patient, kept: np.ndarray) -> np.ndarray:
 
 
 def write_masks(patient: Patient, native: np.ndarray, out_dir: Path) -> None:
-    """One uint8 0/255 TIFF per input slice; the dropped first/last slices are empty."""
+    """One uint8 0/255 TIFF per input slice; the dropped first/last slices are empty.
+    A NIfTI patient gets one <patient>_mask.nii.gz (0/1) on its input grid and affine."""
+    if patient.nifti is not None:
+        (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+        write_nifti_mask(patient, all_slices(patient, native), out_dir / "masks" / f"{patient.patient_id}_mask.nii.gz")
+        return
     folder = out_dir / "masks" / patient.patient_id
     folder.mkdir(parents=True, exist_ok=True)
     for item, mask in zip(patient.slices, all_slices(patient, native), strict=True):
@@ -283,7 +343,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=["./checkpoints/best_model.pt"],
         help="one checkpoint, several folds of one cross-validation (pooled), or an ensemble",
     )
-    p.add_argument("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder")
+    p.add_argument(
+        "--data-dir",
+        default="./kaggle_3m",
+        help="kaggle_3m-style folder, and/or NIfTI files <patient>.nii.gz or <patient>_{pre,flair,post}.nii.gz",
+    )
     p.add_argument("--output-dir", default="./predictions", help="masks, overlays, metrics.csv, summary.json")
     p.add_argument("--figure-path", default="./dice_distribution.png", help="per-patient Dice bar chart")
     p.add_argument("--device", default=None, help="cuda:0 when available, else cpu")
@@ -292,6 +356,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["val"],
         help="'val' (the checkpoints' validation split), 'all', or patient ids",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="inference engine (default: onnxruntime on the CPU, torch on CUDA)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
@@ -324,7 +394,7 @@ def predict_patient(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Average the models' probabilities, binarize in model space, map back to native
     space. Returns native masks (S, H, W) bool and native probabilities (S, H, W)."""
-    cache_dir = None if args.no_cache else args.cache_dir
+    cache_dir = None if args.no_cache or patient.nifti else args.cache_dir  # the cache key knows TIFF files only
     sizes = {m.image_size for m in models}
     if len(sizes) != 1:
         raise CheckpointError(f"ensembled checkpoints use different image sizes {sorted(sizes)}")
@@ -373,15 +443,18 @@ def process_patient(
 def run(args: argparse.Namespace) -> dict:
     """Predict, write every output, return the summary."""
     device = resolve_device(args.device)
+    backend = resolve_backend(args.backend, device)
     models = [load_model(path, device) for path in args.model_path]
     folds = are_folds(models)
-    patients = discover_patients(args.data_dir)
+    patients = discover_inputs(args.data_dir)
     wanted = requested_patients(args.patients, models, folds)
     patients = patients if wanted is None else select_patients(patients, wanted)
+    if backend == "onnxruntime":
+        models = [with_onnxruntime(m) for m in models]
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = "folds" if folds else ("ensemble" if len(models) > 1 else "single")
-    print(f"{len(patients)} patient(s), {len(models)} checkpoint(s) ({mode}), device {device}")
+    print(f"{len(patients)} patient(s), {len(models)} checkpoint(s) ({mode}), device {device}, backend {backend}")
 
     rows = []
     start = time.perf_counter()
@@ -397,6 +470,7 @@ def run(args: argparse.Namespace) -> dict:
         "threshold": args.threshold,
         "lcc": not args.no_lcc,
         "tta": args.tta,
+        "backend": backend,
         "space": "native (input TIFF grid), first/last slice of each patient excluded",
         "hd95_units": "pixels (slice spacing counted as 1 pixel)",
         "seconds": round(elapsed, 2),

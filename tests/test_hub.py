@@ -1,5 +1,9 @@
 """torch.hub entry points, loaded the way a notebook user would."""
 
+import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +57,9 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
             return (os.system, ("touch pwned_marker",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
-    from utils import CheckpointError
-
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(Exception, match="refused") as info:  # the hub's private copy of utils.CheckpointError
         hub_load("unet_segmentation", weights_path=str(tmp_path / "evil.pt"))
+    assert type(info.value).__name__ == "CheckpointError"
     assert not (tmp_path / "pwned_marker").exists()
 
 
@@ -83,6 +86,8 @@ def test_pipeline_matches_predict_cli(trained_checkpoint, phantom_dir, tmp_path)
             "0.3",
             "--no-cache",
             "--no-overlays",
+            "--backend",
+            "torch",  # the pipeline's engine: the same code path, so the same masks bit for bit
             "--figure-path",
             str(tmp_path / "d.png"),
         ]
@@ -91,3 +96,126 @@ def test_pipeline_matches_predict_cli(trained_checkpoint, phantom_dir, tmp_path)
     np.testing.assert_array_equal(written > 0, masks > 0)
     with pytest.raises(ValueError, match="slices, H, W, 3"):
         segment(volume[..., 0])
+
+
+# ------------------------------------------------------------------------ isolation
+# Each check runs in a fresh interpreter, as a notebook would, with a module of the
+# caller's own named `utils` on sys.path (and imported) that lacks every name of ours.
+
+CALLER = """
+import json, sys
+import numpy as np
+import torch
+import utils  # the caller's own module
+callers_utils = utils
+
+def load(entry, repo=REPO, **kwargs):
+    return torch.hub.load(repo, entry, source="local", trust_repo=True, **kwargs)
+
+GENERIC = ["utils", "network", "dataset", "predict", "phantom", "train", "augmentations", "losses", "export"]
+before = {name: sys.modules.get(name) for name in GENERIC}
+report = {}
+"""
+
+AFTER = """
+report["unchanged"] = all(sys.modules.get(name) is module for name, module in before.items())
+report["generic_after"] = sorted(name for name in GENERIC if name in sys.modules)
+import utils
+report["callers_utils"] = utils is callers_utils and utils.MINE == "caller"
+print(json.dumps(report))
+"""
+
+
+def run_as_caller(tmp_path: Path, body: str) -> dict:
+    """Run CALLER + body + AFTER in a fresh python whose working folder holds the caller's utils.py."""
+    (tmp_path / "utils.py").write_text('MINE = "caller"\n')
+    script = tmp_path / "notebook.py"
+    script.write_text(f"REPO = {str(ROOT)!r}\n" + CALLER + body + AFTER)
+    done = subprocess.run([sys.executable, script.name], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_hub_leaves_the_callers_modules_alone(trained_checkpoint, phantom_dir, tmp_path):
+    volume, _ = read_volume(discover_patients(phantom_dir)[0])
+    np.save(tmp_path / "volume.npy", volume)
+    report = run_as_caller(
+        tmp_path,
+        f"""
+model = load("unet_segmentation", weights_path={str(trained_checkpoint)!r})
+segment = load("segmentation_pipeline", weights_path={str(trained_checkpoint)!r}, device="cpu")
+masks, probabilities = segment(np.load("volume.npy"))
+again = load("unet_segmentation", weights_path={str(trained_checkpoint)!r})
+report["shape"] = list(masks.shape)
+report["same_class_twice"] = type(again) is type(model)
+report["module"] = type(model).__module__
+report["skimage"] = "skimage" in sys.modules
+""",
+    )
+    assert report["unchanged"] and report["generic_after"] == ["utils"] and report["callers_utils"]
+    assert report["shape"] == list(volume.shape[:3])
+    assert report["same_class_twice"] and report["module"].startswith("_brain_unet_hub_")
+    assert not report["skimage"]  # not a dependency: nothing the entry points run imports it
+
+
+def test_hub_loads_after_another_hub_repo(tmp_path):
+    other = tmp_path / "other_repo"
+    other.mkdir()
+    (other / "utils.py").write_text("def helper():\n    return 'other'\n")
+    (other / "hubconf.py").write_text(
+        "dependencies = []\nfrom utils import helper\n\ndef entry():\n    return helper()\n"
+    )
+    notebook = tmp_path / "notebook"
+    notebook.mkdir()
+    report = run_as_caller(
+        notebook,
+        f"""
+import utils as before_other
+del sys.modules["utils"]  # let the other repo import its own utils, as torch.hub allows
+report["other"] = load("entry", repo={str(other)!r})
+others_utils = sys.modules["utils"]
+model = load("unet_segmentation", base_filters=4)
+report["ours_ok"] = model(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+report["others_kept"] = sys.modules["utils"] is others_utils
+sys.modules["utils"] = before_other
+""",
+    )
+    assert report["other"] == "other" and report["ours_ok"] and report["others_kept"]
+    assert report["unchanged"] and report["callers_utils"]
+
+
+def test_model_kwargs_with_weights_are_refused(trained_checkpoint):
+    with pytest.raises(TypeError, match="base_filters cannot be combined with weights_path"):
+        hub_load("unet_segmentation", weights_path=str(trained_checkpoint), base_filters=8)
+
+
+def test_pipeline_on_missing_cuda_says_so(trained_checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available on this machine") as info:
+        hub_load("segmentation_pipeline", weights_path=str(trained_checkpoint), device="cuda")
+    assert type(info.value).__name__ == "UsageError"
+    segment = hub_load("segmentation_pipeline", weights_path=str(trained_checkpoint))  # device=None: the CPU here
+    assert segment.device == torch.device("cpu")
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Top-level names of the modules that `path` imports outside any function."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_dependencies_are_exactly_what_the_entry_points_import(trained_checkpoint):
+    hub_load("segmentation_pipeline", weights_path=str(trained_checkpoint))
+    loaded = [Path(m.__file__) for name, m in sys.modules.items() if name.startswith("_brain_unet_hub_")]
+    assert {p.stem for p in loaded} >= {"network", "utils", "dataset", "predict"}
+    repo_names = {p.stem for p in ROOT.glob("*.py")}
+    imported = set().union(*(module_level_imports(p) for p in [ROOT / "hubconf.py", *loaded]))
+    third_party = imported - set(sys.stdlib_module_names) - repo_names - {"__future__"}
+    hubconf = ast.parse((ROOT / "hubconf.py").read_text())
+    listed = next(n.value for n in hubconf.body if isinstance(n, ast.Assign) and n.targets[0].id == "dependencies")
+    assert set(ast.literal_eval(listed)) == third_party

@@ -1,0 +1,137 @@
+"""ONNX export of a checkpoint, checked against PyTorch in the same command.
+
+    python export.py --model-path checkpoints/best_model.pt --output model.onnx
+
+The graph takes `images`, preprocessed slices (B, 3, H, W) float32 as utils.preprocess_volume
+makes them (batch, H and W dynamic; H and W multiples of 16), and returns `probabilities`
+(B, 1, H, W) in [0, 1], like `UNetModel.forward`. The checkpoint's image size and model
+configuration are stored in the ONNX metadata (`image_size`, `model_config`). The file is
+written only when onnxruntime reproduces PyTorch's probabilities within --tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+from predict import load_model
+from utils import CheckpointError, UsageError, atomic_write_bytes, ensure_writable_dir
+
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+TOLERANCE = 1e-4  # largest accepted |onnxruntime - torch| probability difference
+
+
+def export_onnx(model: torch.nn.Module, image_size: int, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialized ONNX model of `model` (a CPU fp32 copy), exported with torch.onnx's
+    dynamo exporter with dynamic batch, height and width; `metadata` goes to the model's
+    metadata_props. Raises whatever torch.onnx raises for an unexportable model."""
+    model = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
+    example = torch.zeros(2, 3, image_size, image_size)
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        dynamic_shapes=(dims,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        verbose=False,
+    )
+    proto = program.model_proto
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+class OnnxRuntimeModel:
+    """An ONNX model run by onnxruntime on the CPU, called like a UNetModel:
+    (B, 3, H, W) float tensor -> probabilities (B, 1, H, W) float32 tensor."""
+
+    def __init__(self, onnx_model: bytes | str | Path, threads: int | None = None):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()  # the same cores torch would use
+        source = str(onnx_model) if isinstance(onnx_model, Path) else onnx_model
+        self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+
+    def eval(self) -> OnnxRuntimeModel:
+        return self  # inference only, like a torch model in eval mode
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(images.detach().cpu().float().numpy())
+        (probabilities,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        return torch.from_numpy(probabilities)
+
+
+def max_abs_difference(model: torch.nn.Module, runtime: OnnxRuntimeModel, image_size: int, seed: int = 0) -> float:
+    """Largest |onnxruntime - torch| probability over two random inputs of different batch
+    size and shape, (2, 3, S, S) and (3, 3, S + 16, S + 32): it also proves the dynamic axes."""
+    generator = torch.Generator().manual_seed(seed)
+    model = copy.deepcopy(model).cpu().float().eval()
+    worst = 0.0
+    for shape in ((2, 3, image_size, image_size), (3, 3, image_size + 16, image_size + 32)):
+        images = torch.randn(shape, generator=generator)  # z-scored like preprocessed slices
+        with torch.inference_mode():
+            expected = model(images)
+        worst = max(worst, float((runtime(images) - expected).abs().max()))
+    return worst
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default="./checkpoints/best_model.pt", help="training checkpoint to export")
+    p.add_argument("--output", default="./model.onnx", help="ONNX file to write (default ./model.onnx)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=TOLERANCE,
+        help=f"largest accepted probability difference (default {TOLERANCE:g})",
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> float:
+    """Export, check against PyTorch, write the file; returns the max abs difference."""
+    if not args.tolerance > 0:
+        raise UsageError(f"--tolerance {args.tolerance}: must be > 0")
+    output = Path(args.output)
+    ensure_writable_dir(output.parent, "--output")
+    loaded = load_model(args.model_path, torch.device("cpu"))
+    metadata = {
+        "image_size": str(loaded.image_size),
+        "model_config": json.dumps(loaded.model.config),
+        "source_checkpoint": Path(args.model_path).name,
+        "input": f"{INPUT_NAME}: (batch, 3, H, W) float32 slices preprocessed by utils.preprocess_volume",
+        "output": f"{OUTPUT_NAME}: (batch, 1, H, W) float32 in [0, 1]",
+    }
+    data = export_onnx(loaded.model, loaded.image_size, metadata)
+    difference = max_abs_difference(loaded.model, OnnxRuntimeModel(data), loaded.image_size)
+    print(f"max |onnxruntime - torch| probability difference: {difference:.3g} (bound {args.tolerance:g})")
+    if not difference <= args.tolerance:
+        raise CheckpointError(
+            f"{args.model_path}: onnxruntime differs from PyTorch by {difference:.3g} > --tolerance "
+            f"{args.tolerance:g}; {output} was not written"
+        )
+    atomic_write_bytes(data, output)
+    print(f"wrote {output} ({len(data) / 2**20:.1f} MiB, image size {loaded.image_size}, dynamic batch/H/W)")
+    return difference
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, UsageError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

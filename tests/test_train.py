@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -32,6 +33,9 @@ CHECKPOINT_KEYS = {
 }
 
 
+VAL = {"loss": 0.75, "dice_mean": 0.5, "dice_median": 0.625}
+
+
 def losses(result):
     return [h["train_loss"] for h in result["history"]]
 
@@ -47,6 +51,8 @@ def losses(result):
         (["--val-patients", "50"], "--val-patients 50"),
         (["--lr", "-1"], "--lr"),
         (["--sync-bn"], "--sync-bn"),
+        (["--image-size", "16", "--batch-size", "1"], "--image-size 16 --batch-size 1: the U-Net's bottleneck"),
+        (["--overwrite", "--resume", "auto"], "--overwrite starts a new run"),
     ],
 )
 def test_invalid_arguments_rejected(flags, message, phantom_dir, tmp_path, capsys):
@@ -94,6 +100,23 @@ def test_help_lists_every_flag_with_default(capsys):
     ]:
         assert flag in text
     assert "(default: 100)" in text and "(default: 0.0001)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_help_keeps_docstring_lines_and_epoch_line_fits(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "python train.py --demo" in [line.split("  #")[0].strip() for line in lines]
+    wide = train.epoch_line(
+        1000, 1000, {"loss": 0.1, "seconds": 86399.9, "slices_per_s": 123456.7}, VAL, 1.234e-4, 9999.9
+    )
+    assert len(wide + "  *best*") <= 100 and len(train.EPOCH_HEADER) <= 100
+    header, row = (
+        train.EPOCH_HEADER,
+        train.epoch_line(3, 30, {"loss": 0.25, "seconds": 1, "slices_per_s": 9}, VAL, 1e-3, 1),
+    )
+    assert header.index("Dice mean") + len("Dice mean") == row.index("0.5000") + len("0.5000")  # columns line up
 
 
 def test_demo_sets_defaults_but_flags_win():
@@ -127,17 +150,134 @@ def test_same_seed_same_losses_and_placements_agree(phantom_dir, tmp_path):
     assert losses(a) != losses(c)
 
 
-def test_resume_matches_uninterrupted_run(phantom_dir, tmp_path):
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_resume_matches_uninterrupted_run(phantom_dir, tmp_path, capsys):
     common = ["--epochs", "3", "--steps-per-epoch", "2"]
     full = train.main(tiny_train_args(phantom_dir, tmp_path / "full", *common))
     train.main(tiny_train_args(phantom_dir, tmp_path / "split", *common, "--stop-after-epoch", "1"))
     assert torch.load(tmp_path / "split" / "ckpt" / "last.pt", weights_only=True)["epoch"] == 1
-    resumed = train.main(tiny_train_args(phantom_dir, tmp_path / "split", *common, "--resume", "auto"))
+    # the closing message gives the exact command that continues the run: run it
+    out = capsys.readouterr().out
+    command = shlex.split(out.split("continue with:")[1].strip())
+    assert command[:2] == ["python", "train.py"] and "--stop-after-epoch" not in command
+    resumed = train.main(command[2:])
+    assert command[-2:] == ["--resume", "auto"]
     assert losses(resumed) == losses(full)[1:]
     final_full = torch.load(tmp_path / "full" / "ckpt" / "last.pt", weights_only=True)["model"]
     final_resumed = torch.load(tmp_path / "split" / "ckpt" / "last.pt", weights_only=True)["model"]
     for key in final_full:
         assert torch.equal(final_full[key], final_resumed[key]), key
+    # the resumed run continues its own TensorBoard sub-folder: one point per epoch
+    (run_dir,) = (tmp_path / "split" / "tb").iterdir()
+    assert scalar_steps(run_dir, "val/dice_mean") == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_run_defining_flag(phantom_dir, tmp_path):
+    first = tiny_train_args(
+        phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1", "--folds", "2", "--fold", "0"
+    )
+    train.main([*first, "--stop-after-epoch", "1"])
+    saved = (tmp_path / "ckpt" / "last.pt").read_bytes()
+    changes = [
+        (["--fold", "1"], "--fold 0", "--fold 1"),
+        (["--epochs", "5"], "--epochs 2", "--epochs 5"),
+        (["--lr", "0.001"], "--lr 0.0001", "--lr 0.001"),
+        (["--loss", "dice+bce"], "--loss dice", "--loss dice+bce"),
+        (["--batch-size", "4"], "--batch-size 8", "--batch-size 4"),
+        (["--seed", "1"], "--seed 42", "--seed 1"),
+        (["--amp", "bf16"], "--amp auto", "--amp bf16"),
+        (["--aug-angle", "5"], "--aug-angle 15.0", "--aug-angle 5.0"),
+        (["--steps-per-epoch", "3"], "--steps-per-epoch 1", "--steps-per-epoch 3"),
+        (["--image-size", "64"], "--image-size 32", "--image-size 64"),
+    ]
+    for change, was, asked in changes:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*first, *change, "--resume", "auto"])
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and f"trained with {was}, this run asks for {asked};" in message
+    without_folds = tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1")
+    with pytest.raises(SystemExit, match="trained with --folds 2, this run asks for no --folds"):
+        train.main([*without_folds, "--resume", "auto"])
+    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == saved
+    # flags that only say how to run may change
+    how = ["--num-workers", "1", "--log-interval", "1", "--data-placement", "stream", "--no-cache", "--deterministic"]
+    result = train.main([*first, *how, "--resume", "auto"])
+    assert [h["epoch"] for h in result["history"]] == [2]
+
+
+def test_run_defining_flags_are_flags():
+    dests = {action.dest for action in train.get_args_parser()._actions}
+    assert set(train.RUN_DEFINING_FLAGS) - {"world_size"} <= dests
+    required = {"epochs", "lr", "batch_size", "seed", "folds", "fold", "val_patients", "image_size"}
+    required |= {"base_filters", "aug_scale", "aug_angle", "amp", "loss", "steps_per_epoch"}
+    assert required <= set(train.RUN_DEFINING_FLAGS)
+    how_to_run = {"device", "num_workers", "log_interval", "stop_after_epoch", "data_placement", "cache_dir"}
+    assert not (how_to_run | {"compile", "deterministic"}) & set(train.RUN_DEFINING_FLAGS)
+
+
+def test_new_run_never_clobbers_an_earlier_one(phantom_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "umask", os.umask)  # restored below
+    previous = os.umask(0o027)
+    try:
+        args = tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "1")
+        train.main(args)
+        folder = tmp_path / "ckpt"
+        for name in ["last.pt", "best_model.pt", "args.json"]:
+            assert (folder / name).stat().st_mode & 0o777 == 0o640, name  # the umask's, not mkstemp's 0600
+        before = (folder / "last.pt").read_bytes()
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(args)
+        assert str(exit_info.value.code) == (
+            f"error: --checkpoint-dir {folder} already holds last.pt and best_model.pt of an earlier run: "
+            "continue it with --resume auto, or pass --overwrite to start a new run there (deletes them)"
+        )
+        assert (folder / "last.pt").read_bytes() == before
+        train.main([*args, "--seed", "3", "--overwrite"])
+        after = torch.load(folder / "last.pt", weights_only=True)
+        assert after["args"]["seed"] == 3 and after["epoch"] == 1
+    finally:
+        os.umask(previous)
+    runs = sorted((tmp_path / "tb").iterdir())
+    assert len(runs) == 2 and [scalar_steps(run, "train/loss") for run in runs] == [[1], [1]]
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--log-dir", "--cache-dir"])
+@pytest.mark.parametrize("below", [False, True])
+def test_unusable_output_folder_refused_before_preprocessing(phantom_dir, tmp_path, monkeypatch, flag, below):
+    def no_preprocessing(*args, **kwargs):
+        raise AssertionError("preprocessing started")
+
+    monkeypatch.setattr(train, "load_volumes", no_preprocessing)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    target = blocker / "sub" if below else blocker
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*tiny_train_args(phantom_dir, tmp_path, "--epochs", "1"), flag, str(target)])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: {flag} {target}: ") and "\n" not in message
+
+
+def test_deterministic_flag_is_set_during_the_run_and_restored(phantom_dir, tmp_path, monkeypatch):
+    seen = []
+    original = train.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", spy)
+    common = ["--epochs", "1", "--steps-per-epoch", "2", "--deterministic", "--no-cache"]
+    a = train.main(tiny_train_args(phantom_dir, tmp_path / "a", *common))
+    b = train.main(tiny_train_args(phantom_dir, tmp_path / "b", *common))
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+    assert losses(a) == losses(b)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(phantom_dir, tmp_path, monkeypatch):
@@ -146,10 +286,10 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(phantom_dir, tmp_path, m
     before = (tmp_path / "ckpt" / "last.pt").read_bytes()
 
     class NaNLoss(torch.nn.Module):
-        def forward(self, probabilities, target):
-            return probabilities.float().mean() * float("nan")
+        def forward(self, logits, target):
+            return logits.float().mean() * float("nan")
 
-    monkeypatch.setattr(train, "SoftDiceLoss", NaNLoss)
+    monkeypatch.setattr(train, "build_loss", lambda name, from_logits: NaNLoss())
     with pytest.raises(SystemExit) as exit_info:
         train.main([*args, "--resume", "auto"])
     assert "nan" in str(exit_info.value.code).lower()
@@ -182,7 +322,8 @@ def test_tensorboard_scalars_and_overlays(phantom_dir, tmp_path):
             "3",
         )
     )
-    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    (run_dir,) = (tmp_path / "tb").iterdir()  # one sub-folder per run
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
     for tag in [

@@ -1,0 +1,46 @@
+"""train.py under torchrun with test probes (not a test module): records, per rank, the
+size of every volume it validates (PROBE_DIR/rank<r>.txt), and with PROBE_NAN_RANK=r makes
+the training loss of rank r NaN from its second step on."""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+
+RANK = int(os.environ.get("RANK", "0"))
+predict_volume, build_loss = train.predict_volume, train.build_loss
+
+
+def recording_predict_volume(model, images, *args, **kwargs):
+    with open(Path(os.environ["PROBE_DIR"]) / f"rank{RANK}.txt", "a") as log:
+        log.write(f"{len(images)}\n")
+    return predict_volume(model, images, *args, **kwargs)
+
+
+class NaNAfterFirstStep(torch.nn.Module):
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss, self.calls = loss, 0
+
+    def forward(self, logits, target):
+        self.calls += 1
+        value = self.loss(logits, target)
+        return value * float("nan") if self.calls >= 2 else value
+
+
+def probed_build_loss(name, from_logits):
+    loss = build_loss(name, from_logits)
+    if from_logits and os.environ.get("PROBE_NAN_RANK") == str(RANK):
+        return NaNAfterFirstStep(loss)
+    return loss
+
+
+train.predict_volume, train.build_loss = recording_predict_volume, probed_build_loss
+
+if __name__ == "__main__":
+    train.main()

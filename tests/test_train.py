@@ -376,23 +376,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_on_cpu(phantom_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "train.py",
-        *tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "2", "--vis-frequency", "1"),
-    ]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def run_ddp(args: list[str], probe_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    """tests/ddp_probe.py (train.py plus probes) in two gloo processes on the CPU."""
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe_dir), **env}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    command += ["tests/ddp_probe.py", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from predict import build_model
+
+    args = tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "3", "--vis-frequency", "1")
+    result = run_ddp(args, tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
-    assert checkpoint["epoch"] == 2
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["world_size"] == 2
     assert not [k for k in checkpoint["model"] if k.startswith("module.")]
-    assert result.stdout.count("epoch   2/2") == 1, "only rank 0 prints the epoch summary"
+    assert sum(line.startswith("2/2 ") for line in result.stdout.splitlines()) == 1, "rank 0 alone prints"
+
+    # each validation patient is validated by exactly one rank, and both ranks share the work
+    volumes = load_volumes(select_patients(discover_patients(phantom_dir), checkpoint["split"]["val"]), 32, None)
+    per_rank = [[int(n) for n in (tmp_path / "probe" / f"rank{r}.txt").read_text().split()] for r in (0, 1)]
+    assert all(per_rank) and sorted(per_rank[0] + per_rank[1]) == sorted(2 * [len(v.images) for v in volumes])
+
+    # every rank validated with the BatchNorm statistics that rank 0 saved
+    for rank in (0, 1):
+        buffers = torch.load(tmp_path / "probe" / f"buffers{rank}.pt", weights_only=True)
+        assert buffers and all(torch.equal(value, checkpoint["model"][name]) for name, value in buffers.items())
+    # the logged validation is that of the saved model, evaluated here in one process
+    model = build_model(checkpoint)
+    expected = train.evaluate(model, volumes, train.Runtime(torch.device("cpu")), 16)
+    (run_dir,) = (tmp_path / "tb").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    logged = {tag: events.Scalars(tag)[-1] for tag in ["val/loss", "val/dice_mean"]}
+    assert logged["val/loss"].step == 2
+    assert logged["val/loss"].value == pytest.approx(expected["loss"], rel=1e-6)
+    assert logged["val/dice_mean"].value == pytest.approx(expected["dice_mean"], rel=1e-6)
+
+
+def test_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(phantom_dir, tmp_path):
+    args = tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "3", "--log-interval", "1")
+    result = run_ddp(args, tmp_path / "probe", PROBE_NAN_RANK="1")
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    assert sorted(lines) == [
+        "error: rank 1: the training loss became nan at epoch 1, step 2",
+        "error: the training loss became nan at epoch 1, step 2",
+    ]
+    assert not (tmp_path / "ckpt" / "last.pt").exists()
 
 
 def test_resume_with_other_width_is_refused(phantom_dir, tmp_path):

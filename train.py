@@ -930,6 +930,12 @@ def continue_command(argv: list[str], world_size: int) -> str:
     return shlex.join([*launcher, "train.py", *kept, "--resume", "auto"])
 
 
+def exit_now(message: str) -> None:
+    """Print before leaving the process group: once one rank exits, torchrun stops the others."""
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -944,10 +950,12 @@ def main(argv: list[str] | None = None) -> dict:
     except FollowRankZero:
         sys.exit(1)
     except (DataError, CheckpointError, UsageError, TrainingDiverged) as error:
-        sys.exit(f"error: {error}" if runtime.is_main else f"error: rank {runtime.rank}: {error}")
+        if runtime.is_main:
+            sys.exit(f"error: {error}")
+        exit_now(f"error: rank {runtime.rank}: {error}")
     except dist.DistError as error:  # another rank failed and left: it printed its own error
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        sys.exit(f"error: rank {runtime.rank}: stopped, another process failed ({first})")
+        exit_now(f"error: rank {runtime.rank}: stopped, another process failed ({first})")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

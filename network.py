@@ -41,7 +41,7 @@ class Up(nn.Module):
 
 
 class UNetModel(nn.Module):
-    """U-Net with four down/up levels; returns per-pixel probabilities (sigmoid)."""
+    """U-Net with four down/up levels; returns per-pixel probabilities (sigmoid), or logits."""
 
     DEPTH = 4  # input height and width must be divisible by 2**DEPTH
 
@@ -56,7 +56,15 @@ class UNetModel(nn.Module):
         self.up2, self.up1 = Up(4 * f, 2 * f), Up(2 * f, f)
         self.head = nn.Conv2d(f, out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_logits: bool = False) -> torch.Tensor:
+        """x: (B, in_channels, H, W), H and W divisible by 16.
+
+        Returns float32 probabilities in [0, 1] of shape (B, out_channels, H, W): the sigmoid
+        runs in float32 even under autocast. With `return_logits=True` it returns the logits
+        (in the autocast dtype, if any) for a loss that applies the sigmoid itself in float32
+        (`SoftDiceLoss(from_logits=True)`): in bf16, sigmoid(x) rounds to exactly 1.0 above
+        x ~ 6.2, which would make the gradient of a confident false positive exactly 0.
+        """
         height, width = x.shape[-2:]
         multiple = 2**self.DEPTH
         if height % multiple or width % multiple:
@@ -73,7 +81,10 @@ class UNetModel(nn.Module):
         x = self.up3(x, x3)
         x = self.up2(x, x2)
         x = self.up1(x, x1)  # -> (B, f, H, W)
-        return torch.sigmoid(self.head(x))  # -> (B, out_channels, H, W), in [0, 1]
+        logits = self.head(x)  # -> (B, out_channels, H, W)
+        if return_logits:
+            return logits
+        return torch.sigmoid(logits.float())  # in [0, 1], float32
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -10,12 +10,14 @@ import numpy as np
 class TBLogger:
     """Scalars and images to TensorBoard from rank 0 only; every call is a no-op elsewhere."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool = True):
+    def __init__(self, log_dir: str | Path, enabled: bool = True, purge_step: int | None = None):
+        """`purge_step`: when continuing a run's folder, TensorBoard hides the points it
+        logged at steps >= purge_step (epochs that a resumed run trains again)."""
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:

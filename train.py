@@ -3,20 +3,27 @@
 python train.py --data-dir kaggle_3m                 # one GPU (or the CPU)
 torchrun --nproc_per_node=4 train.py --data-dir ...  # DistributedDataParallel
 python train.py --demo                               # phantom data, about 3 min on a CPU
+
+Writes best_model.pt, last.pt and args.json to --checkpoint-dir and TensorBoard curves to
+a sub-folder of --log-dir per run (<date>-<time>-<checkpoint folder name>). A folder that
+already holds a run is continued with --resume auto or replaced with --overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +36,7 @@ from augmentations import BatchAugmentation
 from dataset import (
     DataError,
     MRISegmentationDataset,
+    Patient,
     Volume,
     discover_patients,
     load_volumes,
@@ -37,7 +45,7 @@ from dataset import (
     preprocessing_config,
     select_patients,
 )
-from losses import SoftDiceLoss
+from losses import LOSSES, build_loss
 from network import UNetModel, count_parameters
 from predict import binarize, predict_volume
 from tb_logger import TBLogger
@@ -47,6 +55,7 @@ from utils import (
     UsageError,
     atomic_write_bytes,
     dice_score,
+    ensure_writable_dir,
     load_checkpoint,
     overlay,
     resolve_device,
@@ -69,12 +78,52 @@ DEMO_DEFAULTS = {
 }
 DEMO_PATIENTS = 20
 
+# The resume contract: the flags that define a run. `--resume` refuses a change of any of
+# them, naming the flag with the saved and the given value; every other flag says only how
+# to run (device, workers, logging, data placement, cache, compile, determinism) and may
+# change. A new run-defining flag is one more line here. `world_size` is the number of
+# processes (torchrun --nproc_per_node), recorded with the flags in the checkpoint's `args`.
+RUN_DEFINING_FLAGS = (
+    "epochs",
+    "lr",
+    "batch_size",
+    "seed",
+    "folds",
+    "fold",
+    "val_patients",
+    "image_size",
+    "base_filters",
+    "aug_scale",
+    "aug_angle",
+    "amp",
+    "loss",
+    "steps_per_epoch",
+    "sync_bn",
+    "no_lcc",
+    "world_size",
+)
+CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
+
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite."""
 
 
+class FollowRankZero(Exception):
+    """Rank 0 reported an error (and printed it); this rank only stops."""
+
+
 # -------------------------------------------------------------------------- arguments
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks; shows "(default: X)" only for a real value X
+    (a None or False default is described in the help text itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def demo_flags() -> str:
@@ -82,58 +131,78 @@ def demo_flags() -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder of patient sub-folders")
-    p.add_argument("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json")
-    p.add_argument("--log-dir", default="./tb_logs", help="TensorBoard event files")
-    p.add_argument("--epochs", type=int, default=100, help="number of epochs")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per step (per process under torchrun)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
-    p.add_argument("--image-size", type=int, default=256, help="preprocessed slice size, divisible by 16")
-    p.add_argument("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
-    p.add_argument("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
-    p.add_argument("--device", default=None, help="default: cuda:0 when CUDA is available, else cpu")
-    p.add_argument("--num-workers", type=int, default=4, help="preprocessing threads and loader workers")
-    p.add_argument("--vis-frequency", type=int, default=10, help="validation overlays every N epochs (0: never)")
-    p.add_argument("--n-vis-images", type=int, default=200, help="at most this many overlays each time")
-    p.add_argument("--val-patients", type=int, default=10, help="patients held out for validation")
-    p.add_argument("--seed", type=int, default=42, help="seed for split, sampling, augmentation, init")
-    p.add_argument("--folds", type=int, default=None, help="K-fold cross-validation: number of folds")
-    p.add_argument("--fold", type=int, default=None, help="which fold (0..K-1) is the validation set")
-    p.add_argument("--base-filters", type=int, default=32, help="U-Net width (32: 7.8 M parameters)")
-    p.add_argument("--cache-dir", default="./cache", help="preprocessing cache")
-    p.add_argument("--no-cache", action="store_true", help="preprocess in memory, write no cache")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
-    p.add_argument(
+    """The CLI. Each flag lands in the help group that RUN_DEFINING_FLAGS gives it."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    groups = (
+        parser.add_argument_group("flags that define the run (--resume refuses a change)"),
+        parser.add_argument_group("flags that say how to run (may change on --resume)"),
+    )
+
+    def add(flag: str, **kwargs: Any) -> None:
+        groups[flag[2:].replace("-", "_") not in RUN_DEFINING_FLAGS].add_argument(flag, **kwargs)
+
+    add("--epochs", type=int, default=100, help="number of epochs")
+    add("--batch-size", type=int, default=16, help="slices per step (per process under torchrun)")
+    add("--lr", type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
+    add("--image-size", type=int, default=256, help="preprocessed slice size, divisible by 16")
+    add("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
+    add("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
+    add("--loss", choices=LOSSES, default="dice", help="soft Dice, or soft Dice + BCE (1:1)")
+    add("--val-patients", type=int, default=10, help="patients held out for validation")
+    add("--seed", type=int, default=42, help="seed for split, sampling, augmentation, init")
+    add("--folds", type=int, default=None, help="K-fold cross-validation: number of folds (default: none)")
+    add("--fold", type=int, default=None, help="which fold (0..K-1) is the validation set")
+    add("--base-filters", type=int, default=32, help="U-Net width (32: 7.8 M parameters)")
+    add("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
+    add(
         "--amp",
         choices=["auto", "fp16", "bf16", "off"],
         default="auto",
         help="mixed precision; auto = bf16 on GPUs that support it, else fp16; off on CPU",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", default=None, help="'auto' (last.pt in --checkpoint-dir, if any) or a path")
-    p.add_argument("--no-lcc", action="store_true", help="validation without the largest-component step")
-    p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm across processes")
-    p.add_argument(
+    add("--no-lcc", action="store_true", help="validation without the largest-component step")
+    add("--sync-bn", action="store_true", help="synchronise BatchNorm across processes (CUDA)")
+    add_runtime_flags(add)
+    return parser
+
+
+def add_runtime_flags(add: Callable[..., None]) -> None:
+    """Flags that say where and how to run: they may change when a run is resumed."""
+    add("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder of patient sub-folders")
+    add("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json")
+    add("--log-dir", default="./tb_logs", help="TensorBoard: one sub-folder per run")
+    add("--cache-dir", default="./cache", help="preprocessing cache")
+    add("--no-cache", action="store_true", help="preprocess in memory, write no cache")
+    add("--device", default=None, help="default: cuda:0 when CUDA is available, else cpu")
+    add("--num-workers", type=int, default=4, help="preprocessing threads and loader workers")
+    add("--vis-frequency", type=int, default=10, help="validation overlays every N epochs (0: never)")
+    add("--n-vis-images", type=int, default=200, help="at most this many overlays each time")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms, cudnn.benchmark off: two GPU runs with the same seed match",
+    )
+    add(
         "--data-placement",
         choices=["auto", "device", "stream"],
         default="auto",
         help="device: keep the training set on the training device; stream: DataLoader from "
         "the cache; auto: device if it fits in GPU memory (always on CPU)",
     )
-    p.add_argument("--log-interval", type=int, default=20, help="steps between progress-bar loss updates")
-    p.add_argument(
-        "--stop-after-epoch",
-        type=int,
-        default=None,
-        help="exit after this epoch (split a run over jobs; continue with --resume auto)",
+    add("--log-interval", type=int, default=20, help="steps between progress-bar loss updates")
+    add("--resume", default=None, help="'auto' (last.pt in --checkpoint-dir, if any) or a checkpoint path")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a --checkpoint-dir that holds one (deletes its last.pt and best_model.pt)",
     )
-    p.add_argument(
+    add("--stop-after-epoch", type=int, default=None, help="exit after this epoch, to split a run over jobs")
+    add(
         "--demo",
         action="store_true",
         help=f"write a phantom to ./demo_3m if absent and train a small model on it (sets {demo_flags()} unless given)",
     )
-    return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -153,6 +222,11 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
     if args.image_size % 16:
         raise UsageError(f"--image-size {args.image_size}: must be divisible by 16 (the U-Net pools 4 times)")
+    if args.image_size == 16 and args.batch_size == 1:
+        raise UsageError(
+            "--image-size 16 --batch-size 1: the U-Net's bottleneck is then 1x1 and BatchNorm needs more "
+            "than one value per channel in training; use --batch-size 2 or more, or a larger --image-size"
+        )
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr}: must be positive")
     if not 0 <= args.aug_scale < 1 or args.aug_angle < 0:
@@ -167,6 +241,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--fold {args.fold}: must be in 0..{args.folds - 1}")
     if args.stop_after_epoch is not None and args.stop_after_epoch <= 0:
         raise UsageError("--stop-after-epoch must be positive")
+    if args.overwrite and args.resume is not None:
+        raise UsageError(f"--overwrite starts a new run and --resume {args.resume} continues one: pass only one")
 
 
 # ---------------------------------------------------------------------- distributed
@@ -189,26 +265,67 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def amp_name(self) -> str:
+        return {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.amp_dtype]
+
 
 def setup_runtime(args: argparse.Namespace) -> Runtime:
     """Device and process group (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(args.device)
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn: SyncBatchNorm works only on CUDA devices")
     if world_size > 1:
         if device.type == "cuda":
             device = resolve_device(f"cuda:{local_rank}")
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn: SyncBatchNorm works only on CUDA devices")
     amp = args.amp
     if amp == "auto":
         amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     return Runtime(device, rank, world_size, amp_dtype)
+
+
+@contextlib.contextmanager
+def determinism(enabled: bool, device: torch.device) -> Iterator[None]:
+    """--deterministic: deterministic algorithms (an op without one raises), cuDNN's
+    deterministic kernels and no cudnn.benchmark autotuning. Without it, cudnn.benchmark is
+    on for CUDA. The previous process-wide settings come back on exit (tests run in-process)."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    before += (torch.backends.cudnn.deterministic,)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not enabled
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
+
+
+def on_rank_zero(runtime: Runtime, work: Callable[[], Any]) -> Any:
+    """Run `work` on rank 0 only and hand its result to every rank, so that all ranks follow
+    one decision. An error it raises is re-raised on rank 0 and stops the others quietly."""
+    outcome: list[Any] = [None, None]
+    if runtime.is_main:
+        try:
+            outcome[0] = work()
+        except (UsageError, CheckpointError, DataError) as error:
+            if not runtime.distributed:
+                raise
+            outcome[1] = error
+    if runtime.distributed:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        if runtime.is_main:
+            raise outcome[1]
+        raise FollowRankZero()
+    return outcome[0]
 
 
 def stream_seed(*parts: int) -> int:
@@ -281,6 +398,15 @@ def training_data(dataset: MRISegmentationDataset, runtime: Runtime, placement: 
 # ------------------------------------------------------------------------- train / eval
 
 
+def mean_over_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """The mean of a tensor over all processes (a copy); NaN or inf on any rank reaches all."""
+    value = value.detach().clone()
+    if runtime.distributed:
+        dist.all_reduce(value)
+        value /= runtime.world_size
+    return value
+
+
 def train_one_epoch(
     model: nn.Module,
     data,
@@ -296,49 +422,47 @@ def train_one_epoch(
     log_interval: int,
     progress: bool = True,
 ) -> dict[str, float]:
-    """One epoch of `steps` weighted-sampled batches. Returns loss, slices/s and seconds."""
+    """One epoch of `steps` weighted-sampled batches. `criterion` takes the model's logits
+    (e.g. `SoftDiceLoss(from_logits=True)`): the sigmoid then runs in float32 even under
+    autocast. Every `log_interval` steps (and at the last) the loss is averaged over all
+    ranks, so a non-finite loss on any rank stops every rank at the same step.
+    Returns the loss (mean over steps and ranks), slices/s and seconds."""
     model.train()
-    device = runtime.device
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=runtime.device)
+    mean_loss = 0.0
     start = time.perf_counter()
-    bar = tqdm(
-        total=steps,
-        desc=f"epoch {epoch}",
-        unit="step",
-        disable=not (progress and runtime.is_main),
-        leave=False,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not (progress and runtime.is_main), leave=False)
     for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator), start=1):
         images, masks = augment(images, masks)  # on the device, whole batch at once
         images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            device.type, dtype=runtime.amp_dtype or torch.float32, enabled=runtime.amp_dtype is not None
-        ):
-            probabilities = model(images)  # (B, 3, H, W) -> (B, 1, H, W)
-        loss = criterion(probabilities, masks)
+        device_type, amp_dtype = runtime.device.type, runtime.amp_dtype
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images, return_logits=True)  # (B, 3, H, W) -> (B, 1, H, W)
+        loss = criterion(logits, masks)  # float32, sigmoid inside
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         loss_sum += loss.detach()
         if step % log_interval == 0 or step == steps:
-            mean_loss = loss_sum.item() / step  # the only host sync, at the logging interval
+            mean_loss = mean_over_ranks(loss_sum, runtime).item() / step  # the only host sync
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(f"the training loss became {mean_loss} at epoch {epoch}, step {step}")
             rate = step * batch_size * runtime.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{mean_loss:.4f}", slices_per_s=f"{rate:.1f}")
         bar.update(1)
     bar.close()
-    if runtime.distributed:
-        dist.all_reduce(loss_sum)
-        loss_sum /= runtime.world_size
     seconds = time.perf_counter() - start
-    return {
-        "loss": loss_sum.item() / steps,
-        "slices_per_s": steps * batch_size * runtime.world_size / seconds,
-        "seconds": seconds,
-    }
+    return {"loss": mean_loss, "slices_per_s": steps * batch_size * runtime.world_size / seconds, "seconds": seconds}
+
+
+def sync_buffers(model: nn.Module, runtime: Runtime) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP broadcasts them
+    only at the start of a training forward pass, after which each rank's batches move its
+    own copy; validating without this would score a different model on each rank."""
+    if runtime.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def evaluate(
@@ -348,16 +472,19 @@ def evaluate(
     batch_size: int,
     lcc: bool = True,
     keep_predictions: bool = False,
+    criterion: nn.Module | None = None,
 ) -> dict:
-    """Per-patient validation with the shared volume inference: soft-Dice loss over slices,
-    Dice of each whole volume (threshold 0.5, 3-D LCC) in preprocessed space; mean and
-    median over patients. Patients are shared out across ranks and gathered."""
-    criterion = SoftDiceLoss()
+    """Per-patient validation with the shared volume inference (float32 probabilities):
+    the loss (`criterion` on probabilities, default soft Dice) averaged over slices, Dice of
+    each whole volume (threshold 0.5, 3-D LCC) in preprocessed space; mean and median over
+    patients. Each rank validates every world_size-th patient; results are gathered. Under
+    DDP call `sync_buffers` first, so that every rank scores the same model."""
+    criterion = criterion or build_loss("dice", from_logits=False)
     local = []
     for volume in volumes[runtime.rank :: runtime.world_size]:
         probs = predict_volume(model, volume.images, runtime.device, batch_size, amp_dtype=runtime.amp_dtype)
         truth = np.array(volume.masks)  # a writable copy of the memory map
-        loss = criterion(torch.from_numpy(probs)[:, None], torch.from_numpy(truth)[:, None]).item()
+        loss = criterion(torch.from_numpy(probs)[:, None], torch.from_numpy(truth)[:, None].float()).item()
         prediction = binarize(probs, 0.5, lcc)
         local.append(
             {
@@ -416,31 +543,38 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_checkpoint(
-    raw_model: UNetModel,
-    optimizer,
-    scheduler,
-    scaler,
-    split: dict,
-    epoch: int,
-    best_dice: float,
-    args: argparse.Namespace,
-) -> dict:
-    """The checkpoint contract of DESIGN.md: weights of the unwrapped model plus everything to resume."""
-    return {
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": raw_model.state_dict(),
-        "model_config": dict(raw_model.config),
-        "preprocessing": preprocessing_config(args.image_size),
-        "split": split,
-        "epoch": epoch,
-        "best_dice": best_dice,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng_state(),
-        "args": vars(args),
-    }
+def run_config(args: argparse.Namespace, runtime: Runtime) -> dict:
+    """The run's configuration as saved in checkpoints and args.json: every flag, plus the
+    number of processes."""
+    return {**vars(args), "world_size": runtime.world_size}
+
+
+def flag_text(name: str, value: Any) -> str:
+    """How a configuration entry reads on a command line: `--epochs 5`, `--sync-bn`, `no --folds`."""
+    if name == "world_size":
+        return f"{value} process(es) (torchrun --nproc_per_node)"
+    flag = f"--{name.replace('_', '-')}"
+    if value is True:
+        return flag
+    if value is None or value is False:
+        return f"no {flag}"
+    return f"{flag} {value}"
+
+
+def check_resume_contract(checkpoint: dict, path: Path, config: dict) -> None:
+    """Refuse to resume with a change of any flag in RUN_DEFINING_FLAGS. A flag missing from
+    an older checkpoint counts as its default value."""
+    if not {"model", "model_config", "preprocessing", "optimizer", "epoch", "args"} <= set(checkpoint):
+        raise CheckpointError(f"{path}: not a training checkpoint of this project; cannot resume from it")
+    defaults = {**vars(get_args_parser().parse_args([])), "world_size": 1}
+    saved_config = checkpoint["args"]
+    for name in RUN_DEFINING_FLAGS:
+        saved, given = saved_config.get(name, defaults[name]), config[name]
+        if saved != given:
+            raise CheckpointError(
+                f"{path} was trained with {flag_text(name, saved)}, this run asks for {flag_text(name, given)}; "
+                f"resume with {flag_text(name, saved)}, or start a new run (another --checkpoint-dir, or --overwrite)"
+            )
 
 
 def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
@@ -455,46 +589,91 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
     return path
 
 
-def check_resume_compatible(checkpoint: dict, path: Path, args: argparse.Namespace) -> None:
-    """A resumed run must keep the model width and the preprocessing of the checkpoint."""
-    if not {"model", "model_config", "preprocessing", "optimizer", "epoch"} <= set(checkpoint):
-        raise CheckpointError(f"{path}: not a training checkpoint of this project; cannot resume from it")
-    saved = {
-        "--base-filters": checkpoint["model_config"]["base_filters"],
-        "--image-size": checkpoint["preprocessing"]["image_size"],
+def check_no_clobber(args: argparse.Namespace, resume_path: Path | None) -> None:
+    """A new run never silently replaces the checkpoints of an earlier one."""
+    folder = Path(args.checkpoint_dir)
+    existing = [name for name in CHECKPOINT_NAMES if (folder / name).is_file()]
+    continues_it = resume_path is not None and resume_path.resolve().parent == folder.resolve()
+    if not existing or args.overwrite or continues_it:
+        return
+    how = "--resume auto" if "last.pt" in existing else f"--resume {folder / existing[0]}"
+    raise UsageError(
+        f"--checkpoint-dir {folder} already holds {' and '.join(existing)} of an earlier run: continue it "
+        f"with {how}, or pass --overwrite to start a new run there (deletes them)"
+    )
+
+
+def make_checkpoint(
+    raw_model: UNetModel,
+    optimizer,
+    scheduler,
+    scaler,
+    split: dict,
+    epoch: int,
+    best_dice: float,
+    config: dict,
+    log_run: str,
+) -> dict:
+    """The checkpoint contract of DESIGN.md: weights of the unwrapped model plus everything
+    to resume; `log_run` is the run's TensorBoard sub-folder, which a resumed run continues."""
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model": raw_model.state_dict(),
+        "model_config": dict(raw_model.config),
+        "preprocessing": preprocessing_config(config["image_size"]),
+        "split": split,
+        "epoch": epoch,
+        "best_dice": best_dice,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "args": config,
+        "log_run": log_run,
     }
-    given = {"--base-filters": args.base_filters, "--image-size": args.image_size}
-    for flag, value in saved.items():
-        if given[flag] != value:
-            raise CheckpointError(
-                f"{path} was trained with {flag} {value}, not {given[flag]}; pass {flag} {value} to resume"
-            )
 
 
-# ---------------------------------------------------------------------------- main
+# ----------------------------------------------------------------- checks before any work
 
 
-def prepare_demo_data(args: argparse.Namespace, runtime: Runtime) -> None:
-    if runtime.is_main and not Path(args.data_dir).exists():
+def prepare_demo_data(args: argparse.Namespace) -> None:
+    if not Path(args.data_dir).exists():
         print(f"demo: writing a {DEMO_PATIENTS}-patient phantom to {args.data_dir}")
         make_synthetic_dataset(args.data_dir, patients=DEMO_PATIENTS, seed=args.seed, slices=(20, 32))
-    if runtime.distributed:
-        dist.barrier()
 
 
-def load_split_volumes(
-    args: argparse.Namespace, runtime: Runtime, split: dict | None
-) -> tuple[dict, list[Volume], list[Volume]]:
-    """Discover patients, load their volumes (rank 0 fills the cache first), then make the
-    split stratified by lesion presence, or reuse the split of the checkpoint resumed from."""
+def check_before_work(args: argparse.Namespace, config: dict) -> tuple[Path | None, dict | None, list[Patient]]:
+    """Everything that can fail before preprocessing and training (run on rank 0): the
+    output folders, the checkpoint to resume from and its contract, an earlier run in
+    --checkpoint-dir, the patients and the split. Returns (resume path, the loaded
+    checkpoint, the patients to load)."""
+    ensure_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+    ensure_writable_dir(args.log_dir, "--log-dir")
+    if not args.no_cache:
+        ensure_writable_dir(args.cache_dir, "--cache-dir")
+    resume_path = find_resume_checkpoint(args)
+    resumed = load_checkpoint(resume_path) if resume_path else None
+    if resumed is not None:
+        check_resume_contract(resumed, resume_path, config)
+    check_no_clobber(args, resume_path)
+    if args.demo:
+        prepare_demo_data(args)
     patients = discover_patients(args.data_dir)
-    if split is not None:
-        patients = select_patients(patients, split["train"] + split["val"])
+    if resumed is not None:
+        patients = select_patients(patients, resumed["split"]["train"] + resumed["split"]["val"])
     unlabelled = [p.patient_id for p in patients if not p.labelled]
     if unlabelled:
         raise DataError(f"training needs masks, but these patients have no _mask.tif files: {', '.join(unlabelled)}")
-    if split is None:  # checks --val-patients / --folds against the data before any preprocessing
+    if resumed is None:  # checks --val-patients / --folds against the data
         make_split([p.patient_id for p in patients], args.val_patients, args.seed, args.folds, args.fold)
+    return resume_path, resumed, patients
+
+
+def load_split_volumes(
+    args: argparse.Namespace, runtime: Runtime, patients: list[Patient], split: dict | None
+) -> tuple[dict, list[Volume], list[Volume]]:
+    """Load the patients' volumes (rank 0 fills the cache first), then make the split
+    stratified by lesion presence, or reuse the split of the checkpoint resumed from."""
     cache_dir = None if args.no_cache else args.cache_dir
     if runtime.distributed and not runtime.is_main and cache_dir is not None:
         dist.barrier()  # wait for rank 0 to fill the cache
@@ -508,140 +687,257 @@ def load_split_volumes(
     return split, [by_id[i] for i in split["train"]], [by_id[i] for i in split["val"]]
 
 
-def train(args: argparse.Namespace, runtime: Runtime) -> dict:
-    """Wire data, model and loop together; returns the final metrics (used by tests)."""
-    checkpoint_dir = Path(args.checkpoint_dir)
-    resume_path = find_resume_checkpoint(args)
-    resumed = load_checkpoint(resume_path) if resume_path else None
-    if resumed:
-        check_resume_compatible(resumed, resume_path, args)
-    if args.demo:
-        prepare_demo_data(args, runtime)
-    split, train_volumes, val_volumes = load_split_volumes(args, runtime, resumed["split"] if resumed else None)
-    train_set = MRISegmentationDataset(train_volumes)
-    data, placement = training_data(train_set, runtime, args.data_placement, args.num_workers)
+# --------------------------------------------------------------------------- the run
 
-    seed_everything(args.seed)
+
+@dataclass
+class Run:
+    """Everything the epoch loop needs; built by `set_up`."""
+
+    args: argparse.Namespace
+    runtime: Runtime
+    config: dict
+    raw_model: UNetModel
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    data: ResidentSlices | StreamedSlices
+    placement: str
+    train_slices: int
+    steps: int
+    split: dict
+    val_volumes: list[Volume]
+    start_epoch: int = 1
+    best_dice: float = -1.0
+    log_run: str = ""
+    logger: TBLogger | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def agree_on_inputs(args: argparse.Namespace, runtime: Runtime, config: dict) -> tuple[Path | None, dict | None, list]:
+    """Rank 0 runs `check_before_work`; every rank follows its decision on whether and from
+    where to resume (each loads that checkpoint itself)."""
+    own: dict = {}
+
+    def work() -> tuple[Path | None, list[Patient]]:
+        path, own["resumed"], patients = check_before_work(args, config)
+        if path is None and args.overwrite:
+            for name in CHECKPOINT_NAMES:
+                if (Path(args.checkpoint_dir) / name).is_file():
+                    (Path(args.checkpoint_dir) / name).unlink()
+                    print(f"--overwrite: deleted {Path(args.checkpoint_dir) / name} of the earlier run")
+        return path, patients
+
+    path, patients = on_rank_zero(runtime, work)
+    resumed = own["resumed"] if runtime.is_main else (load_checkpoint(path) if path else None)
+    return path, resumed, patients
+
+
+def build_model(args: argparse.Namespace, runtime: Runtime) -> tuple[UNetModel, nn.Module]:
+    """The unwrapped model (what checkpoints save) and the one to train (DDP, compiled)."""
+    seed_everything(args.seed)  # weight initialisation
     raw_model = UNetModel(base_filters=args.base_filters).to(runtime.device).to(memory_format=torch.channels_last)
     model: nn.Module = raw_model
     if runtime.distributed:
         if args.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            raw_model = model
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
-        )
+            raw_model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if args.compile:
         model = torch.compile(model)
+    return raw_model, model
+
+
+def steps_per_epoch(args: argparse.Namespace, train_slices: int, world_size: int) -> int:
+    """--steps-per-epoch, or one pass over the training slices shared by all ranks."""
+    if args.steps_per_epoch:
+        return args.steps_per_epoch
+    return max(1, math.ceil(math.ceil(train_slices / world_size) / args.batch_size))
+
+
+def set_up(args: argparse.Namespace, runtime: Runtime) -> Run:
+    """Checks, data, model, optimiser; the state of the checkpoint resumed from, if any."""
+    config = run_config(args, runtime)
+    resume_path, resumed, patients = agree_on_inputs(args, runtime, config)
+    split, train_volumes, val_volumes = load_split_volumes(args, runtime, patients, resumed and resumed["split"])
+    train_set = MRISegmentationDataset(train_volumes)
+    data, placement = training_data(train_set, runtime, args.data_placement, args.num_workers)
+    raw_model, model = build_model(args, runtime)
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=0.0)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    start_epoch, best_dice = 1, -1.0
-    if resumed:
-        raw_model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        restore_rng_state(resumed["rng"])
-        start_epoch, best_dice = resumed["epoch"] + 1, resumed["best_dice"]
-
-    samples_per_rank = (
-        args.steps_per_epoch * args.batch_size
-        if args.steps_per_epoch
-        else math.ceil(len(train_set) / runtime.world_size)
-    )
-    steps = max(1, math.ceil(samples_per_rank / args.batch_size))
-    logger = TBLogger(args.log_dir, enabled=runtime.is_main)
+    run = Run(
+        args, runtime, config, raw_model, model, optimizer, scheduler, scaler, data, placement,
+        len(train_set), steps_per_epoch(args, len(train_set), runtime.world_size), split, val_volumes,
+    )  # fmt: skip
+    if resumed is not None:
+        restore(run, resumed)
+    open_log(run)
     if runtime.is_main:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(json.dumps(vars(args), indent=2).encode(), checkpoint_dir / "args.json")
-        amp = {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[runtime.amp_dtype]
-        print(
-            f"device {runtime.device} x {runtime.world_size} process(es), amp {amp}, data on "
-            f"{'device' if placement == 'device' else 'host (streamed)'}, "
-            f"{count_parameters(raw_model) / 1e6:.2f} M parameters"
-        )
-        print(
-            f"{len(split['train'])} training patients ({len(train_set)} slices), {len(split['val'])} validation "
-            f"patients; {steps} steps of {args.batch_size} x {runtime.world_size} per epoch"
-        )
-        if resumed:
-            print(f"resumed from {resume_path} after epoch {start_epoch - 1} (best Dice {best_dice:.4f})")
-        elif args.resume == "auto":
-            print(f"--resume auto: no last.pt in {checkpoint_dir}, starting from scratch")
+        atomic_write_bytes(json.dumps(config, indent=2).encode(), Path(args.checkpoint_dir) / "args.json")
+        print_start(run, resume_path)
+    return run
 
-    criterion = SoftDiceLoss()
-    history = []
-    for epoch in range(start_epoch, args.epochs + 1):
-        generator = torch.Generator().manual_seed(stream_seed(args.seed, epoch, runtime.rank, 0))
-        augment = BatchAugmentation(
-            args.aug_scale, args.aug_angle, 0.5, seed=stream_seed(args.seed, epoch, runtime.rank, 1)
-        )
-        train_stats = train_one_epoch(
-            model,
-            data,
-            optimizer,
-            scaler,
-            criterion,
-            augment,
-            runtime,
-            steps,
-            args.batch_size,
-            generator,
-            epoch,
-            args.log_interval,
-        )
-        visualise = args.vis_frequency > 0 and epoch % args.vis_frequency == 0 and args.n_vis_images > 0
-        val_start = time.perf_counter()
-        val = evaluate(raw_model, val_volumes, runtime, args.batch_size * 2, not args.no_lcc, visualise)
-        val_seconds = time.perf_counter() - val_start
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        is_best = val["dice_mean"] > best_dice
-        best_dice = max(best_dice, val["dice_mean"])
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_stats["loss"],
-                "val_loss": val["loss"],
-                "dice_mean": val["dice_mean"],
-                "dice_median": val["dice_median"],
-            }
-        )
-        if runtime.is_main:
-            checkpoint = make_checkpoint(raw_model, optimizer, scheduler, scaler, split, epoch, best_dice, args)
-            save_checkpoint(checkpoint, checkpoint_dir / "last.pt")
-            if is_best:
-                save_checkpoint(checkpoint, checkpoint_dir / "best_model.pt")
-            logger.scalars(
-                {
-                    "train/loss": train_stats["loss"],
-                    "val/loss": val["loss"],
-                    "val/dice_mean": val["dice_mean"],
-                    "val/dice_median": val["dice_median"],
-                    "lr": lr,
-                    "time/epoch_s": train_stats["seconds"],
-                    "time/val_s": val_seconds,
-                    "time/slices_per_s": train_stats["slices_per_s"],
-                },
-                epoch,
-            )
-            if visualise:
-                log_overlays(logger, val_volumes, val["predictions"], args.n_vis_images, epoch)
-            print(
-                f"epoch {epoch:3d}/{args.epochs}  loss {train_stats['loss']:.4f}  val loss {val['loss']:.4f}  "
-                f"Dice mean {val['dice_mean']:.4f} median {val['dice_median']:.4f}  lr {lr:.2e}  "
-                f"{train_stats['slices_per_s']:.1f} slices/s  {train_stats['seconds']:.1f} s + val {val_seconds:.1f} s"
-                + ("  *best*" if is_best else ""),
-                flush=True,
-            )
-        if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
-            break
-    logger.close()
-    return {"history": history, "best_dice": best_dice, "split": split, "raw_model": raw_model}
+
+def restore(run: Run, checkpoint: dict) -> None:
+    """Continue from a checkpoint: weights, optimiser, schedule, scaler, RNG, epoch, best Dice."""
+    run.raw_model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng_state(checkpoint["rng"])
+    run.start_epoch, run.best_dice = checkpoint["epoch"] + 1, checkpoint["best_dice"]
+    run.log_run = checkpoint.get("log_run", "")
+
+
+def open_log(run: Run) -> None:
+    """TensorBoard in <log-dir>/<run>: a new run gets a new sub-folder named by its start
+    time and checkpoint folder; a resumed run continues its own (points logged after the
+    checkpoint's epoch are purged, so curves never double back)."""
+    log_dir = Path(run.args.log_dir)
+    resumed = bool(run.log_run)
+    if run.runtime.is_main and not resumed:
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(run.args.checkpoint_dir).resolve().name}"
+        run.log_run, n = stem, 1
+        while (log_dir / run.log_run).exists():
+            n += 1
+            run.log_run = f"{stem}-{n}"
+    purge_step = run.start_epoch if resumed else None
+    run.logger = TBLogger(log_dir / run.log_run, enabled=run.runtime.is_main, purge_step=purge_step)
+
+
+def print_start(run: Run, resume_path: Path | None) -> None:
+    args, runtime = run.args, run.runtime
+    print(
+        f"device {runtime.device} x {runtime.world_size} process(es), amp {runtime.amp_name}, data on "
+        f"{'device' if run.placement == 'device' else 'host (streamed)'}, "
+        f"{count_parameters(run.raw_model) / 1e6:.2f} M parameters, loss {args.loss}"
+    )
+    print(
+        f"{len(run.split['train'])} training patients ({run.train_slices} slices), {len(run.split['val'])} "
+        f"validation patients; {run.steps} steps of {args.batch_size} x {runtime.world_size} per epoch"
+    )
+    print(f"TensorBoard: {Path(args.log_dir) / run.log_run}")
+    if resume_path is not None:
+        print(f"resumed from {resume_path} after epoch {run.start_epoch - 1} (best Dice {run.best_dice:.4f})")
+    elif args.resume == "auto":
+        print(f"--resume auto: no last.pt in {args.checkpoint_dir}, starting from scratch")
+    print(EPOCH_HEADER, flush=True)
+
+
+EPOCH_HEADER = "epoch        train loss  val loss  Dice mean  median         lr  slices/s  train+val (s)"
+
+
+def epoch_line(epoch: int, epochs: int, train_stats: dict, val: dict, lr: float, val_seconds: float) -> str:
+    """One row under EPOCH_HEADER (under 100 columns); time is training + validation."""
+    seconds = f"{train_stats['seconds']:.1f}+{val_seconds:.1f}"
+    return (
+        f"{f'{epoch}/{epochs}':<11}{train_stats['loss']:>12.4f}{val['loss']:>10.4f}{val['dice_mean']:>11.4f}"
+        f"{val['dice_median']:>8.4f}{lr:>11.2e}{train_stats['slices_per_s']:>10.0f}{seconds:>16}"
+    )
+
+
+def run_epoch(run: Run, epoch: int) -> None:
+    """Train one epoch on this rank's own random streams, then validate and save."""
+    args, runtime = run.args, run.runtime
+    generator = torch.Generator().manual_seed(stream_seed(args.seed, epoch, runtime.rank, 0))
+    augment = BatchAugmentation(
+        args.aug_scale, args.aug_angle, 0.5, seed=stream_seed(args.seed, epoch, runtime.rank, 1)
+    )
+    criterion = build_loss(args.loss, from_logits=True)
+    train_stats = train_one_epoch(
+        run.model, run.data, run.optimizer, run.scaler, criterion, augment, runtime,
+        run.steps, args.batch_size, generator, epoch, args.log_interval,
+    )  # fmt: skip
+    validate_and_save(run, epoch, train_stats)
+
+
+def validate_and_save(run: Run, epoch: int, train_stats: dict) -> None:
+    """Validate the model every rank now shares, save last.pt (and best_model.pt), log."""
+    args, runtime = run.args, run.runtime
+    visualise = args.vis_frequency > 0 and epoch % args.vis_frequency == 0 and args.n_vis_images > 0
+    sync_buffers(run.raw_model, runtime)  # validate exactly the model that rank 0 saves
+    val_start = time.perf_counter()
+    criterion = build_loss(args.loss, from_logits=False)
+    val = evaluate(run.raw_model, run.val_volumes, runtime, args.batch_size * 2, not args.no_lcc, visualise, criterion)
+    val_seconds = time.perf_counter() - val_start
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    is_best = val["dice_mean"] > run.best_dice
+    run.best_dice = max(run.best_dice, val["dice_mean"])
+    record = {"epoch": epoch, "train_loss": train_stats["loss"], "val_loss": val["loss"]}
+    run.history.append({**record, "dice_mean": val["dice_mean"], "dice_median": val["dice_median"]})
+    if not runtime.is_main:
+        return
+    checkpoint = make_checkpoint(
+        run.raw_model,
+        run.optimizer,
+        run.scheduler,
+        run.scaler,
+        run.split,
+        epoch,
+        run.best_dice,
+        run.config,
+        run.log_run,
+    )
+    save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "last.pt")
+    if is_best:
+        save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "best_model.pt")
+    scalars = {"train/loss": train_stats["loss"], "val/loss": val["loss"], "val/dice_mean": val["dice_mean"]}
+    scalars |= {"val/dice_median": val["dice_median"], "lr": lr, "time/epoch_s": train_stats["seconds"]}
+    scalars |= {"time/val_s": val_seconds, "time/slices_per_s": train_stats["slices_per_s"]}
+    run.logger.scalars(scalars, epoch)
+    if visualise:
+        log_overlays(run.logger, run.val_volumes, val["predictions"], args.n_vis_images, epoch)
+    print(
+        epoch_line(epoch, args.epochs, train_stats, val, lr, val_seconds) + ("  *best*" if is_best else ""), flush=True
+    )
+
+
+def train(args: argparse.Namespace, runtime: Runtime) -> dict:
+    """Set up, run the epochs (up to --stop-after-epoch), return the history (used by tests)."""
+    run = set_up(args, runtime)
+    last = min(args.epochs, args.stop_after_epoch or args.epochs)
+    try:
+        for epoch in range(run.start_epoch, last + 1):
+            run_epoch(run, epoch)
+    finally:
+        run.logger.close()
+    return {
+        "history": run.history,
+        "best_dice": run.best_dice,
+        "split": run.split,
+        "raw_model": run.raw_model,
+        "stopped_after": run.history[-1]["epoch"] if run.history and last < args.epochs else None,
+    }
+
+
+def continue_command(argv: list[str], world_size: int) -> str:
+    """The command that continues a run stopped by --stop-after-epoch: the same flags,
+    without --stop-after-epoch, --resume and --overwrite, plus --resume auto."""
+    kept, skip = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip or name == "--overwrite":
+            skip = False
+            continue
+        if name in ("--stop-after-epoch", "--resume"):
+            skip = "=" not in token
+            continue
+        kept.append(token)
+    launcher = ["python"] if world_size == 1 else ["torchrun", f"--nproc_per_node={world_size}"]
+    return shlex.join([*launcher, "train.py", *kept, "--resume", "auto"])
+
+
+def exit_now(message: str) -> None:
+    """Print before leaving the process group: once one rank exits, torchrun stops the others."""
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
         validate_args(args)
@@ -649,12 +945,23 @@ def main(argv: list[str] | None = None) -> dict:
     except UsageError as error:
         sys.exit(f"error: {error}")
     try:
-        result = train(args, runtime)
+        with determinism(args.deterministic, runtime.device):
+            result = train(args, runtime)
+    except FollowRankZero:
+        sys.exit(1)
     except (DataError, CheckpointError, UsageError, TrainingDiverged) as error:
-        sys.exit(f"error: {error}")
+        if runtime.is_main:
+            sys.exit(f"error: {error}")
+        exit_now(f"error: rank {runtime.rank}: {error}")
+    except dist.DistError as error:  # another rank failed and left: it printed its own error
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        exit_now(f"error: rank {runtime.rank}: stopped, another process failed ({first})")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if runtime.is_main and result["stopped_after"] is not None:
+        print(f"\nstopped after epoch {result['stopped_after']} of {args.epochs}; continue with:")
+        print(f"  {continue_command(argv, runtime.world_size)}")
     if runtime.is_main and args.demo:
         out = "./demo_predictions"
         print(

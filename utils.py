@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import random
+import secrets
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -297,10 +298,21 @@ def unwrap_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    """Write to a temp file in the same directory, fsync, then rename over `path`.
+
+    The temp file is created with mode 0o666, so the kernel applies the process umask and
+    the result gets the same permissions as any other file the user creates (not
+    `tempfile.mkstemp`'s 0o600, which colleagues on a shared server could not read).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -308,7 +320,7 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

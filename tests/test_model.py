@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 
 from augmentations import BatchAugmentation, affine_matrices, apply_affine, random_affine_parameters
-from losses import SoftDiceLoss
+from losses import DiceBCELoss, SoftDiceLoss, build_loss
 from network import UNetModel, count_parameters
 
 
@@ -124,3 +124,67 @@ def test_augmentation_state_round_trip():
     first = aug(x, m)[0]
     aug.load_state_dict(state)
     assert torch.equal(aug(x, m)[0], first)
+
+
+# ---------------------------------------------------------------- logits and mixed precision
+
+
+def test_logits_and_float32_probabilities():
+    torch.manual_seed(0)
+    model = UNetModel(base_filters=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x, return_logits=True)
+        torch.testing.assert_close(model(x), torch.sigmoid(logits))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x, return_logits=True).dtype == torch.bfloat16
+            assert model(x).dtype == torch.float32  # the sigmoid runs in float32
+
+
+def confident_false_positive_gradient(loss: torch.nn.Module, autocast: bool) -> torch.Tensor:
+    """d loss / d (head bias) when every pixel has logit 6.5 and the truth is empty."""
+    model = UNetModel(base_filters=4).train()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(6.5)  # exactly representable in bf16: every logit is 6.5
+    target = torch.zeros(1, 1, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), return_logits=True)
+    loss(logits, target).backward()
+    return model.head.bias.grad
+
+
+@pytest.mark.parametrize("name", ["dice", "dice+bce"])
+def test_bf16_keeps_the_gradient_of_a_confident_false_positive(name):
+    loss = build_loss(name, from_logits=True)
+    fp32 = confident_false_positive_gradient(loss, autocast=False)
+    bf16 = confident_false_positive_gradient(loss, autocast=True)
+    # by hand: sigmoid'(6.5) = s (1 - s); soft Dice with empty truth: 1 - 1 / (sum p + 1)
+    s = 1 / (1 + np.exp(-6.5))
+    n = 32 * 32
+    expected = n * s * (1 - s) / (n * s + 1) ** 2 + (s if name == "dice+bce" else 0.0)
+    assert fp32.item() == pytest.approx(expected, rel=1e-4)
+    assert bf16.item() == pytest.approx(expected, rel=1e-2)  # not 0: the sigmoid ran in float32
+
+
+def test_sigmoid_in_bf16_would_zero_that_gradient():
+    """The failure the float32 sigmoid prevents (issue 10): in bf16, sigmoid(6.5) == 1.0 exactly."""
+    logit = torch.tensor([6.5], dtype=torch.bfloat16, requires_grad=True)
+    p = torch.sigmoid(logit)
+    assert p.item() == 1.0
+    SoftDiceLoss()(p[None, None], torch.zeros(1, 1, 1)).backward()
+    assert logit.grad.item() == 0.0
+
+
+def test_dice_bce_matches_a_hand_computation():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64) * 4
+    target = (torch.rand(3, 1, 8, 8, generator=gen) > 0.6).double()
+    p, g = torch.sigmoid(logits).numpy().reshape(3, -1), target.numpy().reshape(3, -1)
+    dice = 1 - np.mean((2 * (p * g).sum(1) + 1) / (p.sum(1) + g.sum(1) + 1))
+    bce = -np.mean(g * np.log(p) + (1 - g) * np.log(1 - p))
+    from_logits = DiceBCELoss(from_logits=True)(logits, target).item()
+    from_probabilities = DiceBCELoss()(torch.sigmoid(logits), target).item()
+    assert from_logits == pytest.approx(dice + bce, rel=1e-6)
+    assert from_probabilities == pytest.approx(dice + bce, rel=1e-5)
+    assert SoftDiceLoss(from_logits=True)(logits, target).item() == pytest.approx(dice, rel=1e-6)

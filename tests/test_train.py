@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -32,6 +33,9 @@ CHECKPOINT_KEYS = {
 }
 
 
+VAL = {"loss": 0.75, "dice_mean": 0.5, "dice_median": 0.625}
+
+
 def losses(result):
     return [h["train_loss"] for h in result["history"]]
 
@@ -47,6 +51,8 @@ def losses(result):
         (["--val-patients", "50"], "--val-patients 50"),
         (["--lr", "-1"], "--lr"),
         (["--sync-bn"], "--sync-bn"),
+        (["--image-size", "16", "--batch-size", "1"], "--image-size 16 --batch-size 1: the U-Net's bottleneck"),
+        (["--overwrite", "--resume", "auto"], "--overwrite starts a new run"),
     ],
 )
 def test_invalid_arguments_rejected(flags, message, phantom_dir, tmp_path, capsys):
@@ -94,6 +100,23 @@ def test_help_lists_every_flag_with_default(capsys):
     ]:
         assert flag in text
     assert "(default: 100)" in text and "(default: 0.0001)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_help_keeps_docstring_lines_and_epoch_line_fits(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "python train.py --demo" in [line.split("  #")[0].strip() for line in lines]
+    wide = train.epoch_line(
+        1000, 1000, {"loss": 0.1, "seconds": 86399.9, "slices_per_s": 123456.7}, VAL, 1.234e-4, 9999.9
+    )
+    assert len(wide + "  *best*") <= 100 and len(train.EPOCH_HEADER) <= 100
+    header, row = (
+        train.EPOCH_HEADER,
+        train.epoch_line(3, 30, {"loss": 0.25, "seconds": 1, "slices_per_s": 9}, VAL, 1e-3, 1),
+    )
+    assert header.index("Dice mean") + len("Dice mean") == row.index("0.5000") + len("0.5000")  # columns line up
 
 
 def test_demo_sets_defaults_but_flags_win():
@@ -127,17 +150,131 @@ def test_same_seed_same_losses_and_placements_agree(phantom_dir, tmp_path):
     assert losses(a) != losses(c)
 
 
-def test_resume_matches_uninterrupted_run(phantom_dir, tmp_path):
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_resume_matches_uninterrupted_run(phantom_dir, tmp_path, capsys):
     common = ["--epochs", "3", "--steps-per-epoch", "2"]
     full = train.main(tiny_train_args(phantom_dir, tmp_path / "full", *common))
     train.main(tiny_train_args(phantom_dir, tmp_path / "split", *common, "--stop-after-epoch", "1"))
     assert torch.load(tmp_path / "split" / "ckpt" / "last.pt", weights_only=True)["epoch"] == 1
-    resumed = train.main(tiny_train_args(phantom_dir, tmp_path / "split", *common, "--resume", "auto"))
+    # the closing message gives the exact command that continues the run: run it
+    out = capsys.readouterr().out
+    command = shlex.split(out.split("continue with:")[1].strip())
+    assert command[:2] == ["python", "train.py"] and "--stop-after-epoch" not in command
+    resumed = train.main(command[2:])
+    assert command[-2:] == ["--resume", "auto"]
     assert losses(resumed) == losses(full)[1:]
     final_full = torch.load(tmp_path / "full" / "ckpt" / "last.pt", weights_only=True)["model"]
     final_resumed = torch.load(tmp_path / "split" / "ckpt" / "last.pt", weights_only=True)["model"]
     for key in final_full:
         assert torch.equal(final_full[key], final_resumed[key]), key
+    # the resumed run continues its own TensorBoard sub-folder: one point per epoch
+    (run_dir,) = (tmp_path / "split" / "tb").iterdir()
+    assert scalar_steps(run_dir, "val/dice_mean") == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_run_defining_flag(phantom_dir, tmp_path):
+    first = tiny_train_args(
+        phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1", "--folds", "2", "--fold", "0"
+    )
+    train.main([*first, "--stop-after-epoch", "1"])
+    saved = (tmp_path / "ckpt" / "last.pt").read_bytes()
+    changes = [
+        (["--fold", "1"], "--fold 0", "--fold 1"),
+        (["--epochs", "5"], "--epochs 2", "--epochs 5"),
+        (["--lr", "0.001"], "--lr 0.0001", "--lr 0.001"),
+        (["--loss", "dice+bce"], "--loss dice", "--loss dice+bce"),
+        (["--batch-size", "4"], "--batch-size 8", "--batch-size 4"),
+        (["--seed", "1"], "--seed 42", "--seed 1"),
+        (["--amp", "bf16"], "--amp auto", "--amp bf16"),
+        (["--aug-angle", "5"], "--aug-angle 15.0", "--aug-angle 5.0"),
+        (["--steps-per-epoch", "3"], "--steps-per-epoch 1", "--steps-per-epoch 3"),
+        (["--image-size", "64"], "--image-size 32", "--image-size 64"),
+    ]
+    for change, was, asked in changes:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*first, *change, "--resume", "auto"])
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and f"trained with {was}, this run asks for {asked};" in message
+    without_folds = tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1")
+    with pytest.raises(SystemExit, match="trained with --folds 2, this run asks for no --folds"):
+        train.main([*without_folds, "--resume", "auto"])
+    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == saved
+    # flags that only say how to run may change
+    how = ["--num-workers", "1", "--log-interval", "1", "--data-placement", "stream", "--no-cache", "--deterministic"]
+    result = train.main([*first, *how, "--resume", "auto"])
+    assert [h["epoch"] for h in result["history"]] == [2]
+
+
+def test_run_defining_flags_are_flags():
+    dests = {action.dest for action in train.get_args_parser()._actions}
+    assert set(train.RUN_DEFINING_FLAGS) - {"world_size"} <= dests
+    required = {"epochs", "lr", "batch_size", "seed", "folds", "fold", "val_patients", "image_size"}
+    required |= {"base_filters", "aug_scale", "aug_angle", "amp", "loss", "steps_per_epoch"}
+    assert required <= set(train.RUN_DEFINING_FLAGS)
+    how_to_run = {"device", "num_workers", "log_interval", "stop_after_epoch", "data_placement", "cache_dir"}
+    assert not (how_to_run | {"compile", "deterministic"}) & set(train.RUN_DEFINING_FLAGS)
+
+
+def test_new_run_never_clobbers_an_earlier_one(phantom_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "umask", os.umask)  # restored below
+    previous = os.umask(0o027)
+    try:
+        args = tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "1")
+        train.main(args)
+        folder = tmp_path / "ckpt"
+        for name in ["last.pt", "best_model.pt", "args.json"]:
+            assert (folder / name).stat().st_mode & 0o777 == 0o640, name  # the umask's, not mkstemp's 0600
+        before = (folder / "last.pt").read_bytes()
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(args)
+        assert str(exit_info.value.code) == (
+            f"error: --checkpoint-dir {folder} already holds last.pt and best_model.pt of an earlier run: "
+            "continue it with --resume auto, or pass --overwrite to start a new run there (deletes them)"
+        )
+        assert (folder / "last.pt").read_bytes() == before
+        train.main([*args, "--seed", "3", "--overwrite"])
+        after = torch.load(folder / "last.pt", weights_only=True)
+        assert after["args"]["seed"] == 3 and after["epoch"] == 1
+    finally:
+        os.umask(previous)
+    runs = sorted((tmp_path / "tb").iterdir())
+    assert len(runs) == 2 and [scalar_steps(run, "train/loss") for run in runs] == [[1], [1]]
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--log-dir", "--cache-dir"])
+@pytest.mark.parametrize("below", [False, True])
+def test_unusable_output_folder_refused_before_preprocessing(phantom_dir, tmp_path, monkeypatch, flag, below):
+    def no_preprocessing(*args, **kwargs):
+        raise AssertionError("preprocessing started")
+
+    monkeypatch.setattr(train, "load_volumes", no_preprocessing)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    target = blocker / "sub" if below else blocker
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*tiny_train_args(phantom_dir, tmp_path, "--epochs", "1"), flag, str(target)])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: {flag} {target}: ") and "\n" not in message
+
+
+def test_deterministic_flag_is_set_during_the_run_and_restored(phantom_dir, tmp_path, monkeypatch):
+    seen = []
+    original = train.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", spy)
+    train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1", "--deterministic"))
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(phantom_dir, tmp_path, monkeypatch):
@@ -146,21 +283,21 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(phantom_dir, tmp_path, m
     before = (tmp_path / "ckpt" / "last.pt").read_bytes()
 
     class NaNLoss(torch.nn.Module):
-        def forward(self, probabilities, target):
-            return probabilities.float().mean() * float("nan")
+        def forward(self, logits, target):
+            return logits.float().mean() * float("nan")
 
-    monkeypatch.setattr(train, "SoftDiceLoss", NaNLoss)
+    monkeypatch.setattr(train, "build_loss", lambda name, from_logits: NaNLoss())
     with pytest.raises(SystemExit) as exit_info:
         train.main([*args, "--resume", "auto"])
     assert "nan" in str(exit_info.value.code).lower()
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == before
 
 
-def test_bf16_autocast_on_cpu(phantom_dir, tmp_path):
-    result = train.main(
-        tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "2", "--amp", "bf16")
-    )
+def test_bf16_autocast_on_cpu_with_dice_bce(phantom_dir, tmp_path):
+    args = ["--epochs", "1", "--steps-per-epoch", "2", "--amp", "bf16", "--loss", "dice+bce"]
+    result = train.main(tiny_train_args(phantom_dir, tmp_path, *args))
     assert np.isfinite(losses(result)).all()
+    assert losses(result)[0] > 1.0  # the BCE term is there: a soft Dice loss alone is <= 1
     weights = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["model"]
     assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
 
@@ -182,7 +319,8 @@ def test_tensorboard_scalars_and_overlays(phantom_dir, tmp_path):
             "3",
         )
     )
-    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    (run_dir,) = (tmp_path / "tb").iterdir()  # one sub-folder per run
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
     for tag in [
@@ -235,23 +373,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_on_cpu(phantom_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "train.py",
-        *tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "2", "--vis-frequency", "1"),
-    ]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def run_ddp(args: list[str], probe_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    """tests/ddp_probe.py (train.py plus probes) in two gloo processes on the CPU."""
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROBE_DIR": str(probe_dir), **env}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    command += ["tests/ddp_probe.py", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from predict import build_model
+
+    args = tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "3", "--vis-frequency", "1")
+    result = run_ddp(args, tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
-    assert checkpoint["epoch"] == 2
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["world_size"] == 2
     assert not [k for k in checkpoint["model"] if k.startswith("module.")]
-    assert result.stdout.count("epoch   2/2") == 1, "only rank 0 prints the epoch summary"
+    assert sum(line.startswith("2/2 ") for line in result.stdout.splitlines()) == 1, "rank 0 alone prints"
+
+    # each validation patient is validated by exactly one rank, and both ranks share the work
+    volumes = load_volumes(select_patients(discover_patients(phantom_dir), checkpoint["split"]["val"]), 32, None)
+    per_rank = [[int(n) for n in (tmp_path / "probe" / f"rank{r}.txt").read_text().split()] for r in (0, 1)]
+    assert all(per_rank) and sorted(per_rank[0] + per_rank[1]) == sorted(2 * [len(v.images) for v in volumes])
+
+    # every rank validated with the BatchNorm statistics that rank 0 saved
+    for rank in (0, 1):
+        buffers = torch.load(tmp_path / "probe" / f"buffers{rank}.pt", weights_only=True)
+        assert buffers and all(torch.equal(value, checkpoint["model"][name]) for name, value in buffers.items())
+    # the logged validation is that of the saved model, evaluated here in one process
+    model = build_model(checkpoint)
+    expected = train.evaluate(model, volumes, train.Runtime(torch.device("cpu")), 16)
+    (run_dir,) = (tmp_path / "tb").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    logged = {tag: events.Scalars(tag)[-1] for tag in ["val/loss", "val/dice_mean"]}
+    assert logged["val/loss"].step == 2
+    assert logged["val/loss"].value == pytest.approx(expected["loss"], rel=1e-6)
+    assert logged["val/dice_mean"].value == pytest.approx(expected["dice_mean"], rel=1e-6)
+
+
+def test_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(phantom_dir, tmp_path):
+    args = tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "3", "--log-interval", "1")
+    result = run_ddp(args, tmp_path / "probe", PROBE_NAN_RANK="1")
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    # rank 0's own loss is finite: it stops at the step where rank 1's became NaN. (Rank 1
+    # prints the same line with "rank 1: " unless torchrun has already stopped it.)
+    assert "error: the training loss became nan at epoch 1, step 2" in lines
+    assert set(lines) <= {
+        "error: the training loss became nan at epoch 1, step 2",
+        "error: rank 1: the training loss became nan at epoch 1, step 2",
+    }
+    assert not (tmp_path / "ckpt" / "last.pt").exists()
 
 
 def test_resume_with_other_width_is_refused(phantom_dir, tmp_path):

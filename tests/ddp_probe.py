@@ -1,0 +1,53 @@
+"""train.py under torchrun with test probes (not a test module): records, per rank, the
+size of every volume it validates (PROBE_DIR/rank<r>.txt) and the model buffers it
+validated with at the last validation (PROBE_DIR/buffers<r>.pt); with PROBE_NAN_RANK=r
+the training loss of rank r is NaN from its second step on."""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train
+
+RANK = int(os.environ.get("RANK", "0"))
+predict_volume, build_loss, evaluate = train.predict_volume, train.build_loss, train.evaluate
+
+
+def recording_predict_volume(model, images, *args, **kwargs):
+    with open(Path(os.environ["PROBE_DIR"]) / f"rank{RANK}.txt", "a") as log:
+        log.write(f"{len(images)}\n")
+    return predict_volume(model, images, *args, **kwargs)
+
+
+def recording_evaluate(model, *args, **kwargs):
+    torch.save(dict(model.named_buffers()), Path(os.environ["PROBE_DIR"]) / f"buffers{RANK}.pt")
+    return evaluate(model, *args, **kwargs)
+
+
+class NaNAfterFirstStep(torch.nn.Module):
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss, self.calls = loss, 0
+
+    def forward(self, logits, target):
+        self.calls += 1
+        value = self.loss(logits, target)
+        return value * float("nan") if self.calls >= 2 else value
+
+
+def probed_build_loss(name, from_logits):
+    loss = build_loss(name, from_logits)
+    if from_logits and os.environ.get("PROBE_NAN_RANK") == str(RANK):
+        return NaNAfterFirstStep(loss)
+    return loss
+
+
+train.predict_volume, train.build_loss = recording_predict_volume, probed_build_loss
+train.evaluate = recording_evaluate
+
+if __name__ == "__main__":
+    train.main()

@@ -13,7 +13,7 @@ from skimage import measure
 
 import predict
 from dataset import discover_patients
-from utils import dice_score, hd95, largest_connected_component, precision_recall
+from utils import dice_score, largest_connected_component, precision_recall
 
 # ------------------------------------------------------------------------------ metrics
 
@@ -44,31 +44,6 @@ def test_largest_component_matches_skimage():
         np.testing.assert_array_equal(largest_connected_component(mask), expected)
     empty = np.zeros((3, 5, 5), bool)
     assert not largest_connected_component(empty).any()
-
-
-def brute_force_hd95(a, b):
-    def surface(mask):
-        points = []
-        padded = np.pad(mask, 1)
-        for idx in zip(*np.nonzero(mask)):
-            window = padded[tuple(slice(i, i + 3) for i in idx)]
-            if not window.all():
-                points.append(idx)
-        return np.array(points, float)
-
-    sa, sb = surface(a), surface(b)
-    distances = np.sqrt(((sa[:, None] - sb[None]) ** 2).sum(-1))
-    return max(np.percentile(distances.min(1), 95), np.percentile(distances.min(0), 95))
-
-
-def test_hd95_matches_brute_force():
-    a = np.zeros((4, 12, 12), bool)
-    b = np.zeros_like(a)
-    a[1:3, 2:7, 2:6] = True
-    b[1:4, 4:10, 3:9] = True
-    assert hd95(a, b) == pytest.approx(brute_force_hd95(a, b))
-    assert hd95(a, a) == 0.0
-    assert np.isnan(hd95(a, np.zeros_like(a)))
 
 
 def test_summary_counts_undefined_hd95_without_improving_mean():

@@ -90,10 +90,12 @@ def binarize(probabilities: np.ndarray, threshold: float = 0.5, lcc: bool = True
 def to_native(
     probabilities: np.ndarray, geometry: Geometry, threshold: float = 0.5, lcc: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Binarize in model space, then map the mask (nearest) and the probabilities
-    (bilinear) back onto the native grid: uint8 0/1 masks and float32 probabilities (S, H, W)."""
-    mask = binarize(probabilities, threshold, lcc).astype(np.uint8)
-    return restore_geometry(mask, geometry), restore_geometry(probabilities, geometry, mode="bilinear")
+    """Post-processing in native space: resample the model-grid probabilities (S, size, size)
+    onto the native grid (bilinear, `utils.restore_geometry`), then threshold and keep the
+    3-D largest component there. Returns uint8 0/1 masks and float32 probabilities
+    (S, H, W), so the written mask is exactly the thresholded probability map."""
+    native_probs = restore_geometry(probabilities, geometry, mode="bilinear")  # (S, size, size) -> (S, H, W)
+    return binarize(native_probs, threshold, lcc).astype(np.uint8), native_probs
 
 
 def build_model(checkpoint: dict, source: str | Path = "checkpoint") -> UNetModel:

@@ -332,13 +332,13 @@ def make_split(
     order = _stratified_order(ids, strata, rng)
     if folds is not None:
         test = _fold_of(order, folds, fold, test_patients)
-        rest = _stratified_order([i for i in ids if i not in set(test)], strata, rng)
-        _check_counts(len(ids), val_patients, len(test), f"(fold {fold} of {folds} holds {len(test)} test patients)")
+        rest = _stratified_order(sorted(set(ids) - set(test)), strata, rng)  # the other K-1 folds
+        _check_counts(len(ids), val_patients, len(test), f"{len(test)} of them in test fold {fold} of {folds}")
         val = rest[:val_patients]
     else:
         if test_patients < 0:
             raise DataError(f"--test-patients {test_patients}: must be >= 0")
-        _check_counts(len(ids), val_patients, test_patients, f"with --test-patients {test_patients}")
+        _check_counts(len(ids), val_patients, test_patients, f"{test_patients} of them held out by --test-patients")
         val = order[:val_patients]
         test = order[len(order) - test_patients :]
     held = set(val) | set(test)
@@ -371,7 +371,7 @@ def _check_counts(total: int, val_patients: int, test_patients: int, context: st
     if not 0 < val_patients < total - test_patients:
         raise DataError(
             f"--val-patients {val_patients}: must be between 1 and {total - test_patients - 1} "
-            f"({total} patients found, {context}; at least one must be left to train)"
+            f"({total} patients, {context}; at least one must be left to train)"
         )
 
 

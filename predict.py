@@ -491,7 +491,8 @@ def process_patient(
 
 
 def check_image_sizes(models: Sequence[LoadedModel]) -> None:
-    """An ensemble averages probabilities, so its members must share the model grid."""
+    """An ensemble averages probabilities, so its members must share the model grid (checked
+    before any patient; fold models each predict their own patients and may differ)."""
     sizes = {m.image_size for m in models}
     if len(sizes) != 1:
         raise CheckpointError(f"the checkpoints use different image sizes {sorted(sizes)}")
@@ -525,8 +526,9 @@ def run(args: argparse.Namespace) -> dict:
         ensure_writable_dir(args.cache_dir, "--cache-dir")
     device = resolve_device(args.device)
     models = [load_model(path, device) for path in args.model_path]
-    check_image_sizes(models)
     folds = are_folds(models)
+    if not folds:
+        check_image_sizes(models)
     args.patients = args.patients or default_selection(models)
     patients = discover_patients(args.data_dir)
     wanted = requested_patients(args.patients, models, folds)

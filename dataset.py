@@ -313,39 +313,73 @@ def make_split(
     folds: int | None = None,
     fold: int | None = None,
     strata: dict[str, bool] | None = None,
+    test_patients: int = 0,
 ) -> dict:
-    """Deterministic patient-level split: hold out `val_patients`, or fold `fold` of `folds`.
+    """Deterministic patient-level split into three disjoint lists: `train` fits the
+    weights, `val` chooses the checkpoint, `test` is never used in training.
 
-    With `strata` (e.g. patient -> has a lesion) each group is spread evenly over the
-    validation set and the folds, so a lucky draw cannot put every lesion-free patient in
-    validation. Returns a plain dict {train, val, seed, folds, fold, val_patients, stratified}.
+    - `folds`=K, `fold`=i: the patients are cut into K folds (a stratified random order,
+      split into K near-equal chunks); fold i is `test`, `val_patients` are drawn
+      (stratified) from the other folds, the rest train. Over i = 0..K-1 every patient is
+      test exactly once. `test_patients` must be 0.
+    - otherwise: `val_patients` from the front of the stratified order and `test_patients`
+      from its back (with `test_patients`=0 the validation list is the one this function
+      always gave for the seed).
+
+    With `strata` (patient -> has a lesion) each group is spread evenly over val, test and
+    the folds. Returns a plain dict {train, val, test (sorted id lists), seed, folds, fold,
+    val_patients, test_patients, stratified}. Raises DataError naming the flag when the
+    request cannot be met (too few patients, fold out of range, duplicate ids).
     """
     ids = sorted(patient_ids)
     if len(set(ids)) != len(ids):
         raise DataError("duplicate patient ids in the data directory")
-    order = _stratified_order(ids, strata or {}, np.random.default_rng(seed))
+    strata = strata or {}
+    rng = np.random.default_rng(seed)
+    order = _stratified_order(ids, strata, rng)
     if folds is not None:
-        if not 2 <= folds <= len(ids):
-            raise DataError(f"--folds {folds}: need 2 <= folds <= number of patients ({len(ids)})")
-        if fold is None or not 0 <= fold < folds:
-            raise DataError(f"--fold {fold}: must be in 0..{folds - 1}")
-        val = [str(i) for i in np.array_split(np.array(order, dtype=object), folds)[fold]]
+        test = _fold_of(order, folds, fold, test_patients)
+        rest = _stratified_order(sorted(set(ids) - set(test)), strata, rng)  # the other K-1 folds
+        _check_counts(len(ids), val_patients, len(test), f"{len(test)} of them in test fold {fold} of {folds}")
+        val = rest[:val_patients]
     else:
-        if not 0 < val_patients < len(ids):
-            raise DataError(
-                f"--val-patients {val_patients}: must be between 1 and {len(ids) - 1} ({len(ids)} patients found)"
-            )
+        if test_patients < 0:
+            raise DataError(f"--test-patients {test_patients}: must be >= 0")
+        _check_counts(len(ids), val_patients, test_patients, f"{test_patients} of them held out by --test-patients")
         val = order[:val_patients]
-    val_set = set(val)
+        test = order[len(order) - test_patients :]
+    held = set(val) | set(test)
     return {
-        "train": [i for i in ids if i not in val_set],
+        "train": [i for i in ids if i not in held],
         "val": sorted(val),
+        "test": sorted(test),
         "seed": seed,
         "folds": folds,
         "fold": fold,
         "val_patients": len(val),
+        "test_patients": len(test),
         "stratified": bool(strata),
     }
+
+
+def _fold_of(order: list[str], folds: int, fold: int | None, test_patients: int) -> list[str]:
+    """Fold `fold` of `folds` near-equal chunks of `order` (the test set of that fold)."""
+    if test_patients:
+        raise DataError(f"--test-patients {test_patients}: not used with --folds (there fold i is the test set)")
+    if not 2 <= folds <= len(order):
+        raise DataError(f"--folds {folds}: need 2 <= folds <= number of patients ({len(order)})")
+    if fold is None or not 0 <= fold < folds:
+        raise DataError(f"--fold {fold}: must be in 0..{folds - 1}")
+    return [str(i) for i in np.array_split(np.array(order, dtype=object), folds)[fold]]
+
+
+def _check_counts(total: int, val_patients: int, test_patients: int, context: str) -> None:
+    """At least one validation and one training patient must remain."""
+    if not 0 < val_patients < total - test_patients:
+        raise DataError(
+            f"--val-patients {val_patients}: must be between 1 and {total - test_patients - 1} "
+            f"({total} patients, {context}; at least one must be left to train)"
+        )
 
 
 def _stratified_order(ids: list[str], strata: dict[str, bool], rng: np.random.Generator) -> list[str]:

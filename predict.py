@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from dataset import (
     Patient,
     discover_inputs,
     load_volume,
+    preprocessing_config,
     read_volume,
     select_patients,
     write_nifti_mask,
@@ -38,6 +40,7 @@ from utils import (
     Geometry,
     UsageError,
     dice_score,
+    ensure_writable_dir,
     hd95,
     is_training_checkpoint,
     largest_connected_component,
@@ -51,6 +54,14 @@ from utils import (
 )
 
 METRIC_COLUMNS = ["dice", "precision", "recall", "hd95", "gt_pixels", "pred_pixels"]
+TABLE_COLUMNS = ["patient", "slices", "role", *METRIC_COLUMNS, "models", "error"]
+ROLES = ("train", "val", "test", "unseen", "unknown")  # unknown: a checkpoint without a saved split
+HEADLINE_ROLES = ("test", "unseen")
+BIAS = {
+    "val": "biased by model selection: these patients chose the checkpoint (best validation Dice)",
+    "train": "biased by training: the model was fitted on these patients",
+    "unknown": "of unknown bias: a checkpoint has no saved split",
+}
 
 
 # ------------------------------------------------------------------- shared inference
@@ -98,10 +109,12 @@ def binarize(probabilities: np.ndarray, threshold: float = 0.5, lcc: bool = True
 def to_native(
     probabilities: np.ndarray, geometry: Geometry, threshold: float = 0.5, lcc: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Binarize in model space, then map the mask (nearest) and the probabilities
-    (bilinear) back onto the native grid: uint8 0/1 masks and float32 probabilities (S, H, W)."""
-    mask = binarize(probabilities, threshold, lcc).astype(np.uint8)
-    return restore_geometry(mask, geometry), restore_geometry(probabilities, geometry, mode="bilinear")
+    """Post-processing in native space: resample the model-grid probabilities (S, size, size)
+    onto the native grid (bilinear, `utils.restore_geometry`), then threshold and keep the
+    3-D largest component there. Returns uint8 0/1 masks and float32 probabilities
+    (S, H, W), so the written mask is exactly the thresholded probability map."""
+    native_probs = restore_geometry(probabilities, geometry, mode="bilinear")  # (S, size, size) -> (S, H, W)
+    return binarize(native_probs, threshold, lcc).astype(np.uint8), native_probs
 
 
 def build_model(checkpoint: dict, source: str | Path = "checkpoint") -> UNetModel:
@@ -141,6 +154,7 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
             f"{path}: not a training checkpoint of this project (needs 'model', 'model_config' and "
             "'preprocessing'); bare state_dicts can be loaded with hubconf.unet_segmentation"
         )
+    check_preprocessing(checkpoint["preprocessing"], path)
     model = build_model(checkpoint, path).to(device).to(memory_format=torch.channels_last)
     return LoadedModel(Path(path), model, int(checkpoint["preprocessing"]["image_size"]), checkpoint.get("split"))
 
@@ -192,6 +206,21 @@ def checked_onnx(loaded: LoadedModel) -> bytes:
     return data
 
 
+def check_preprocessing(saved: dict, path: str | Path) -> None:
+    """Refuse a checkpoint trained with preprocessing other than `dataset.preprocessing_config`
+    (another clip percentile, brain threshold, ...); CheckpointError names the differing keys."""
+    if "image_size" not in saved:
+        raise CheckpointError(f"{path}: its 'preprocessing' has no 'image_size'")
+    expected = preprocessing_config(int(saved["image_size"]))
+    differing = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+    if differing:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this code {expected.get(k)!r}" for k in differing)
+        raise CheckpointError(
+            f"{path}: trained with other preprocessing than this code does ({details}); "
+            "predict with the code version that trained it, or retrain"
+        )
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -208,20 +237,49 @@ def patient_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, floa
     }
 
 
-def summarize(rows: list[dict], protocol: dict) -> dict:
-    """Mean and median of each metric over labelled patients, counts, and the protocol."""
-    labelled = [r for r in rows if r.get("dice") is not None]
-    summary: dict = {"patients": len(rows), "labelled_patients": len(labelled), "metrics": {}}
+def metric_stats(labelled: list[dict]) -> dict[str, dict[str, float | None]]:
+    """Mean and median of each metric over rows with metrics; NaN (undefined hd95) skipped."""
+    stats = {}
     for name in METRIC_COLUMNS:
         values = np.array([r[name] for r in labelled], dtype=float)
         finite = values[np.isfinite(values)]
-        summary["metrics"][name] = {
+        stats[name] = {
             "mean": float(finite.mean()) if finite.size else None,
             "median": float(np.median(finite)) if finite.size else None,
         }
+    return stats
+
+
+def headline(labelled: list[dict]) -> dict:
+    """The publishable figure: metrics pooled over `test` and `unseen` patients only. When no
+    such patient was scored, the statistics of the others with a note on their bias."""
+    honest = [r for r in labelled if r.get("role") in HEADLINE_ROLES]
+    if honest or not labelled:
+        roles, rows, note = list(HEADLINE_ROLES), honest, None
+    else:
+        roles = sorted({r.get("role", "unknown") for r in labelled})
+        rows = labelled
+        note = "no test or unseen patient scored; this figure is " + " and ".join(BIAS[r] for r in roles if r in BIAS)
+    return {"roles": roles, "count": len(rows), "biased": note is not None, "note": note, "metrics": metric_stats(rows)}
+
+
+def summarize(rows: list[dict], protocol: dict) -> dict:
+    """Mean and median of each metric over all labelled patients (`metrics`), per role
+    (`by_role`: count, labelled count, metrics) and pooled over test + unseen (`headline`);
+    counts, failed patients and the protocol."""
+    labelled = [r for r in rows if r.get("dice") is not None]
+    summary: dict = {"patients": len(rows), "labelled_patients": len(labelled), "metrics": metric_stats(labelled)}
+    summary["by_role"] = {}
+    for role in ROLES:
+        members = [r for r in rows if r.get("role") == role]
+        if members:
+            scored = [r for r in members if r.get("dice") is not None]
+            summary["by_role"][role] = {"count": len(members), "labelled": len(scored), "metrics": metric_stats(scored)}
+    summary["headline"] = headline(labelled)
     summary["hd95_undefined_patients"] = int(sum(1 for r in labelled if not math.isfinite(r["hd95"])))
     summary["empty_truth_patients"] = int(sum(1 for r in labelled if r["gt_pixels"] == 0))
     summary["empty_prediction_patients"] = int(sum(1 for r in labelled if r["pred_pixels"] == 0))
+    summary["failed_patients"] = {r["patient"]: r["error"] for r in rows if r.get("error")}
     summary["protocol"] = protocol
     return summary
 
@@ -230,41 +288,71 @@ def summarize(rows: list[dict], protocol: dict) -> dict:
 
 
 def are_folds(models: Sequence[LoadedModel]) -> bool:
-    """Several checkpoints whose validation sets are pairwise disjoint: a cross-validation."""
-    if len(models) < 2 or any(not m.split or not m.split.get("val") for m in models):
+    """Several checkpoints whose test sets are non-empty and pairwise disjoint: the folds of
+    one cross-validation (each patient is then scored by the model it was a test patient of)."""
+    if len(models) < 2 or any(not m.split or not m.split.get("test") for m in models):
         return False
     seen: set[str] = set()
     for m in models:
-        if seen & set(m.split["val"]):
+        if seen & set(m.split["test"]):
             return False
-        seen |= set(m.split["val"])
+        seen |= set(m.split["test"])
     return True
 
 
-def requested_patients(selection: list[str], models: Sequence[LoadedModel], folds: bool) -> list[str] | None:
-    """Patient ids from --patients (`val`, `all` or ids); None means every patient."""
-    if selection == ["all"]:
-        return None
-    if selection != ["val"]:
-        return selection
-    if any(not m.split for m in models):
-        raise CheckpointError("--patients val: a checkpoint has no saved split; pass --patients all or ids")
-    val_sets = [set(m.split["val"]) for m in models]
-    ids = set.union(*val_sets) if folds else set.intersection(*val_sets)
-    if not ids:
-        raise CheckpointError("--patients val: the checkpoints share no validation patient; pass --patients all or ids")
-    return sorted(ids)
+def role_for(patient_id: str, split: dict | None) -> str:
+    """The patient's role for one model: train, val, test, unseen (in none of its lists), or
+    unknown (the checkpoint saved no split)."""
+    if not split:
+        return "unknown"
+    for role in ("train", "val", "test"):
+        if patient_id in split.get(role, []):
+            return role
+    return "unseen"
 
 
-def models_for(patient_id: str, models: Sequence[LoadedModel], folds: bool) -> tuple[list[int], bool]:
-    """Indices of the models that predict this patient, and whether they all held it out."""
+def combined_role(roles: Sequence[str]) -> str:
+    """The role of a patient for an ensemble: its most compromising role over the members
+    (train > val > unknown > test > unseen); test only when no member trained or selected on it."""
+    for role in ("train", "val", "unknown", "test"):
+        if role in roles:
+            return role
+    return "unseen"
+
+
+def assign(patient_id: str, models: Sequence[LoadedModel], folds: bool) -> tuple[list[int], str]:
+    """Indices of the models that predict this patient, and its role for them. In a
+    cross-validation a test patient is predicted by its fold's model alone; any other
+    patient by all models (an ensemble)."""
     if folds:
         for i, m in enumerate(models):
-            if patient_id in m.split["val"]:
-                return [i], True
-    indices = list(range(len(models)))
-    held_out = all(m.split and patient_id in m.split.get("val", []) for m in models)
-    return indices, held_out
+            if patient_id in m.split["test"]:
+                return [i], "test"
+    return list(range(len(models))), combined_role([role_for(patient_id, m.split) for m in models])
+
+
+def default_selection(models: Sequence[LoadedModel]) -> list[str]:
+    """`test` when every checkpoint has test patients, else `val`."""
+    return ["test"] if all(m.split and m.split.get("test") for m in models) else ["val"]
+
+
+def requested_patients(selection: list[str], models: Sequence[LoadedModel], folds: bool) -> list[str] | None:
+    """Patient ids from --patients (`test`, `val`, `train`, `all` or ids); None means every
+    patient. A role picks the patients of the checkpoints' splits that have that role."""
+    if selection == ["all"]:
+        return None
+    if len(selection) != 1 or selection[0] not in ("train", "val", "test"):
+        return selection
+    role = selection[0]
+    if any(not m.split for m in models):
+        raise CheckpointError(f"--patients {role}: a checkpoint has no saved split; pass --patients all or ids")
+    candidates = set().union(*(set(m.split.get(r, [])) for m in models for r in ("train", "val", "test")))
+    ids = sorted(p for p in candidates if assign(p, models, folds)[1] == role)
+    if not ids:
+        raise CheckpointError(
+            f"--patients {role}: no patient has the role {role} for these checkpoints; pass --patients all or ids"
+        )
+    return ids
 
 
 # ------------------------------------------------------------------------------ output
@@ -307,29 +395,49 @@ def write_overlays(
     return len(shown)
 
 
-def write_table(rows: list[dict], path: Path) -> None:
-    columns = ["patient", "slices", *METRIC_COLUMNS, "models", "held_out"]
+def start_table(path: Path) -> None:
+    """Write metrics.csv's header (replacing an older table)."""
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+        csv.DictWriter(handle, fieldnames=TABLE_COLUMNS).writeheader()
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one patient's row and flush it to disk, so a later failure loses nothing."""
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in TABLE_COLUMNS})
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def print_table(rows: list[dict], summary: dict) -> None:
-    print(f"{'patient':<32} {'slices':>6} {'dice':>7} {'prec':>7} {'recall':>7} {'hd95':>7}")
+    """One line per patient with its role, the Dice per role, and last the headline line."""
+    print(f"{'patient':<32} {'slices':>6} {'role':>7} {'dice':>7} {'prec':>7} {'recall':>7} {'hd95':>7}")
     for r in rows:
-        if r.get("dice") is None:
-            print(f"{r['patient']:<32} {r['slices']:>6} {'(unlabelled: masks written, no metrics)':>40}")
-            continue
-        scores = f"{r['dice']:7.4f} {r['precision']:7.4f} {r['recall']:7.4f} {r['hd95']:7.2f}"
-        print(f"{r['patient']:<32} {r['slices']:>6} {scores}")
-    dice = summary["metrics"]["dice"]
-    if dice["mean"] is not None:
-        print(
-            f"Dice over {summary['labelled_patients']} patients: mean {dice['mean']:.4f}, median {dice['median']:.4f}"
-            f" (hd95 undefined for {summary['hd95_undefined_patients']})"
-        )
+        start = f"{r['patient']:<32} {r['slices']:>6} {r['role']:>7}"
+        if r.get("error"):
+            print(f"{start} FAILED: {r['error']}")
+        elif r.get("dice") is None:
+            print(f"{start} (unlabelled: masks written, no metrics)")
+        else:
+            print(f"{start} {r['dice']:7.4f} {r['precision']:7.4f} {r['recall']:7.4f} {r['hd95']:7.2f}")
+    for role, stats in summary["by_role"].items():
+        dice = stats["metrics"]["dice"]
+        if dice["mean"] is not None:
+            print(f"{role:>7}: Dice mean {dice['mean']:.4f}, median {dice['median']:.4f} over {stats['labelled']}")
+    print(headline_line(summary))
+
+
+def headline_line(summary: dict) -> str:
+    """The closing line of the printed table: the headline Dice and what it is worth."""
+    head = summary["headline"]
+    dice = head["metrics"]["dice"]
+    if dice["mean"] is None:
+        return "headline: no labelled patient scored (no Dice)"
+    figure = f"Dice mean {dice['mean']:.4f}, median {dice['median']:.4f} over {head['count']} patients"
+    if head["biased"]:
+        return f"headline ({'+'.join(head['roles'])} only): {figure}; WARNING: {head['note']}"
+    return f"headline (test + unseen): {figure} (hd95 undefined for {summary['hd95_undefined_patients']} of all)"
 
 
 # -------------------------------------------------------------------------------- CLI
@@ -354,8 +462,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--patients",
         nargs="+",
-        default=["val"],
-        help="'val' (the checkpoints' validation split), 'all', or patient ids",
+        default=None,
+        help="'test', 'val' or 'train' (the patients with that role in the checkpoints' splits), 'all', or "
+        "patient ids; default 'test' when the checkpoints have test patients, else 'val'",
     )
     p.add_argument(
         "--backend",
@@ -392,8 +501,8 @@ def predict_patient(
     device: torch.device,
     args: argparse.Namespace,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Average the models' probabilities, binarize in model space, map back to native
-    space. Returns native masks (S, H, W) bool and native probabilities (S, H, W)."""
+    """Average the models' probabilities, map them back to native space, binarize there.
+    Returns native masks (S, H, W) bool and native probabilities (S, H, W)."""
     cache_dir = None if args.no_cache or patient.nifti else args.cache_dir  # the cache key knows TIFF files only
     sizes = {m.image_size for m in models}
     if len(sizes) != 1:
@@ -419,75 +528,105 @@ def process_patient(
     out_dir: Path,
 ) -> dict:
     """Predict one patient, write its masks (and probabilities, overlays); its metrics row."""
-    indices, held_out = models_for(patient.patient_id, models, folds)
-    native_mask, native_probs = predict_patient(patient, [models[i] for i in indices], device, args)
-    write_masks(patient, native_mask, out_dir)
-    if args.save_probabilities:
-        (out_dir / "probabilities").mkdir(exist_ok=True)
-        probabilities = all_slices(patient, native_probs.astype(np.float16))
-        np.save(out_dir / "probabilities" / f"{patient.patient_id}.npy", probabilities)
-    images, truth = read_volume(patient)  # native images and masks, kept slices
+    indices, role = assign(patient.patient_id, models, folds)
     row = {
         "patient": patient.patient_id,
         "slices": len(patient.kept),
-        "models": " ".join(str(i) for i in indices),
-        "held_out": held_out,
+        "role": role,
+        "models": ";".join(str(models[i].path) for i in indices),
     }
-    if truth is not None:
-        row.update(patient_metrics(native_mask, truth))
-    if not args.no_overlays:
-        write_overlays(patient, images, native_mask, truth, out_dir)
+    try:
+        native_mask, native_probs = predict_patient(patient, [models[i] for i in indices], device, args)
+        write_masks(patient, native_mask, out_dir)
+        if args.save_probabilities:
+            (out_dir / "probabilities").mkdir(exist_ok=True)
+            probabilities = all_slices(patient, native_probs.astype(np.float16))
+            np.save(out_dir / "probabilities" / f"{patient.patient_id}.npy", probabilities)
+        images, truth = read_volume(patient)  # native images and masks, kept slices
+        if truth is not None:
+            row.update(patient_metrics(native_mask, truth))
+        if not args.no_overlays:
+            write_overlays(patient, images, native_mask, truth, out_dir)
+    except (DataError, OSError, ValueError, RuntimeError) as error:  # recorded; the run goes on
+        row = {key: row[key] for key in ("patient", "slices", "role", "models")}
+        row["error"] = f"{type(error).__name__}: {error}" if not isinstance(error, DataError) else str(error)
     return row
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Predict, write every output, return the summary."""
-    device = resolve_device(args.device)
-    backend = resolve_backend(args.backend, device)
-    models = [load_model(path, device) for path in args.model_path]
-    folds = are_folds(models)
-    patients = discover_inputs(args.data_dir)
-    wanted = requested_patients(args.patients, models, folds)
-    patients = patients if wanted is None else select_patients(patients, wanted)
-    if backend == "onnxruntime":
-        models = [with_onnxruntime(m) for m in models]
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mode = "folds" if folds else ("ensemble" if len(models) > 1 else "single")
-    print(f"{len(patients)} patient(s), {len(models)} checkpoint(s) ({mode}), device {device}, backend {backend}")
+def check_image_sizes(models: Sequence[LoadedModel]) -> None:
+    """An ensemble averages probabilities, so its members must share the model grid (checked
+    before any patient; fold models each predict their own patients and may differ)."""
+    sizes = {m.image_size for m in models}
+    if len(sizes) != 1:
+        raise CheckpointError(f"the checkpoints use different image sizes {sorted(sizes)}")
 
-    rows = []
-    start = time.perf_counter()
-    for patient in tqdm(patients, desc="predict", unit="patient", leave=False):
-        rows.append(process_patient(patient, models, folds, device, args, out_dir))
-    elapsed = time.perf_counter() - start
 
-    protocol = {
+def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode: str, seconds: float) -> dict:
+    """What was scored how: checkpoints, their splits, post-processing and metric conventions."""
+    return {
         "checkpoints": [str(m.path) for m in models],
         "mode": mode,
         "patients": args.patients,
+        "roles": "train/val/test from each checkpoint's split; unseen = in none of its lists",
+        "headline": "pooled over test and unseen patients only",
         "splits": [m.split for m in models],
         "threshold": args.threshold,
         "lcc": not args.no_lcc,
         "tta": args.tta,
-        "backend": backend,
-        "space": "native (input TIFF grid), first/last slice of each patient excluded",
+        "backend": args.backend,
+        "post_processing": "probabilities resampled to the native grid (bilinear), then threshold, then 3-D LCC",
+        "space": "native (input TIFF or NIfTI grid), first/last slice of each patient excluded",
+        "hd95": "MONAI: 6-neighbour surface, max of the two directed 95th percentiles, NaN if a mask is empty",
         "hd95_units": "pixels (slice spacing counted as 1 pixel)",
-        "seconds": round(elapsed, 2),
+        "seconds": round(seconds, 2),
     }
-    summary = summarize(rows, protocol)
-    write_table(rows, out_dir / "metrics.csv")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Predict, write every output (metrics.csv row by row, summary.json even when patients
+    fail), return the summary."""
+    out_dir = ensure_writable_dir(args.output_dir, "--output-dir")
+    if not args.no_cache:
+        ensure_writable_dir(args.cache_dir, "--cache-dir")
+    device = resolve_device(args.device)
+    args.backend = resolve_backend(args.backend, device)
+    models = [load_model(path, device) for path in args.model_path]
+    folds = are_folds(models)
+    if not folds:
+        check_image_sizes(models)
+    args.patients = args.patients or default_selection(models)
+    patients = discover_inputs(args.data_dir)
+    wanted = requested_patients(args.patients, models, folds)
+    patients = patients if wanted is None else select_patients(patients, wanted)
+    if args.backend == "onnxruntime":
+        models = [with_onnxruntime(m) for m in models]
+    mode = "folds" if folds else ("ensemble" if len(models) > 1 else "single")
+    print(
+        f"{len(patients)} patient(s) ({' '.join(args.patients)}), {len(models)} checkpoint(s) ({mode}), "
+        f"device {device}, backend {args.backend}"
+    )
+
+    table = out_dir / "metrics.csv"
+    start_table(table)
+    rows = []
+    start = time.perf_counter()
+    for patient in tqdm(patients, desc="predict", unit="patient", leave=False):
+        rows.append(process_patient(patient, models, folds, device, args, out_dir))
+        append_row(table, rows[-1])
+    elapsed = time.perf_counter() - start
+
+    summary = summarize(rows, make_protocol(args, models, mode, elapsed))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     dice = {r["patient"]: r["dice"] for r in rows if r.get("dice") is not None}
     if dice:
         plot_dice_distribution(dice, args.figure_path)
-    print_table(rows, summary)
     print(
         f"wrote {out_dir}/metrics.csv, summary.json, masks/"
         + ("" if args.no_overlays else ", overlays/")
         + (f" and {args.figure_path}" if dice else "")
         + f" in {elapsed:.1f} s"
     )
+    print_table(rows, summary)
     return summary
 
 
@@ -495,9 +634,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     try:
         validate_args(args)
-        return run(args)
+        summary = run(args)
     except (DataError, CheckpointError, UsageError) as error:
         sys.exit(f"error: {error}")
+    failed = summary["failed_patients"]
+    if failed:
+        listing = "\n".join(f"  {patient}: {error}" for patient, error in failed.items())
+        sys.exit(f"error: {len(failed)} patient(s) failed (recorded in metrics.csv and summary.json):\n{listing}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -205,16 +205,32 @@ def precision_recall(prediction: np.ndarray, truth: np.ndarray) -> tuple[float, 
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3,) * mask.ndim), border_value=0)
+    """Voxels that a 6-neighbour (face-connected) erosion removes: MONAI's `get_mask_edges`."""
+    cross = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=cross, border_value=0)
+
+
+def _joint_box(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Bounding box of `a | b` grown by `margin` voxels on every side (clipped to the array)."""
+    box = ndimage.find_objects((a | b).astype(np.uint8))[0]
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, a.shape, strict=True))
 
 
 def hd95(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """95th-percentile symmetric Hausdorff distance between the surfaces, in voxels
-    (max of the two directed 95th percentiles). NaN when either mask is empty."""
+    """95th-percentile Hausdorff distance between the mask surfaces, in voxels (unit spacing).
+
+    MONAI's convention (`compute_hausdorff_distance(..., percentile=95)`): the surface is the
+    set of voxels removed by a 6-neighbour erosion (outside the array counts as background);
+    for each surface voxel of one mask take the Euclidean distance to the nearest surface voxel
+    of the other; hd95 = max of the two directed 95th percentiles (numpy's linear percentile).
+    Computed on both masks cropped to their joint bounding box plus a 1-voxel margin, which
+    leaves every distance unchanged. Any shape (2-D, 3-D). NaN when either mask is empty.
+    """
     prediction, truth = prediction.astype(bool), truth.astype(bool)
     if not prediction.any() or not truth.any():
         return float("nan")
-    surface_p, surface_t = _surface(prediction), _surface(truth)
+    box = _joint_box(prediction, truth, margin=1)
+    surface_p, surface_t = _surface(prediction[box]), _surface(truth[box])
     to_truth = ndimage.distance_transform_edt(~surface_t)[surface_p]
     to_pred = ndimage.distance_transform_edt(~surface_p)[surface_t]
     return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))

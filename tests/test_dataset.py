@@ -17,7 +17,6 @@ from dataset import (
     discover_patients,
     load_volume,
     load_volumes,
-    make_split,
     read_volume,
 )
 
@@ -191,34 +190,6 @@ def test_parallel_load_matches_serial(small_phantom):
         np.testing.assert_array_equal(a.images, b.images)
 
 
-# ------------------------------------------------------------------------------- splits
-
-
-def test_holdout_split_deterministic_and_disjoint():
-    ids = [f"P{i}" for i in range(20)]
-    a, b = make_split(ids, 5, seed=1), make_split(list(reversed(ids)), 5, seed=1)
-    assert a == b
-    assert len(a["val"]) == 5 and not set(a["val"]) & set(a["train"])
-    assert sorted(a["val"] + a["train"]) == sorted(ids)
-    assert make_split(ids, 5, seed=2)["val"] != a["val"]
-
-
-def test_folds_cover_every_patient_once():
-    ids = [f"P{i}" for i in range(13)]
-    vals = [make_split(ids, folds=5, fold=i, seed=3)["val"] for i in range(5)]
-    flat = [p for v in vals for p in v]
-    assert sorted(flat) == sorted(ids)
-    assert all(2 <= len(v) <= 3 for v in vals)
-
-
-@pytest.mark.parametrize(
-    "kwargs", [{"val_patients": 0}, {"val_patients": 4}, {"folds": 5, "fold": 0}, {"folds": 2, "fold": 2}]
-)
-def test_bad_split_arguments(kwargs):
-    with pytest.raises(DataError):
-        make_split(["a", "b", "c", "d"], **kwargs)
-
-
 # ------------------------------------------------------------------ dataset and weights
 
 
@@ -264,15 +235,3 @@ def test_phantom_layout(phantom_dir):
             inside, outside = images[..., 1][masks > 0], images[..., 1][(masks == 0) & (images[..., 1] > 40)]
             assert inside.mean() > 1.15 * outside.mean(), "lesions are bright in FLAIR"
     assert 0 < lesion_patients < 8
-
-
-def test_stratified_split_spreads_lesion_free_patients():
-    ids = [f"P{i:02d}" for i in range(20)]
-    strata = {pid: i >= 4 for i, pid in enumerate(ids)}  # 4 lesion-free, 16 with lesion
-    for seed in range(10):
-        split = make_split(ids, 5, seed=seed, strata=strata)
-        assert sum(not strata[p] for p in split["val"]) == 1
-        folds = [make_split(ids, folds=4, fold=f, seed=seed, strata=strata)["val"] for f in range(4)]
-        assert [sum(not strata[p] for p in v) for v in folds] == [1, 1, 1, 1]
-        assert sorted(p for v in folds for p in v) == ids
-    assert make_split(ids, 5, seed=3, strata=strata) == make_split(ids, 5, seed=3, strata=strata)

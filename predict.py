@@ -30,6 +30,7 @@ from utils import (
     Geometry,
     UsageError,
     dice_score,
+    ensure_writable_dir,
     hd95,
     is_training_checkpoint,
     largest_connected_component,
@@ -223,11 +224,12 @@ def all_slices(patient: Patient, kept: np.ndarray) -> np.ndarray:
 
 
 def write_masks(patient: Patient, native: np.ndarray, out_dir: Path) -> None:
-    """One uint8 0/255 TIFF per input slice; the dropped first/last slices are empty."""
+    """One uint8 0/255 TIFF per input slice, named after its image (`P_001.tif` ->
+    `masks/P/P_001_mask.tif`, extension spelling kept); the dropped first/last slices are empty."""
     folder = out_dir / "masks" / patient.patient_id
     folder.mkdir(parents=True, exist_ok=True)
     for item, mask in zip(patient.slices, all_slices(patient, native), strict=True):
-        tifffile.imwrite(folder / f"{patient.patient_id}_{item.number}_mask.tif", mask.astype(np.uint8) * 255)
+        tifffile.imwrite(folder / item.mask_name, mask.astype(np.uint8) * 255)
 
 
 def write_overlays(
@@ -309,6 +311,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output_dirs(args: argparse.Namespace) -> Path:
+    """Create --output-dir (and --cache-dir unless --no-cache) or say why not, before any work."""
+    if not args.no_cache:
+        ensure_writable_dir(args.cache_dir, "--cache-dir")
+    return ensure_writable_dir(args.output_dir, "--output-dir")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
@@ -373,13 +382,12 @@ def process_patient(
 def run(args: argparse.Namespace) -> dict:
     """Predict, write every output, return the summary."""
     device = resolve_device(args.device)
+    out_dir = check_output_dirs(args)
     models = [load_model(path, device) for path in args.model_path]
     folds = are_folds(models)
     patients = discover_patients(args.data_dir)
     wanted = requested_patients(args.patients, models, folds)
     patients = patients if wanted is None else select_patients(patients, wanted)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     mode = "folds" if folds else ("ensemble" if len(models) > 1 else "single")
     print(f"{len(patients)} patient(s), {len(models)} checkpoint(s) ({mode}), device {device}")
 

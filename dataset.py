@@ -171,7 +171,7 @@ def _read_tiff(path: Path, channel_pages: bool = False) -> np.ndarray:
     """
     try:
         with tifffile.TiffFile(path) as tif:
-            pages = [page for page in tif.pages if not page.is_reduced]
+            pages = [page for page in tif.pages if not page.is_reduced] or list(tif.pages)
             largest = max(page.imagelength * page.imagewidth for page in pages)
             full = [page for page in pages if page.imagelength * page.imagewidth == largest]
             if len(full) == 1:

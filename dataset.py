@@ -15,13 +15,14 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -30,15 +31,27 @@ from torch.utils.data import Dataset
 
 # make_synthetic_dataset is re-exported: the phantom writers live in phantom.py
 from phantom import DEFAULT_SLICES, DIFFICULTIES, make_synthetic_dataset
-from utils import BRAIN_THRESHOLD, CLIP_PERCENTILES, Geometry, preprocess_volume
+from utils import (
+    BRAIN_THRESHOLD,
+    CLIP_PERCENTILES,
+    SPECK_FRACTION,
+    Geometry,
+    UsageError,
+    ensure_writable_dir,
+    preprocess_volume,
+)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: key holds st_ctime_ns; entries checked on read
 IMAGE_RE = re.compile(r"^(?P<prefix>.+)_(?P<k>\d+)\.tiff?$", re.IGNORECASE)
 MASK_RE = re.compile(r"^(?P<prefix>.+)_(?P<k>\d+)_mask\.tiff?$", re.IGNORECASE)
 
 
 class DataError(Exception):
     """A problem with the input data that the user can fix; the message names the file."""
+
+
+class CacheWarning(UserWarning):
+    """A damaged preprocessing-cache entry was found and is being rebuilt."""
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -49,6 +62,12 @@ class SliceFiles:
     number: int  # k in <prefix>_<k>.tif
     image: Path
     mask: Path | None
+
+    @property
+    def mask_name(self) -> str:
+        """The mask file name that mirrors the image's: `P_001.tif` -> `P_001_mask.tif`
+        (prefix, zero padding and extension spelling kept)."""
+        return f"{self.image.stem}_mask{self.image.suffix}"
 
 
 @dataclass(frozen=True)
@@ -93,8 +112,8 @@ def _scan_patient(directory: Path) -> Patient:
             raise DataError(f"{path}: mask without a matching image slice")
     if masks and len(masks) != len(images):
         missing = sorted(set(images) - set(masks))
-        image = images[missing[0]]
-        expected = image.with_name(image.stem + "_mask" + image.suffix)
+        item = SliceFiles(missing[0], images[missing[0]], None)
+        expected = item.image.with_name(item.mask_name)
         raise DataError(
             f"patient {directory.name}: {len(missing)} slice(s) have no mask, e.g. {expected} is "
             "missing (a patient must have masks for every slice or for none)"
@@ -144,16 +163,49 @@ def select_patients(patients: Sequence[Patient], ids: Iterable[str]) -> list[Pat
 # ------------------------------------------------------------------------------ reading
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _read_tiff(path: Path, channel_pages: bool = False) -> np.ndarray:
+    """The one full-size image of a TIFF file (any compression imagecodecs decodes).
+
+    Reduced-resolution pages and thumbnails (flagged reduced, or smaller than the largest
+    page) are ignored; a second full-size page or series is refused, because one file is one
+    slice. With `channel_pages`, three single-channel full-size pages of one series are
+    accepted as the (3, H, W) planes of a colour slice. Raises DataError naming the file.
+    """
     try:
-        return tifffile.imread(path)
-    except Exception as error:  # tifffile raises many types for corrupt files
+        with tifffile.TiffFile(path) as tif:
+            pages = [page for page in tif.pages if not page.is_reduced] or list(tif.pages)
+            largest = max(page.imagelength * page.imagewidth for page in pages)
+            full = [page for page in pages if page.imagelength * page.imagewidth == largest]
+            if len(full) == 1:
+                return full[0].asarray()
+            if channel_pages and len(full) == 3 == len(tif.series[0].pages) and full[0].samplesperpixel == 1:
+                return tif.series[0].asarray()
+    except Exception as error:  # tifffile and imagecodecs raise many types for corrupt files
         raise DataError(f"{path}: cannot read TIFF ({type(error).__name__}: {error})") from error
+    raise DataError(
+        f"{path}: holds {len(full)} full-size images (pages or series); expected one slice per file "
+        "(reduced-resolution pages and thumbnails are ignored)"
+    )
+
+
+def _check_finite(array: np.ndarray, path: Path) -> None:
+    """Refuse NaN and infinite pixels: they would silently zero the whole patient's normalisation."""
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise DataError(
+                f"{path}: {bad} non-finite pixel value(s) (NaN or infinity); replace them with a "
+                "finite value (e.g. 0 for background) and rerun"
+            )
 
 
 def read_image(path: Path) -> np.ndarray:
-    """An (H, W, 3) slice; (3, H, W) planar files are transposed. 8- or 16-bit, or float."""
-    image = _read_tiff(path)
+    """An (H, W, 3) slice; (3, H, W) planar files are transposed. 8- or 16-bit, or float.
+
+    Raises DataError naming the file for an unreadable file, a second full-size image in
+    the file, a shape other than 3 channels, or any NaN/infinite pixel (refused, not replaced).
+    """
+    image = _read_tiff(path, channel_pages=True)
     if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
         image = np.moveaxis(image, 0, -1)
     if image.ndim != 3 or image.shape[-1] != 3:
@@ -163,12 +215,15 @@ def read_image(path: Path) -> np.ndarray:
         )
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise DataError(f"{path}: unsupported pixel type {image.dtype}")
+    _check_finite(image, path)
     return image
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """An (H, W) bool mask; any non-zero value is foreground; H x W x C masks are merged."""
+    """An (H, W) bool mask; any non-zero value is foreground; H x W x C masks are merged.
+    Raises DataError naming the file like `read_image` (NaN/infinite values are refused)."""
     mask = _read_tiff(path)
+    _check_finite(mask, path)
     if mask.ndim == 3:
         mask = mask.any(axis=-1)
     if mask.ndim != 2:
@@ -208,6 +263,7 @@ def preprocessing_config(image_size: int, norm_region: str = "crop") -> dict:
         "image_size": int(image_size),
         "norm_region": norm_region,
         "brain_threshold": BRAIN_THRESHOLD,
+        "crop_box": f"bright components holding >= {SPECK_FRACTION:g} of the bright pixels (specks ignored)",
         "clip_percentiles": list(CLIP_PERCENTILES),
         "image_resize": "bicubic, anti-aliased when shrinking",
         "mask_resize": "nearest-exact",
@@ -226,13 +282,15 @@ class Volume:
 
 
 def cache_key(patient: Patient, config: dict) -> str:
-    """Hash of the source files (path, size, mtime) and the preprocessing parameters."""
+    """Hash of the source files (path, size, mtime, inode change time) and the preprocessing
+    parameters. The change time (st_ctime_ns) catches a file rewritten with the same size
+    and a restored mtime: no tool can set it back."""
     files = []
     for item in patient.slices:
         for path in (item.image, item.mask):
             if path is not None:
                 stat = path.stat()
-                files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+                files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
     payload = json.dumps({"v": CACHE_FORMAT_VERSION, "files": files, "config": config}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -244,41 +302,94 @@ def _preprocess_patient(patient: Patient, config: dict) -> Volume:
     return Volume(patient.patient_id, images.astype(np.float16), masks, geometry)
 
 
-def _write_cache_entry(volume: Volume, entry: Path) -> None:
-    """Write to a temp folder beside `entry`, then rename: readers never see half an entry."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+def _write_synced(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create `path`, fill it with `write(handle)` and fsync it before returning."""
+    with open(path, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        np.save(tmp / "images.npy", volume.images)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_cache_entry(volume: Volume, entry: Path) -> None:
+    """Write to a temp folder beside `entry`, fsync the files, then rename: readers never see
+    half an entry, and a crash never leaves an entry whose arrays are not on disk. The folder
+    and files get the umask's permissions, like any other new file."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.parent / f".{entry.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()  # mode 0o777 & ~umask (tempfile.mkdtemp would make it 0o700)
+    try:
+        _write_synced(tmp / "images.npy", lambda handle: np.save(handle, volume.images))
         if volume.masks is not None:
-            np.save(tmp / "masks.npy", volume.masks)
-        (tmp / "geometry.json").write_text(json.dumps(volume.geometry.to_dict()))
+            _write_synced(tmp / "masks.npy", lambda handle: np.save(handle, volume.masks))
+        geometry = json.dumps(volume.geometry.to_dict()).encode()
+        _write_synced(tmp / "geometry.json", lambda handle: handle.write(geometry))
+        _fsync_dir(tmp)
         try:
             os.rename(tmp, entry)
         except OSError:  # another process wrote the same entry first
             if not (entry / "geometry.json").exists():
                 raise
+        _fsync_dir(entry.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_cache_entry(patient_id: str, entry: Path) -> Volume:
+def _read_cache_entry(patient: Patient, entry: Path) -> Volume:
+    """The cached volume, memory-mapped. Raises OSError, ValueError, KeyError or TypeError
+    when a file is missing, truncated, not JSON, or its arrays do not fit the patient."""
     geometry = Geometry.from_dict(json.loads((entry / "geometry.json").read_text()))
     images = np.load(entry / "images.npy", mmap_mode="r")
-    masks_path = entry / "masks.npy"
-    masks = np.load(masks_path, mmap_mode="r") if masks_path.exists() else None
-    return Volume(patient_id, images, masks, geometry)
+    masks = np.load(entry / "masks.npy", mmap_mode="r") if patient.labelled else None
+    slices = len(patient.kept)
+    if images.dtype != np.float16 or images.shape[:2] != (slices, 3) or len(geometry.slice_numbers) != slices:
+        raise ValueError(f"images.npy is {images.dtype} {images.shape}, expected float16 ({slices}, 3, H, W)")
+    if masks is not None and (masks.dtype != np.uint8 or masks.shape != (slices, *images.shape[2:])):
+        raise ValueError(f"masks.npy is {masks.dtype} {masks.shape}, expected uint8 ({slices}, H, W)")
+    return Volume(patient.patient_id, images, masks, geometry)
+
+
+def _discard_entry(entry: Path) -> None:
+    """Move a damaged entry out of the way (atomically), then delete it."""
+    trash = entry.parent / f".{entry.name}.{uuid.uuid4().hex[:12]}.broken"
+    try:
+        os.rename(entry, trash)
+    except FileNotFoundError:  # another process discarded it first
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_volume(patient: Patient, image_size: int, cache_dir: str | Path | None) -> Volume:
-    """Preprocessed volume from the cache (memory-mapped) or computed and cached."""
+    """Preprocessed volume from the cache (memory-mapped) or computed and cached.
+
+    A cache entry that cannot be read (missing or truncated file, bad JSON, arrays of the
+    wrong shape) is rebuilt with a CacheWarning naming the patient. Raises DataError for
+    unusable input files (see `read_image`).
+    """
     config = preprocessing_config(image_size)
     if cache_dir is None:
         return _preprocess_patient(patient, config)
     entry = Path(cache_dir) / f"{patient.patient_id}-{cache_key(patient, config)}"
-    if not (entry / "geometry.json").exists():
-        _write_cache_entry(_preprocess_patient(patient, config), entry)
-    return _read_cache_entry(patient.patient_id, entry)
+    if entry.exists():
+        try:
+            return _read_cache_entry(patient, entry)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            warnings.warn(
+                f"patient {patient.patient_id}: cache entry {entry} cannot be read "
+                f"({type(error).__name__}: {error}); rebuilding it",
+                CacheWarning,
+                stacklevel=2,
+            )
+            _discard_entry(entry)
+    _write_cache_entry(_preprocess_patient(patient, config), entry)
+    return _read_cache_entry(patient, entry)
 
 
 def load_volumes(
@@ -843,8 +954,8 @@ def _slice_range(args: argparse.Namespace) -> tuple[int, int]:
 
 def _cmd_preprocess(args: argparse.Namespace) -> None:
     start = time.perf_counter()
+    cache_dir = None if args.no_cache else ensure_writable_dir(args.cache_dir, "--cache-dir")
     patients = discover_patients(args.data_dir)
-    cache_dir = None if args.no_cache else args.cache_dir
     volumes = load_volumes(patients, args.image_size, cache_dir, args.num_workers, progress=True)
     kept = sum(len(v.images) for v in volumes)
     labelled = [v for v in volumes if v.masks is not None]
@@ -891,7 +1002,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: need 3 <= --min-slices <= --max-slices")
     try:
         args.func(args)
-    except DataError as error:
+    except (DataError, UsageError) as error:
         sys.exit(f"error: {error}")
 
 

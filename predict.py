@@ -366,8 +366,8 @@ def all_slices(patient: Patient, kept: np.ndarray) -> np.ndarray:
 
 
 def write_masks(patient: Patient, native: np.ndarray, out_dir: Path) -> None:
-    """One uint8 0/255 TIFF per input slice; the dropped first/last slices are empty.
-    A NIfTI patient gets one <patient>_mask.nii.gz (0/1) on its input grid and affine."""
+    """One uint8 0/255 TIFF per input slice, named after its image (`P_001.tif` ->
+    `masks/P/P_001_mask.tif`, extension spelling kept); the dropped first/last slices are empty."""
     if patient.nifti is not None:
         (out_dir / "masks").mkdir(parents=True, exist_ok=True)
         write_nifti_mask(patient, all_slices(patient, native), out_dir / "masks" / f"{patient.patient_id}_mask.nii.gz")
@@ -375,7 +375,7 @@ def write_masks(patient: Patient, native: np.ndarray, out_dir: Path) -> None:
     folder = out_dir / "masks" / patient.patient_id
     folder.mkdir(parents=True, exist_ok=True)
     for item, mask in zip(patient.slices, all_slices(patient, native), strict=True):
-        tifffile.imwrite(folder / f"{patient.patient_id}_{item.number}_mask.tif", mask.astype(np.uint8) * 255)
+        tifffile.imwrite(folder / item.mask_name, mask.astype(np.uint8) * 255)
 
 
 def write_overlays(
@@ -488,6 +488,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output_dirs(args: argparse.Namespace) -> Path:
+    """Create --output-dir (and --cache-dir unless --no-cache) or say why not, before any work."""
+    if not args.no_cache:
+        ensure_writable_dir(args.cache_dir, "--cache-dir")
+    return ensure_writable_dir(args.output_dir, "--output-dir")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
@@ -585,9 +592,7 @@ def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode:
 def run(args: argparse.Namespace) -> dict:
     """Predict, write every output (metrics.csv row by row, summary.json even when patients
     fail), return the summary."""
-    out_dir = ensure_writable_dir(args.output_dir, "--output-dir")
-    if not args.no_cache:
-        ensure_writable_dir(args.cache_dir, "--cache-dir")
+    out_dir = check_output_dirs(args)
     device = resolve_device(args.device)
     args.backend = resolve_backend(args.backend, device)
     models = [load_model(path, device) for path in args.model_path]

@@ -7,8 +7,10 @@ import io
 import os
 import pickle
 import random
+import re
 import secrets
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from scipy import ndimage
 CHECKPOINT_FORMAT_VERSION = 1
 BRAIN_THRESHOLD = 0.10  # a pixel is "head" where any channel exceeds 10 % of its volume max
 CLIP_PERCENTILES = (10.0, 99.0)
+SPECK_FRACTION = 0.01  # bright regions with < 1 % of the bright pixels are ignored by the crop box
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -59,12 +62,21 @@ class Geometry:
 
 
 def brain_bounding_box(volume: np.ndarray) -> tuple[int, int, int, int]:
-    """In-plane box (y0, y1, x0, x1) of pixels where any channel exceeds 10 % of that
-    channel's maximum over the volume; the full frame for an all-dark volume."""
+    """In-plane box (y0, y1, x0, x1), half-open, of the head in a volume (S, H, W, C).
+
+    A pixel is bright where any channel of the maximum projection over the slices exceeds
+    10 % of that channel's maximum. The box spans the bright connected regions (8-connected)
+    that hold at least `SPECK_FRACTION` of all bright pixels, so an isolated speck (a hot
+    pixel, a burnt-in marker) does not stretch it, while a scalp ring separated from the
+    brain by dark CSF still counts. The full frame for an all-dark volume.
+    """
     projection = volume.max(axis=0)  # (S, H, W, C) -> (H, W, C): a pixel's brightest slice
     channel_max = projection.reshape(-1, projection.shape[-1]).max(axis=0)
-    plane = ((projection > BRAIN_THRESHOLD * channel_max) & (channel_max > 0)).any(axis=-1)
-    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    plane = ((projection > BRAIN_THRESHOLD * channel_max) & (channel_max > 0)).any(axis=-1)  # (H, W)
+    labels, count = ndimage.label(plane, structure=np.ones((3, 3)))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]  # pixels per region 1..count
+    head = np.isin(labels, 1 + np.flatnonzero(sizes >= SPECK_FRACTION * plane.sum()))
+    rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
     if rows.size == 0:
         return 0, volume.shape[1], 0, volume.shape[2]
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
@@ -351,20 +363,67 @@ class CheckpointError(Exception):
     """A checkpoint file that is missing, unsafe or not one of ours."""
 
 
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why `path` cannot be a torch.save file (a zip archive, or a pickle in the legacy
+    format), judged from its first bytes; None when it may be one."""
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # zip; pickle protocol >= 2
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it is neither a zip archive nor a pickle (it starts with bytes {head[:8].hex(' ')})"
+    return f"it is a text file (it starts with {text.splitlines()[0][:40]!r})"
+
+
+def _load_failure(path: Path, error: Exception) -> str:
+    """One line for the user from torch.load's exception: what the file is not."""
+    first_line = str(error).splitlines()[0].split(". ")[0] if str(error) else type(error).__name__
+    if isinstance(error, pickle.UnpicklingError):
+        lines = [line.split("error: ")[-1].split(". ")[0].strip(" .") for line in str(error).splitlines()]
+        found = [line for line in lines if "GLOBAL " in line]  # torch names the refused object
+        if found:
+            return (
+                f"refused to load: it holds a Python object that weights_only=True does not load ({found[0]}); "
+                "re-save it with only tensors, numbers, strings, lists and dicts (e.g. a state_dict())"
+            )
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))
+        detail = detail[1] if detail else first_line
+        return f"not a PyTorch checkpoint: weights_only=True cannot read its pickle data ({detail})"
+    if isinstance(error, RuntimeError) and "torch.cuda.is_available() is False" in str(error):
+        return "it holds CUDA tensors and CUDA is not available on this machine (load it with map_location='cpu')"
+    if isinstance(error, RuntimeError) and zipfile.is_zipfile(path):
+        return "not a PyTorch checkpoint: it is a zip archive, but not one written by torch.save"
+    return f"not a PyTorch checkpoint: it is truncated or damaged ({type(error).__name__}: {first_line})"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`; clear errors for missing or unsafe files."""
+    """Load a checkpoint with `weights_only=True` onto `map_location`.
+
+    Raises CheckpointError with one line naming the file and saying what it is not: missing,
+    empty, text, random bytes, a zip archive that torch.save did not write, truncated or
+    damaged data, or a pickle holding objects that weights_only refuses (torch's
+    "Unsupported global: ..." is kept, so the user knows which object to remove); and when
+    `map_location` asks for CUDA on a machine without it.
+    """
     path = Path(path)
+    device = map_location if isinstance(map_location, (str, torch.device)) else None
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(
+            f"{path}: map_location={str(device)!r}, but CUDA is not available on this machine (use 'cpu')"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    reason = _not_a_checkpoint(path)
+    if reason is not None:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint: {reason}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain "
-            f"containers, which could run code ({str(error).splitlines()[0]})"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as error:
+        raise CheckpointError(f"{path}: {_load_failure(path, error)}") from error
 
 
 def is_training_checkpoint(obj: Any) -> bool:

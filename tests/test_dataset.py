@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,73 @@ def test_phantom_layout(phantom_dir):
             inside, outside = images[..., 1][masks > 0], images[..., 1][(masks == 0) & (images[..., 1] > 40)]
             assert inside.mean() > 1.15 * outside.mean(), "lesions are bright in FLAIR"
     assert 0 < lesion_patients < 8
+
+
+# ----------------------------------------------------------- damaged cache entries (issue 11)
+
+
+def truncate_images(entry):
+    path = entry / "images.npy"
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def corrupt_geometry(entry):
+    (entry / "geometry.json").write_text('{"original_shape": [64, 6')
+
+
+def remove_masks(entry):
+    (entry / "masks.npy").unlink()
+
+
+def remove_geometry(entry):
+    (entry / "geometry.json").unlink()
+
+
+@pytest.mark.parametrize("damage", [truncate_images, corrupt_geometry, remove_masks, remove_geometry])
+def test_damaged_cache_entry_is_rebuilt_with_a_warning(damage, small_phantom, tmp_path):
+    patient = discover_patients(small_phantom)[0]
+    fresh = load_volume(patient, 32, None)
+    load_volume(patient, 32, tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").iterdir()
+    damage(entry)
+    with pytest.warns(dataset.CacheWarning, match=rf"patient {patient.patient_id}: cache entry .* cannot be read"):
+        rebuilt = load_volume(patient, 32, tmp_path / "cache")
+    np.testing.assert_array_equal(rebuilt.images, fresh.images)
+    np.testing.assert_array_equal(rebuilt.masks, fresh.masks)
+    assert rebuilt.geometry == fresh.geometry
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name], "broken or temp folders left behind"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt entry reads without a warning
+        load_volume(patient, 32, tmp_path / "cache")
+
+
+def test_rewrite_with_same_size_and_mtime_is_not_served_stale(small_phantom, tmp_path):
+    patient = discover_patients(small_phantom)[0]
+    before = load_volume(patient, 32, tmp_path / "cache")
+    path = patient.kept[0].image
+    stat = path.stat()
+    image = tifffile.imread(path)
+    tifffile.imwrite(path, 255 - image, photometric="rgb")  # same size on disk, new pixels
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    after = load_volume(patient, 32, tmp_path / "cache")
+    np.testing.assert_array_equal(after.images, load_volume(patient, 32, None).images)
+    assert not np.array_equal(after.images, before.images)
+
+
+def test_cache_entry_is_fsynced_before_rename_with_umask_permissions(small_phantom, tmp_path, monkeypatch):
+    patient = discover_patients(small_phantom)[0]
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append("rename") or real_rename(a, b))
+    old_umask = os.umask(0o022)
+    try:
+        load_volume(patient, 32, tmp_path / "cache")
+    finally:
+        os.umask(old_umask)
+    synced_first = {Path(e).name for e in events[: events.index("rename")]}
+    assert {"images.npy", "masks.npy", "geometry.json"} <= synced_first
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.stat().st_mode & 0o777 == 0o755  # 0o777 & ~umask, not mkdtemp's 0o700
+    assert (entry / "images.npy").stat().st_mode & 0o777 == 0o644

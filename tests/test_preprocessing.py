@@ -88,3 +88,57 @@ def test_probability_maps_restore_bilinear():
     assert back.dtype == np.float32 and back.shape == (6, 60, 48)
     np.testing.assert_allclose(back[:, y0:y1, x0:x1], 0.75, atol=1e-6)
     assert back[:, :y0].sum() == 0
+
+
+# ------------------------------------------------------------ stray bright pixels (issue 11)
+
+
+def all_bright_box(volume):
+    """The old rule, computed independently: the box of every pixel above 10 % of its
+    channel's maximum in any slice."""
+    bright = (volume > 0.1 * volume.max(axis=(0, 1, 2))).any(axis=(0, 3))
+    rows, cols = np.flatnonzero(bright.any(axis=1)), np.flatnonzero(bright.any(axis=0))
+    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+
+
+@pytest.mark.parametrize("corner", [(0, 0), (57, 45)])
+def test_speck_in_one_slice_moves_neither_box_nor_normalisation(corner):
+    rng = np.random.default_rng(5)
+    images = head_volume(rng)
+    clean, _, clean_geometry = preprocess_volume(images, None, 32, range(6))
+    y, x = corner
+    images[2, y : y + 3, x : x + 3] = 200  # a 3 x 3 speck as bright as the head, in one slice
+    speckled, _, geometry = preprocess_volume(images, None, 32, range(6))
+    assert geometry == clean_geometry and geometry.crop_box == (10, 50, 8, 40)
+    np.testing.assert_allclose(speckled, clean, atol=0.02)
+
+
+def head_with_csf_gap(open_ring: bool):
+    """Scalp ring, a dark CSF gap, then the brain: two bright regions, the brain larger."""
+    yy, xx = np.mgrid[:64, :64]
+    radius = np.hypot(yy - 30, xx - 33)
+    scalp = (radius >= 26) & (radius < 28)
+    if open_ring:
+        scalp &= xx < 50  # a C-shaped scalp, open on the right
+    brain = radius < 20
+    volume = np.zeros((5, 64, 64, 3), np.uint8)
+    volume[:, scalp] = 180
+    volume[:, brain] = 90
+    return volume, scalp, brain
+
+
+@pytest.mark.parametrize("open_ring", [False, True])
+def test_box_holds_scalp_separated_from_brain_by_csf(open_ring):
+    volume, scalp, brain = head_with_csf_gap(open_ring)
+    assert brain.sum() > scalp.sum()  # the largest region alone would cut the scalp off
+    head = scalp | brain
+    rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
+    assert brain_bounding_box(volume) == (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+
+
+def test_normal_volumes_keep_the_whole_head(phantom_dir):
+    from dataset import discover_patients, read_volume
+
+    for patient in discover_patients(phantom_dir):
+        images, _ = read_volume(patient)
+        assert brain_bounding_box(images) == all_bright_box(images), patient.patient_id

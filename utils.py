@@ -233,6 +233,7 @@ OVERLAY_REGIONS = {
     "truth_only": (OKABE_ITO["sky_blue"], "truth only (missed)"),
 }
 OVERLAY_ALPHA = 0.55
+PREDICTION_DASHES = (0, (3, 1.5))  # prediction outline dashed, truth outline solid
 
 
 def _figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
@@ -278,9 +279,6 @@ def _draw_contours(ax, mask: np.ndarray, colour: str, linestyle: str | tuple) ->
     padded = np.pad(mask.astype(np.float32), 1)  # closes outlines that touch the frame
     for contour in find_contours(padded, 0.5):
         ax.plot(contour[:, 1] - 1, contour[:, 0] - 1, color=colour, linewidth=2.5, linestyle=linestyle)
-
-
-PREDICTION_DASHES = (0, (3, 1.5))
 
 
 def _overlay_legend_handles(has_truth: bool) -> list:

@@ -33,6 +33,7 @@ from dataset import MRISegmentationDataset, discover_patients, load_volume, load
 from losses import SoftDiceLoss
 from network import UNetModel
 from predict import autocast_dtype, binarize, predict_volume
+from predict import get_args_parser as predict_parser
 from train import ResidentSlices, Runtime, train_one_epoch
 from utils import atomic_write_bytes, resolve_device, restore_geometry
 
@@ -419,8 +420,14 @@ def format_seconds(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-def render_report(facts: dict, timings: list[tuple[str, float]], demo: dict, figures, bench_text) -> str:
-    """The Markdown of docs/results.md; figure paths relative to `figures[i][1]`'s parent's parent."""
+def render_report(
+    facts: dict,
+    timings: list[tuple[str, float]],
+    demo: dict,
+    figures: list[tuple[str, Path]],
+    bench_text: str | None,
+) -> str:
+    """The Markdown of the report; figures are linked as `figures/<name>`, next to the file."""
     load = facts["load_average_1min"]
     lines = [
         REPORT_HEADER,
@@ -484,7 +491,7 @@ def report(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="bench.py report",
         description="Regenerate the README's results: runs `python train.py --demo` and the predict.py command "
-        "it prints in a scratch folder (about 3-4 minutes on 2 idle CPU cores), optionally the quick "
+        "it prints in a fresh scratch folder (minutes on a CPU, longer on a busy machine), optionally the quick "
         "benchmark, and writes the figures, the machine, the commit and each command's wall time.",
     )
     parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"), help="Markdown file to (over)write")
@@ -514,8 +521,6 @@ def report(argv: list[str] | None = None) -> Path:
             bench_cmd = ["python", "bench.py", "--device", "cpu", "--quick"]
             seconds, bench_text = run_timed(_local(bench_cmd), workdir, workdir / "bench.log")
             timings.append((shlex.join(bench_cmd), seconds))
-        from predict import get_args_parser as predict_parser
-
         predict_args = predict_parser().parse_args(predict_cmd[2:])
         output = Path(args.output)
         figures = copy_figures(workdir, predict_args, output.parent / "figures")

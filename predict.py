@@ -379,19 +379,29 @@ def write_masks(patient: Patient, native: np.ndarray, out_dir: Path) -> None:
 
 
 def write_overlays(
-    patient: Patient, images: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, out_dir: Path
+    patient: Patient,
+    images: np.ndarray,
+    pred: np.ndarray,
+    truth: np.ndarray | None,
+    out_dir: Path,
+    dice: float | None = None,
 ) -> int:
-    """PNG per kept slice with truth or prediction: FLAIR, prediction red, truth green."""
+    """One PNG per kept slice with truth or prediction (`utils.overlay`), titled with the
+    patient, the slice number and the patient's Dice; `overlays/<patient>_<k>.png` with k
+    zero-padded to 3 digits (more if needed) so `ls` lists the slices in order."""
     from skimage.io import imsave
 
     folder = out_dir / "overlays"
     folder.mkdir(parents=True, exist_ok=True)
     has_truth = truth.any(axis=(1, 2)) if truth is not None else np.zeros(len(pred), bool)
     shown = np.flatnonzero(pred.any(axis=(1, 2)) | has_truth)
+    digits = max(3, len(str(max(item.number for item in patient.slices))))
+    score = "no ground truth" if dice is None else f"patient Dice {dice:.3f}"
     for s in shown:
         number = patient.kept[s].number
-        rgb = overlay(images[s, ..., 1], pred[s], None if truth is None else truth[s])
-        imsave(folder / f"{patient.patient_id}_{number}.png", rgb, check_contrast=False)
+        title = f"{patient.patient_id}   slice {number}   {score}"
+        rgb = overlay(images[s, ..., 1], pred[s], None if truth is None else truth[s], title=title)
+        imsave(folder / f"{patient.patient_id}_{number:0{digits}d}.png", rgb, check_contrast=False)
     return len(shown)
 
 
@@ -553,7 +563,7 @@ def process_patient(
         if truth is not None:
             row.update(patient_metrics(native_mask, truth))
         if not args.no_overlays:
-            write_overlays(patient, images, native_mask, truth, out_dir)
+            write_overlays(patient, images, native_mask, truth, out_dir, row.get("dice"))
     except (DataError, OSError, ValueError, RuntimeError) as error:  # recorded; the run goes on
         row = {key: row[key] for key in ("patient", "slices", "role", "models")}
         row["error"] = f"{type(error).__name__}: {error}" if not isinstance(error, DataError) else str(error)
@@ -622,7 +632,7 @@ def run(args: argparse.Namespace) -> dict:
 
     summary = summarize(rows, make_protocol(args, models, mode, elapsed))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    dice = {r["patient"]: r["dice"] for r in rows if r.get("dice") is not None}
+    dice = [r for r in rows if r.get("dice") is not None]
     if dice:
         plot_dice_distribution(dice, args.figure_path)
     print(

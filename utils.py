@@ -13,12 +13,15 @@ import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CHECKPOINT_FORMAT_VERSION = 1
 BRAIN_THRESHOLD = 0.10  # a pixel is "head" where any channel exceeds 10 % of its volume max
@@ -264,45 +267,230 @@ def largest_connected_component(mask: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------ visualisation
 
+# Okabe & Ito, "Color Universal Design" (2008): distinguishable with every common colour-vision deficiency.
+OKABE_ITO = {
+    "orange": "#E69F00",
+    "sky_blue": "#56B4E9",
+    "bluish_green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "reddish_purple": "#CC79A7",
+    "grey": "#999999",
+}
+# overlay regions: name -> (colour, legend label)
+OVERLAY_REGIONS = {
+    "agreement": (OKABE_ITO["yellow"], "agreement (truth and prediction)"),
+    "prediction_only": (OKABE_ITO["vermillion"], "prediction only (false positive)"),
+    "truth_only": (OKABE_ITO["sky_blue"], "truth only (missed)"),
+}
+OVERLAY_ALPHA = 0.55
+PREDICTION_DASHES = (0, (3, 1.5))  # prediction outline dashed, truth outline solid
 
-def overlay(flair: np.ndarray, prediction: np.ndarray | None, truth: np.ndarray | None) -> np.ndarray:
-    """RGB uint8 (H, W, 3): the FLAIR slice in grey, prediction contour red, truth green."""
-    from skimage.segmentation import find_boundaries
 
-    flair = flair.astype(np.float32)
-    low, high = float(flair.min()), float(flair.max())
-    grey = ((flair - low) / (high - low) * 255.0) if high > low else np.zeros_like(flair)
-    rgb = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
-    if truth is not None and truth.any():
-        rgb[find_boundaries(truth.astype(bool), mode="inner")] = (0, 255, 0)
-    if prediction is not None and prediction.any():
-        rgb[find_boundaries(prediction.astype(bool), mode="inner")] = (255, 0, 0)
-    return rgb
+def _figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
+    """A matplotlib Figure on the Agg canvas (no pyplot global state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def plot_dice_distribution(dice_by_patient: dict[str, float], path: str | Path) -> None:
-    """Horizontal bar per patient, sorted, with mean and median lines in the legend."""
-    import matplotlib
+def _grey(image: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] between the minimum and the 99.5th percentile (a few hot pixels
+    must not darken the whole slice). Constant images become zeros."""
+    image = image.astype(np.float32)
+    low, high = float(image.min()), float(np.percentile(image, 99.5))
+    if high <= low:
+        return np.zeros_like(image)
+    return np.clip((image - low) / (high - low), 0.0, 1.0)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    items = sorted(dice_by_patient.items(), key=lambda item: item[1])
-    names, values = [name for name, _ in items], [value for _, value in items]
+def _region_layer(prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """RGBA float (H, W, 4): agreement, prediction-only and truth-only pixels in their colours."""
+    from matplotlib.colors import to_rgba
+
+    layer = np.zeros((*prediction.shape, 4), np.float32)
+    truth = np.zeros_like(prediction) if truth is None else truth
+    regions = {
+        "agreement": prediction & truth,
+        "prediction_only": prediction & ~truth,
+        "truth_only": truth & ~prediction,
+    }
+    for name, pixels in regions.items():
+        layer[pixels] = to_rgba(OVERLAY_REGIONS[name][0], OVERLAY_ALPHA)
+    return layer
+
+
+def _draw_contours(ax, mask: np.ndarray, colour: str, linestyle: str | tuple) -> None:
+    """Sub-pixel outline of a binary mask (marching squares, `skimage.measure.find_contours`)."""
+    from skimage.measure import find_contours
+
+    padded = np.pad(mask.astype(np.float32), 1)  # closes outlines that touch the frame
+    for contour in find_contours(padded, 0.5):
+        ax.plot(contour[:, 1] - 1, contour[:, 0] - 1, color=colour, linewidth=2.5, linestyle=linestyle)
+
+
+def _overlay_legend_handles(has_truth: bool) -> list:
+    """Legend entries of `overlay`: the filled regions, then the two outline styles."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    colour = {name: c for name, (c, _) in OVERLAY_REGIONS.items()}
+    prediction_line = Line2D(
+        [], [], color=colour["prediction_only"], linewidth=2.5, linestyle=PREDICTION_DASHES, label="prediction outline"
+    )
+    if not has_truth:
+        return [Patch(color=colour["prediction_only"], alpha=0.8, label="prediction (no truth)"), prediction_line]
+    regions = [Patch(color=c, alpha=0.8, label=label) for c, label in OVERLAY_REGIONS.values()]
+    truth_line = Line2D([], [], color=colour["truth_only"], linewidth=2.5, label="truth outline")
+    return [*regions, truth_line, prediction_line]
+
+
+def overlay(
+    flair: np.ndarray,
+    prediction: np.ndarray | None,
+    truth: np.ndarray | None,
+    title: str = "",
+    width_px: int = 640,
+) -> np.ndarray:
+    """Picture of one slice for a person: RGB uint8 (H', W', 3), `width_px` wide.
+
+    flair: (H, W) any real dtype, shown in grey; prediction, truth: (H, W) bool/0-1 or None
+    (no truth: an unlabelled patient). Filled translucent regions in Okabe-Ito colours
+    separate agreement (yellow), prediction only (vermillion) and truth only (sky blue); the
+    truth outline is solid, the prediction outline dashed, so overlap stays readable without
+    colour. `title` (e.g. patient, slice and Dice) goes above the image, a legend below.
+    """
+    height, width = flair.shape
+    prediction = np.zeros((height, width), bool) if prediction is None else prediction.astype(bool)
+    truth = None if truth is None else truth.astype(bool)
+    image_w, image_h = width_px / 100, width_px / 100 * height / width  # inches at 100 dpi
+    legend_h, title_h = 1.1, 0.5
+    fig = _figure(image_w, image_h + legend_h + title_h)
+    ax = fig.add_axes((0.0, legend_h / fig.get_figheight(), 1.0, image_h / fig.get_figheight()))
+    ax.imshow(_grey(flair), cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear")
+    ax.imshow(_region_layer(prediction, truth), interpolation="nearest")
+    if truth is not None:
+        _draw_contours(ax, truth, OVERLAY_REGIONS["truth_only"][0], "-")
+    _draw_contours(ax, prediction, OVERLAY_REGIONS["prediction_only"][0], PREDICTION_DASHES)
+    ax.set_axis_off()
+    fig.suptitle(title, fontsize=13, y=1 - 0.1 / fig.get_figheight(), va="top")
+    fig.legend(handles=_overlay_legend_handles(truth is not None), loc="lower center", ncol=2, frameon=False)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+ROLE_STYLES = {  # role -> (bar colour, legend label); train and val scores are optimistic
+    "test": (OKABE_ITO["blue"], "test (never used in training)"),
+    "unseen": (OKABE_ITO["bluish_green"], "unseen (not in the model's split)"),
+    "val": (OKABE_ITO["orange"], "val (chose the checkpoint)"),
+    "train": (OKABE_ITO["grey"], "train (fitted the weights)"),
+    "unknown": (OKABE_ITO["reddish_purple"], "unknown (checkpoint without a split)"),
+    None: (OKABE_ITO["blue"], "patients"),
+}
+HEADLINE_ROLES = ("test", "unseen")
+
+
+def _dice_rows(rows: list[dict] | dict[str, float]) -> list[dict]:
+    """Normalise to [{patient, dice, role, gt_pixels}] with labelled patients only; accepts
+    the old {patient: dice} mapping (no role, lesion status unknown) and metrics.csv strings."""
+    if isinstance(rows, dict):
+        rows = [{"patient": patient, "dice": dice} for patient, dice in rows.items()]
+    out = []
+    for row in rows:
+        if row.get("dice") in (None, ""):
+            continue  # unlabelled patient: no Dice
+        role = row.get("role") or None
+        if role not in ROLE_STYLES:
+            raise ValueError(
+                f"patient {row['patient']}: unknown role {role!r} (expected one of test, val, train, unseen, unknown)"
+            )
+        gt = row.get("gt_pixels")
+        out.append(
+            {
+                "patient": str(row["patient"]),
+                "dice": float(row["dice"]),
+                "role": role,
+                "lesion_free": None if gt in (None, "") else int(float(gt)) == 0,
+            }
+        )
+    return out
+
+
+def dice_axis_range(values: list[float]) -> tuple[float, float]:
+    """x-limits (low, high) that show the spread of Dice values and keep 1.0 in view: from
+    a multiple of 0.05 at least 10 % of the spread below the lowest value, to just past 1.0."""
+    lowest = min(values)
+    low = max(0.0, np.floor((lowest - 0.1 * (1.0 - lowest) - 0.01) / 0.05) * 0.05)
+    return float(low), 1.0 + 0.02 * (1.0 - low)
+
+
+def _dice_reference_lines(ax, items: list[dict]) -> None:
+    """Mean and median lines over the headline roles (test + unseen) when present, else all."""
+    headline = [r["dice"] for r in items if r["role"] in HEADLINE_ROLES]
+    values, scope = (headline, "test + unseen") if headline else ([r["dice"] for r in items], "all shown")
     mean, median = float(np.mean(values)), float(np.median(values))
-    height = max(3.0, 0.25 * len(values) + 1.5)
-    fig, ax = plt.subplots(figsize=(8, height))
-    ax.barh(range(len(values)), values, color="tab:blue")
-    ax.set_yticks(range(len(values)), names, fontsize=7)
-    ax.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.3f}")
-    ax.axvline(median, color="tab:green", linestyle=":", label=f"median {median:.3f}")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("Dice")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    ax.axvline(mean, color="black", linestyle="--", linewidth=1.2, label=f"mean {mean:.3f} ({scope}, n={len(values)})")
+    ax.axvline(median, color="black", linestyle=":", linewidth=1.5, label=f"median {median:.3f} ({scope})")
+
+
+def plot_dice_distribution(
+    rows: list[dict] | dict[str, float], path: str | Path, title: str = "Dice per patient"
+) -> Figure:
+    """Horizontal bar chart of per-patient Dice, sorted, written as a PNG to `path`.
+
+    rows: dicts with `patient`, `dice` (None or "" for unlabelled patients, which are left
+    out), optional `role` (test / val / train / unseen: bar colour, legend) and `gt_pixels`
+    (0 marks the patient lesion-free: hatched bar, "(lesion-free)" label, since an empty
+    truth scores 1.0 by convention when nothing is predicted). The old `{patient: dice}`
+    mapping is still accepted. Mean and median lines are over test + unseen patients when
+    there are any (the honest headline), else over every patient shown. The x-range
+    follows the spread (`dice_axis_range`); the legend sits to the right of the bars.
+    Returns the matplotlib Figure (for inspection); raises ValueError for an unknown role
+    or when no patient has a Dice.
+    """
+    items = sorted(_dice_rows(rows), key=lambda r: (r["dice"], r["patient"]))
+    if not items:
+        raise ValueError("plot_dice_distribution: no patient with a Dice value (all unlabelled?)")
+    fig = _figure(9.0, max(3.0, 0.25 * len(items) + 1.4))
+    ax = fig.add_subplot()
+    for y, r in enumerate(items):
+        colour = ROLE_STYLES[r["role"]][0]
+        ax.barh(y, r["dice"], color=colour, hatch="///" if r["lesion_free"] else "", edgecolor="white")
+    ticks = range(len(items))
+    ax.set_yticks(ticks, [r["patient"] + ("  (lesion-free)" if r["lesion_free"] else "") for r in items], fontsize=8)
+    values_axis = ax.secondary_yaxis("right")  # the Dice values as a column right of the bars
+    values_axis.set_yticks(ticks, [f"{r['dice']:.3f}" for r in items], fontsize=8)
+    ax.set_ylim(-0.6, len(items) - 0.4)
+    ax.set_xlim(dice_axis_range([r["dice"] for r in items]))
+    ax.axvline(1.0, color="0.6", linewidth=0.8)
+    _dice_reference_lines(ax, items)
+    ax.set_xlabel("Dice (3-D, per patient)")
+    ax.set_ylabel("patient, sorted by Dice")
+    ax.set_title(title, fontsize=12)
+    ax.legend(handles=_dice_legend_handles(ax, items), loc="upper left", bbox_to_anchor=(1.1, 1.0), fontsize=8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return fig
+
+
+def _dice_legend_handles(ax, items: list[dict]) -> list:
+    """Legend entries: each role present (with its count), the lesion-free hatch, the lines."""
+    from matplotlib.patches import Patch
+
+    handles = []
+    for role, (colour, label) in ROLE_STYLES.items():
+        count = sum(r["role"] == role for r in items)
+        if count:
+            handles.append(Patch(color=colour, label=f"{label}: {count}"))
+    if any(r["lesion_free"] for r in items):
+        handles.append(
+            Patch(facecolor="0.45", edgecolor="white", hatch="///", label="lesion-free (1.0 if nothing predicted)")
+        )
+    return handles + ax.get_legend_handles_labels()[0]
 
 
 # ------------------------------------------------------------------ seeding/checkpoints

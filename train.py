@@ -471,7 +471,8 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=runtime.device)
     mean_loss = 0.0
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not (progress and runtime.is_main), leave=False)
+    hide = None if progress and runtime.is_main else True  # None: tqdm hides the bar when stderr is no terminal
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=hide, leave=False)
     for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator), start=1):
         images, masks = augment(images, masks)  # on the device, whole batch at once
         images = images.contiguous(memory_format=torch.channels_last)

@@ -1000,6 +1000,7 @@ def plan_folds(args: argparse.Namespace, runtime: Runtime) -> dict[int, str]:
         finished = {}
         for fold in range(args.folds):
             one = fold_args(args, fold)
+            ensure_writable_dir(one.checkpoint_dir, "--checkpoint-dir")
             path = find_resume_checkpoint(one)
             if path is not None:
                 checkpoint = load_checkpoint(path)
@@ -1026,7 +1027,7 @@ def train_folds(args: argparse.Namespace, runtime: Runtime) -> dict:
     for fold in range(args.folds):
         one = fold_args(args, fold)
         if runtime.is_main:
-            print(f"\n=== fold {fold} of {args.folds} (its test set), checkpoints in {one.checkpoint_dir}", flush=True)
+            print(f"\n=== fold {fold} of {args.folds}: checkpoints in {one.checkpoint_dir}", flush=True)
         if fold in finished:
             if runtime.is_main:
                 print(f"fold {fold}: {finished[fold]}")

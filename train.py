@@ -3,6 +3,7 @@
 python train.py --data-dir kaggle_3m                 # one GPU (or the CPU)
 torchrun --nproc_per_node=4 train.py --data-dir ...  # DistributedDataParallel
 python train.py --demo                               # phantom data, about 3 min on a CPU
+python train.py --folds 5 --fold all --checkpoint-dir cv  # cross-validation: cv/fold0/ ... cv/fold4/
 
 Writes best_model.pt, last.pt and args.json to --checkpoint-dir and TensorBoard curves to
 a sub-folder of --log-dir per run (<date>-<time>-<checkpoint folder name>). A folder that

@@ -99,7 +99,7 @@ def test_no_progress_bar_junk_when_output_is_not_a_terminal(phantom_dir, tmp_pat
         [
             *["--model-path", str(tmp_path / "ckpt" / "best_model.pt"), "--data-dir", str(phantom_dir)],
             *["--output-dir", str(tmp_path / "out"), "--figure-path", str(tmp_path / "dice.png")],
-            *["--cache-dir", str(tmp_path / "cache"), "--no-overlays", "--backend", "torch", "--patients", "all"],
+            *["--cache-dir", str(tmp_path / "cache"), "--no-overlays", "--backend", "torch"],
         ]
     )
     captured = capsys.readouterr()

@@ -47,7 +47,7 @@ from network import UNetModel
 from predict import autocast_dtype, binarize, predict_volume
 from predict import get_args_parser as predict_parser
 from train import ResidentSlices, Runtime, train_one_epoch
-from utils import atomic_write_bytes, resolve_device, restore_geometry
+from utils import HelpFormatter, atomic_write_bytes, resolve_device, restore_geometry
 
 ROOT = Path(__file__).resolve().parent
 
@@ -217,15 +217,15 @@ def main(argv: list[str] | None = None) -> dict | Path:
             return report(argv[1:])
         except ReportError as error:
             sys.exit(f"error: {error}")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
     parser.add_argument("--image-size", type=int, default=256, help="preprocessed slice size")
     parser.add_argument("--base-filters", type=int, default=32, help="U-Net width")
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="training batch (default 16; 8 with --quick on CPU)"
+        "--batch-size", type=int, default=None, help="training batch (default: 16; 8 with --quick on CPU)"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="timed training steps (default 3 quick, 20 full; x10 on CUDA)"
+        "--steps", type=int, default=None, help="timed training steps (default: 3 quick, 20 full; x10 on CUDA)"
     )
     parser.add_argument("--compile", action="store_true", help="also time the configured path with torch.compile")
     parser.add_argument(
@@ -491,20 +491,25 @@ def ablation_table(runs: list[AblationRun]) -> str:
 def ablation_main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(
         prog="bench.py ablation",
-        description="Train + predict each candidate recipe on the hard phantom over several seeds; "
+        description="Train + predict each candidate recipe on the hard phantom over several seeds;\n"
         "write a Markdown table of test Dice (last and best epoch) and false positives.",
+        formatter_class=HelpFormatter,
     )
     names = [c.name for c in CANDIDATES]
-    parser.add_argument("--candidates", nargs="+", default=names, metavar="NAME", help=f"subset of: {names}")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    every = ", ".join(repr(name) for name in names)
+    parser.add_argument("--candidates", nargs="+", default=None, metavar="NAME", help=f"default: all of {every}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
     parser.add_argument("--patients", type=int, default=30, help="hard-phantom training + validation patients")
     parser.add_argument("--test-patients", type=int, default=10, help="unseen hard-phantom test patients")
     parser.add_argument("--budget", default=ABLATION_BUDGET, help="train.py flags shared by every candidate")
     parser.add_argument("--device", default=None, help="passed to train.py and predict.py")
-    parser.add_argument("--work-dir", default=None, help="keep data, checkpoints, predictions here (default: temp)")
-    parser.add_argument("--output", default="ablation.md", help="Markdown table (default ablation.md)")
+    parser.add_argument(
+        "--work-dir", default=None, help="keep data, checkpoints, predictions here (default: a temp dir)"
+    )
+    parser.add_argument("--output", default="ablation.md", help="Markdown table")
     parser.add_argument("--quick", action="store_true", help="tiny phantom and budget: a smoke test, not evidence")
     args = parser.parse_args(argv)
+    args.candidates = args.candidates or names
     unknown = sorted(set(args.candidates) - set(names))
     if unknown:
         sys.exit(f"error: --candidates {' '.join(unknown)}: unknown; choose from {', '.join(names)}")
@@ -738,6 +743,7 @@ def report(argv: list[str] | None = None) -> Path:
         description="Regenerate the README's results: runs `python train.py --demo` and the predict.py command "
         "it prints in a fresh scratch folder (minutes on a CPU, longer on a busy machine), optionally the quick "
         "benchmark, and writes the figures, the machine, the commit and each command's wall time.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"), help="Markdown file to (over)write")
     parser.add_argument("--bench", action="store_true", help="also run `bench.py --device cpu --quick`")

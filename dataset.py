@@ -36,6 +36,7 @@ from utils import (
     CLIP_PERCENTILES,
     SPECK_FRACTION,
     Geometry,
+    HelpFormatter,
     UsageError,
     ensure_writable_dir,
     preprocess_volume,
@@ -132,7 +133,11 @@ def discover_patients(data_dir: str | Path) -> list[Patient]:
     Files at the root and hidden folders are ignored."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"data directory not found: {root} (pass --data-dir)")
+        raise DataError(
+            f"data directory not found: {root}; to try the project on phantom data run `python train.py --demo`; "
+            "for the Kaggle LGG data run `kaggle datasets download -d mateuszbuda/lgg-mri-segmentation`, unzip "
+            "lgg-mri-segmentation.zip and pass --data-dir <path of its kaggle_3m folder>"
+        )
     patients = []
     for directory in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if any(_is_tiff(p) for p in directory.iterdir()):
@@ -410,7 +415,7 @@ def load_volumes(
         if progress:
             from tqdm import tqdm
 
-            results = tqdm(results, total=len(patients), desc="preprocess", unit="patient")
+            results = tqdm(results, total=len(patients), desc="preprocess", unit="patient", disable=None)
         return list(results)
 
 
@@ -968,28 +973,30 @@ def _cmd_preprocess(args: argparse.Namespace) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    synth = commands.add_parser("synthesize", help="write a phantom data set in the kaggle_3m layout")
+    about = "write a phantom data set in the kaggle_3m layout (synthetic FLAIR-like slices and lesion masks)"
+    synth = commands.add_parser("synthesize", help=about, description=about, formatter_class=HelpFormatter)
     synth.add_argument("out", help="output folder")
-    synth.add_argument("--patients", type=int, default=8, help="number of patients (default 8)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    synth.add_argument("--image-size", type=int, default=256, help="slice size in pixels (default 256)")
+    synth.add_argument("--patients", type=int, default=8, help="number of patients")
+    synth.add_argument("--seed", type=int, default=0, help="random seed")
+    synth.add_argument("--image-size", type=int, default=256, help="slice size in pixels")
     synth.add_argument(
         "--difficulty",
         choices=DIFFICULTIES,
         default="easy",
-        help="easy: the demo phantom; hard: realistic FLAIR distractors and faint lesions (default easy)",
+        help="easy: the demo phantom; hard: realistic FLAIR distractors and faint lesions",
     )
-    synth.add_argument("--min-slices", type=int, default=None, help="fewest slices per patient (default 20; hard 12)")
-    synth.add_argument("--max-slices", type=int, default=None, help="most slices per patient (default 40; hard 60)")
+    synth.add_argument("--min-slices", type=int, default=None, help="fewest slices per patient (default: 20; hard 12)")
+    synth.add_argument("--max-slices", type=int, default=None, help="most slices per patient (default: 40; hard 60)")
     synth.set_defaults(func=_cmd_synthesize)
-    prep = commands.add_parser("preprocess", help="fill the preprocessing cache")
-    prep.add_argument("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder (default ./kaggle_3m)")
-    prep.add_argument("--cache-dir", default="./cache", help="cache folder (default ./cache)")
+    about = "preprocess every patient of --data-dir into the cache that train.py and predict.py read"
+    prep = commands.add_parser("preprocess", help=about, description=about, formatter_class=HelpFormatter)
+    prep.add_argument("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder")
+    prep.add_argument("--cache-dir", default="./cache", help="cache folder")
     prep.add_argument("--no-cache", action="store_true", help="preprocess without writing the cache")
-    prep.add_argument("--image-size", type=int, default=256, help="preprocessed size (default 256)")
-    prep.add_argument("--num-workers", type=int, default=4, help="parallel patients (default 4)")
+    prep.add_argument("--image-size", type=int, default=256, help="preprocessed size")
+    prep.add_argument("--num-workers", type=int, default=4, help="parallel patients")
     prep.set_defaults(func=_cmd_preprocess)
     return parser
 

@@ -22,7 +22,7 @@ import onnxruntime
 import torch
 
 from predict import load_model
-from utils import CheckpointError, UsageError, atomic_write_bytes, ensure_writable_dir
+from utils import CheckpointError, HelpFormatter, UsageError, atomic_write_bytes, ensure_writable_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 TOLERANCE = 1e-4  # largest accepted |onnxruntime - torch| probability difference
@@ -86,15 +86,10 @@ def max_abs_difference(model: torch.nn.Module, runtime: OnnxRuntimeModel, image_
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-path", default="./checkpoints/best_model.pt", help="training checkpoint to export")
-    p.add_argument("--output", default="./model.onnx", help="ONNX file to write (default ./model.onnx)")
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=TOLERANCE,
-        help=f"largest accepted probability difference (default {TOLERANCE:g})",
-    )
+    p.add_argument("--output", default="./model.onnx", help="ONNX file to write")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest accepted probability difference")
     return p
 
 

@@ -1,9 +1,16 @@
-"""Inference and per-patient evaluation.
+r"""Predict FLAIR-abnormality masks and score them per patient (Dice, precision, recall, hd95).
 
     python predict.py --model-path checkpoints/best_model.pt --data-dir kaggle_3m
+    python predict.py --model-path demo_checkpoints/best_model.pt --data-dir demo_3m  # after train.py --demo
+    python predict.py --model-path cv/fold0/best_model.pt cv/fold1/best_model.pt cv/fold2/best_model.pt \
+        --data-dir kaggle_3m --output-dir cv/predictions    # the folds of train.py --fold all, pooled
 
-Also the one implementation of "predict a volume" (`predict_volume`, `binarize`, `to_native`) that
-training validation, this CLI and the torch.hub pipeline share.
+Writes to --output-dir: masks/<patient>/<patient>_<k>_mask.tif (input size, 0/255), overlays/,
+metrics.csv (one row per patient, written as each one finishes) and summary.json. Each
+patient's role (train, val, test, or unseen) comes from the checkpoints' saved splits; the
+headline pools the test and unseen patients only. Checkpoints with disjoint test sets are the
+folds of one cross-validation: each patient is scored by the model it was a test patient of.
+Other checkpoints are averaged (an ensemble).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from network import UNetModel
 from utils import (
     CheckpointError,
     Geometry,
+    HelpFormatter,
     UsageError,
     dice_score,
     ensure_writable_dir,
@@ -65,6 +73,8 @@ BIAS = {
 
 
 # ------------------------------------------------------------------- shared inference
+# The one implementation of "predict a volume" (`predict_volume`, `binarize`, `to_native`)
+# that training validation, this CLI and the torch.hub pipeline share.
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -146,8 +156,24 @@ class LoadedModel:
     split: dict | None
 
 
+DEMO_CHECKPOINT = Path("demo_checkpoints") / "best_model.pt"  # where `train.py --demo` saves its model
+
+
+def missing_checkpoint(path: str | Path) -> str:
+    """The message for a --model-path that does not exist: points at the demo's checkpoint
+    when `train.py --demo` has written one here, otherwise says how to get a checkpoint."""
+    if DEMO_CHECKPOINT.is_file():
+        hint = f"the demo's model is {DEMO_CHECKPOINT}: pass --model-path {DEMO_CHECKPOINT} --data-dir demo_3m"
+    else:
+        hint = "train one first: python train.py --data-dir kaggle_3m (or python train.py --demo on phantom data)"
+    return f"checkpoint not found: {path}; {hint}"
+
+
 def load_model(path: str | Path, device: torch.device) -> LoadedModel:
-    """Load a training checkpoint (weights_only) and rebuild its model on `device`."""
+    """Load a training checkpoint (weights_only) and rebuild its model on `device`.
+    Raises CheckpointError naming the file (a missing one with a hint where to find one)."""
+    if not Path(path).exists():
+        raise CheckpointError(missing_checkpoint(path))
     checkpoint = load_checkpoint(path)
     if not is_training_checkpoint(checkpoint) or "preprocessing" not in checkpoint:
         raise CheckpointError(
@@ -454,7 +480,7 @@ def headline_line(summary: dict) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--model-path",
         nargs="+",
@@ -468,7 +494,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", default="./predictions", help="masks, overlays, metrics.csv, summary.json")
     p.add_argument("--figure-path", default="./dice_distribution.png", help="per-patient Dice bar chart")
-    p.add_argument("--device", default=None, help="cuda:0 when available, else cpu")
+    p.add_argument("--device", default=None, help="default: cuda:0 when available, else cpu")
     p.add_argument(
         "--patients",
         nargs="+",
@@ -480,7 +506,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKENDS,
         default=None,
-        help="inference engine (default: onnxruntime on the CPU, torch on CUDA)",
+        help="inference engine; default: onnxruntime on the CPU, torch on CUDA",
     )
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
@@ -625,7 +651,7 @@ def run(args: argparse.Namespace) -> dict:
     start_table(table)
     rows = []
     start = time.perf_counter()
-    for patient in tqdm(patients, desc="predict", unit="patient", leave=False):
+    for patient in tqdm(patients, desc="predict", unit="patient", leave=False, disable=None):
         rows.append(process_patient(patient, models, folds, device, args, out_dir))
         append_row(table, rows[-1])
     elapsed = time.perf_counter() - start

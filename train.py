@@ -3,6 +3,7 @@
 python train.py --data-dir kaggle_3m                 # one GPU (or the CPU)
 torchrun --nproc_per_node=4 train.py --data-dir ...  # DistributedDataParallel
 python train.py --demo                               # phantom data, about 3 min on a CPU
+python train.py --folds 5 --fold all --checkpoint-dir cv  # cross-validation: cv/fold0/ ... cv/fold4/
 
 Writes best_model.pt, last.pt and args.json to --checkpoint-dir and TensorBoard curves to
 a sub-folder of --log-dir per run (<date>-<time>-<checkpoint folder name>). A folder that
@@ -91,6 +92,7 @@ RUN_DEFINING_FLAGS = (
     "folds",
     "fold",
     "val_patients",
+    "test_patients",
     "image_size",
     "base_filters",
     "aug_scale",
@@ -130,6 +132,16 @@ def demo_flags() -> str:
     return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in DEMO_DEFAULTS.items())
 
 
+def fold_choice(text: str) -> int | str:
+    """--fold: a fold number or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number (0..K-1) or 'all', not {text!r}") from None
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The CLI. Each flag lands in the help group that RUN_DEFINING_FLAGS gives it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
@@ -148,10 +160,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
     add("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
     add("--loss", choices=LOSSES, default="dice", help="soft Dice, or soft Dice + BCE (1:1)")
-    add("--val-patients", type=int, default=10, help="patients held out for validation")
+    add("--val-patients", type=int, default=10, help="patients whose Dice chooses best_model.pt (validation)")
+    add(
+        "--test-patients",
+        type=int,
+        default=0,
+        help="patients held out as a test set, never used in training (not with --folds)",
+    )
     add("--seed", type=int, default=42, help="seed for split, sampling, augmentation, init")
     add("--folds", type=int, default=None, help="K-fold cross-validation: number of folds (default: none)")
-    add("--fold", type=int, default=None, help="which fold (0..K-1) is the validation set")
+    add(
+        "--fold",
+        type=fold_choice,
+        default=None,
+        help="fold i (0..K-1) is the TEST set; --val-patients come from the other folds, the rest train. "
+        "'all': train folds 0..K-1 one after the other into <checkpoint-dir>/fold<i>/",
+    )
     add("--base-filters", type=int, default=32, help="U-Net width (32: 7.8 M parameters)")
     add("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
     add(
@@ -237,12 +261,29 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("--num-workers, --vis-frequency and --n-vis-images must be >= 0")
     if (args.folds is None) != (args.fold is None):
         raise UsageError("--folds and --fold go together")
-    if args.folds is not None and not 0 <= args.fold < args.folds:
-        raise UsageError(f"--fold {args.fold}: must be in 0..{args.folds - 1}")
+    validate_split_args(args)
     if args.stop_after_epoch is not None and args.stop_after_epoch <= 0:
         raise UsageError("--stop-after-epoch must be positive")
     if args.overwrite and args.resume is not None:
         raise UsageError(f"--overwrite starts a new run and --resume {args.resume} continues one: pass only one")
+
+
+def validate_split_args(args: argparse.Namespace) -> None:
+    """--test-patients, --folds and --fold (a number or 'all')."""
+    if args.test_patients < 0:
+        raise UsageError(f"--test-patients {args.test_patients}: must be >= 0")
+    if args.folds is None:
+        return
+    if args.folds < 2:
+        raise UsageError(f"--folds {args.folds}: cross-validation needs at least 2 folds")
+    if args.fold != "all" and not 0 <= args.fold < args.folds:
+        raise UsageError(f"--fold {args.fold}: must be in 0..{args.folds - 1} or 'all'")
+    if args.test_patients:
+        raise UsageError(f"--test-patients {args.test_patients}: not used with --folds (there fold i is the test set)")
+    if args.fold == "all" and args.resume not in (None, "auto"):
+        raise UsageError(
+            f"--fold all --resume {args.resume}: each fold continues from its own folder; use --resume auto"
+        )
 
 
 # ---------------------------------------------------------------------- distributed
@@ -431,7 +472,8 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=runtime.device)
     mean_loss = 0.0
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not (progress and runtime.is_main), leave=False)
+    hide = None if progress and runtime.is_main else True  # None: tqdm hides the bar when stderr is no terminal
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=hide, leave=False)
     for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator), start=1):
         images, masks = augment(images, masks)  # on the device, whole batch at once
         images = images.contiguous(memory_format=torch.channels_last)
@@ -665,7 +707,8 @@ def check_before_work(args: argparse.Namespace, config: dict) -> tuple[Path | No
     if unlabelled:
         raise DataError(f"training needs masks, but these patients have no _mask.tif files: {', '.join(unlabelled)}")
     if resumed is None:  # checks --val-patients / --folds against the data
-        make_split([p.patient_id for p in patients], args.val_patients, args.seed, args.folds, args.fold)
+        ids = [p.patient_id for p in patients]
+        make_split(ids, args.val_patients, args.seed, args.folds, args.fold, test_patients=args.test_patients)
     return resume_path, resumed, patients
 
 
@@ -683,7 +726,9 @@ def load_split_volumes(
     by_id = {v.patient_id: v for v in volumes}
     if split is None:
         has_lesion = {v.patient_id: bool(np.asarray(v.masks).any()) for v in volumes}
-        split = make_split(list(by_id), args.val_patients, args.seed, args.folds, args.fold, strata=has_lesion)
+        split = make_split(
+            list(by_id), args.val_patients, args.seed, args.folds, args.fold, has_lesion, args.test_patients
+        )
     return split, [by_id[i] for i in split["train"]], [by_id[i] for i in split["val"]]
 
 
@@ -814,9 +859,12 @@ def print_start(run: Run, resume_path: Path | None) -> None:
         f"{'device' if run.placement == 'device' else 'host (streamed)'}, "
         f"{count_parameters(run.raw_model) / 1e6:.2f} M parameters, loss {args.loss}"
     )
+    split = run.split
+    fold = f" (fold {split['fold']} of {split['folds']})" if split.get("folds") else ""
     print(
-        f"{len(run.split['train'])} training patients ({run.train_slices} slices), {len(run.split['val'])} "
-        f"validation patients; {run.steps} steps of {args.batch_size} x {runtime.world_size} per epoch"
+        f"patients: {len(split['train'])} train ({run.train_slices} slices), {len(split['val'])} val, "
+        f"{len(split.get('test', []))} test{fold}; {run.steps} steps of {args.batch_size} x {runtime.world_size} "
+        "per epoch"
     )
     print(f"TensorBoard: {Path(args.log_dir) / run.log_run}")
     if resume_path is not None:
@@ -913,6 +961,91 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
     }
 
 
+# ------------------------------------------------------------------------ --fold all
+
+
+def fold_args(args: argparse.Namespace, fold: int) -> argparse.Namespace:
+    """The arguments of one fold of --fold all: --fold i, checkpoints in <checkpoint-dir>/fold<i>."""
+    folder = str(Path(args.checkpoint_dir) / f"fold{fold}")
+    return argparse.Namespace(**{**vars(args), "fold": fold, "checkpoint_dir": folder})
+
+
+def clear_stale_folds(args: argparse.Namespace) -> None:
+    """Checkpoints in <checkpoint-dir>/fold<j> for j >= --folds (an earlier run with more
+    folds) would be pooled by `predict.py --model-path <dir>/fold*/best_model.pt`: refused,
+    or deleted with --overwrite."""
+    stale = [
+        path
+        for path in sorted(Path(args.checkpoint_dir).glob("fold*/*.pt"))
+        if path.name in CHECKPOINT_NAMES and path.parent.name[4:].isdigit() and int(path.parent.name[4:]) >= args.folds
+    ]
+    if stale and not args.overwrite:
+        raise UsageError(
+            f"--checkpoint-dir {args.checkpoint_dir} holds {stale[0].parent.name}/ of an earlier run with more "
+            f"than {args.folds} folds: use another --checkpoint-dir, or pass --overwrite (deletes its checkpoints)"
+        )
+    for path in stale:
+        path.unlink()
+        print(f"--overwrite: deleted {path} of an earlier run with more folds")
+
+
+def plan_folds(args: argparse.Namespace, runtime: Runtime) -> dict[int, str]:
+    """Check every fold folder before any fold trains (rank 0 checks, every rank follows):
+    the resume contract and the no-clobber rule of each fold, and no stale fold beyond
+    --folds. Returns the folds already trained to --epochs (only with --resume auto), each
+    with a line that says so."""
+
+    def work() -> dict[int, str]:
+        ensure_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+        clear_stale_folds(args)
+        finished = {}
+        for fold in range(args.folds):
+            one = fold_args(args, fold)
+            ensure_writable_dir(one.checkpoint_dir, "--checkpoint-dir")
+            path = find_resume_checkpoint(one)
+            if path is not None:
+                checkpoint = load_checkpoint(path)
+                check_resume_contract(checkpoint, path, run_config(one, runtime))
+                if checkpoint["epoch"] >= args.epochs:
+                    finished[fold] = (
+                        f"finished earlier (epoch {checkpoint['epoch']} of {args.epochs}, best validation Dice "
+                        f"{checkpoint['best_dice']:.4f}): skipped"
+                    )
+            check_no_clobber(one, path)
+        return finished
+
+    return on_rank_zero(runtime, work)
+
+
+def train_folds(args: argparse.Namespace, runtime: Runtime) -> dict:
+    """--fold all: train folds 0..K-1 one after the other, each into <checkpoint-dir>/fold<i>/
+    with its own TensorBoard sub-folder, under the rules of a single run per fold folder;
+    with --resume auto a finished fold is skipped and an unfinished one continues. A fold
+    that fails stops the command; the error names the fold. Returns {folds: one `train`
+    result per fold (None if skipped), stopped_after}."""
+    finished = plan_folds(args, runtime)
+    results: list[dict | None] = []
+    for fold in range(args.folds):
+        one = fold_args(args, fold)
+        if runtime.is_main:
+            print(f"\n=== fold {fold} of {args.folds}: checkpoints in {one.checkpoint_dir}", flush=True)
+        if fold in finished:
+            if runtime.is_main:
+                print(f"fold {fold}: {finished[fold]}")
+            results.append(None)
+            continue
+        try:
+            results.append(train(one, runtime))
+        except (DataError, CheckpointError, UsageError, TrainingDiverged) as error:
+            later = f"folds {fold + 1}..{args.folds - 1} not trained; " if fold + 1 < args.folds else ""
+            raise type(error)(
+                f"fold {fold} of {args.folds} ({one.checkpoint_dir}): {error} ({later}once fixed, "
+                "--resume auto skips the finished folds and continues this one)"
+            ) from error
+    stopped = [r["stopped_after"] for r in results if r is not None and r["stopped_after"] is not None]
+    return {"folds": results, "stopped_after": max(stopped, default=None)}
+
+
 def continue_command(argv: list[str], world_size: int) -> str:
     """The command that continues a run stopped by --stop-after-epoch: the same flags,
     without --stop-after-epoch, --resume and --overwrite, plus --resume auto."""
@@ -946,7 +1079,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {error}")
     try:
         with determinism(args.deterministic, runtime.device):
-            result = train(args, runtime)
+            result = train_folds(args, runtime) if args.fold == "all" else train(args, runtime)
     except FollowRankZero:
         sys.exit(1)
     except (DataError, CheckpointError, UsageError, TrainingDiverged) as error:
@@ -962,13 +1095,22 @@ def main(argv: list[str] | None = None) -> dict:
     if runtime.is_main and result["stopped_after"] is not None:
         print(f"\nstopped after epoch {result['stopped_after']} of {args.epochs}; continue with:")
         print(f"  {continue_command(argv, runtime.world_size)}")
-    if runtime.is_main and args.demo:
-        out = "./demo_predictions"
-        print(
-            f"\nnext: python predict.py --model-path {Path(args.checkpoint_dir) / 'best_model.pt'} "
-            f"--data-dir {args.data_dir} --output-dir {out} --figure-path {out}/dice_distribution.png"
-        )
+    if runtime.is_main and (args.demo or args.fold == "all") and result["stopped_after"] is None:
+        print(f"\nnext: {predict_command(args)}")
     return result
+
+
+def predict_command(args: argparse.Namespace) -> str:
+    """The predict.py command for the model(s) this run trained: the K fold checkpoints of
+    --fold all (pooled: every patient scored by the model it was a test patient of)."""
+    folder = Path(args.checkpoint_dir)
+    if args.fold == "all":
+        models = [str(folder / f"fold{i}" / "best_model.pt") for i in range(args.folds)]
+        out = str(folder / "predictions")
+    else:
+        models, out = [str(folder / "best_model.pt")], "./demo_predictions"
+    command = ["python", "predict.py", "--model-path", *models, "--data-dir", args.data_dir, "--output-dir", out]
+    return shlex.join([*command, "--figure-path", f"{out}/dice_distribution.png"])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ component, overlays and the Dice chart, seeding, and checkpoint save/load."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import pickle
@@ -631,6 +632,20 @@ def model_state_from(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
 
 class UsageError(ValueError):
     """An invalid command-line value; the message says which flag and why."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` for the CLIs: keeps the description's (module docstring's) line breaks and
+    appends "(default: X)" only for a real value X; a None or False default (a flag that is
+    off, or a default that depends on the machine) is described in the help text itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        if isinstance(action.default, list):
+            shown = " ".join(map(str, action.default)).replace("%", "%%")  # argparse expands % in help
+            return f"{action.help} (default: {shown})"
+        return super()._get_help_string(action)
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -1,0 +1,38 @@
+"""The .gitignore keeps every run's outputs out of `git status` and never hides committed docs."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = [
+    "cv/fold0/best_model.pt",  # train.py --fold all, the README's cross-validation recipe
+    "cv/predictions/metrics.csv",
+    "demo_3m/TCGA_PH_0000_20000125/TCGA_PH_0000_20000125_1.tif",  # train.py --demo
+    "demo_checkpoints/best_model.pt",
+    "demo_predictions/summary.json",
+    "demo_cv_3m/TCGA_PH_0000_20000125/TCGA_PH_0000_20000125_1.tif",
+    "checkpoints/last.pt",
+    "predictions/masks/x/x_1_mask.tif",
+    "cache/0123abcd/images.npy",
+    "tb_logs/20260101-000000-checkpoints/events.out.tfevents.1",
+    "model.onnx",
+    "dice_distribution.png",
+    "kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_1.tif",
+    "lgg-mri-segmentation.zip",
+]
+COMMITTED = ["docs/results.md", "docs/figures/demo_overlay.png", "docs/figures/demo_dice_distribution.png"]
+
+
+def ignored(path: str) -> bool:
+    result = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT, check=False)
+    assert result.returncode in (0, 1), f"git check-ignore failed for {path}"
+    return result.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_outputs_are_ignored_and_docs_are_not():
+    assert [path for path in OUTPUTS if not ignored(path)] == []
+    assert [path for path in [*COMMITTED, "README.md", "train.py", "tests/test_cv.py"] if ignored(path)] == []

@@ -636,11 +636,11 @@ class UsageError(ValueError):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """`--help` for the CLIs: keeps the description's (module docstring's) line breaks and
-    appends "(default: X)" only for a real value X; a None or False default (a flag that is
+    appends "(default: X)" only for a real value X; a None, False or empty default (a flag that is
     off, or a default that depends on the machine) is described in the help text itself."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        if action.default in (None, False, "") or action.default == argparse.SUPPRESS:
             return action.help
         if isinstance(action.default, list):
             shown = " ".join(map(str, action.default)).replace("%", "%%")  # argparse expands % in help

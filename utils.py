@@ -640,7 +640,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     off, or a default that depends on the machine) is described in the help text itself."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, "") or action.default == argparse.SUPPRESS:
+        if (
+            action.default is None
+            or action.default is False
+            or action.default == ""
+            or action.default == argparse.SUPPRESS
+        ):
             return action.help
         if isinstance(action.default, list):
             shown = " ".join(map(str, action.default)).replace("%", "%%")  # argparse expands % in help

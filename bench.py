@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = ResidentSlices(dataset, device)
         results["training_slices"] = len(dataset)
 
-        batch = torch.multinomial(data.weights, 16, True, generator=torch.Generator().manual_seed(0))
+        batch = data.sampler(1, 16, torch.Generator().manual_seed(0))
         results["augmentation"] = bench_augmentation(
             data.images[batch].cpu(), data.masks[batch].cpu(), device, repeats=3 if args.quick else 10
         )

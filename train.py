@@ -112,6 +112,9 @@ RUN_DEFINING_FLAGS = (
     "context_slices",
 )
 CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
+# What a checkpoint saved before a run-defining flag existed was trained with (the behaviour
+# of the code then), whatever the flag's default is now.
+VALUES_BEFORE_FLAG = {"sampling": "area", "sampling_floor": 0.1, "norm_region": "crop", "context_slices": 0}
 
 
 class TrainingDiverged(Exception):
@@ -624,10 +627,10 @@ def flag_text(name: str, value: Any) -> str:
 
 def check_resume_contract(checkpoint: dict, path: Path, config: dict) -> None:
     """Refuse to resume with a change of any flag in RUN_DEFINING_FLAGS. A flag missing from
-    an older checkpoint counts as its default value."""
+    an older checkpoint counts as VALUES_BEFORE_FLAG's value, else as its default."""
     if not {"model", "model_config", "preprocessing", "optimizer", "epoch", "args"} <= set(checkpoint):
         raise CheckpointError(f"{path}: not a training checkpoint of this project; cannot resume from it")
-    defaults = {**vars(get_args_parser().parse_args([])), "world_size": 1}
+    defaults = {**vars(get_args_parser().parse_args([])), "world_size": 1, **VALUES_BEFORE_FLAG}
     saved_config = checkpoint["args"]
     for name in RUN_DEFINING_FLAGS:
         saved, given = saved_config.get(name, defaults[name]), config[name]

@@ -181,6 +181,22 @@ def test_resume_refuses_a_changed_recipe_flag(phantom_dir, tmp_path):
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == saved
 
 
+def test_checkpoint_from_before_the_flags_resumes_only_with_their_old_behaviour(phantom_dir, tmp_path):
+    first = tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1")
+    train.main([*first, "--stop-after-epoch", "1"])
+    checkpoint = load_checkpoint(tmp_path / "ckpt" / "last.pt")
+    for name in ("sampling", "sampling_floor", "lesion_fraction", "norm_region", "context_slices"):
+        del checkpoint["args"][name]  # as saved before issue 13
+    torch.save(checkpoint, tmp_path / "ckpt" / "last.pt")
+    with pytest.raises(SystemExit, match="trained with --sampling area, this run asks for --sampling foreground"):
+        train.main([*first, "--sampling", "foreground", "--resume", "auto"])
+    with pytest.raises(SystemExit, match="trained with --norm-region crop, this run asks for --norm-region head"):
+        train.main([*first, "--norm-region", "head", "--resume", "auto"])
+    old = ["--sampling", "area", "--sampling-floor", "0.1", "--norm-region", "crop", "--context-slices", "0"]
+    result = train.main([*first, *old, "--resume", "auto"])
+    assert [h["epoch"] for h in result["history"]] == [2]
+
+
 def test_checkpoint_without_norm_region_predicts_as_crop(trained_checkpoint, tmp_path):
     checkpoint = load_checkpoint(trained_checkpoint)
     del checkpoint["preprocessing"]["norm_region"]  # a checkpoint from before the flag

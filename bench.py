@@ -348,6 +348,11 @@ class Candidate:
         return (self.reuse or self.name).replace(" ", "_").replace("/", "-")
 
 
+# Combinations, chosen from the single changes' first two seeds: dice+bce won clearly and
+# flip TTA a little (the recommended recipe); foreground oversampling, the best sampling
+# scheme of seed 0, is measured on top of dice+bce as well.
+DICE_BCE_FOREGROUND = ("--loss", "dice+bce", "--sampling", "foreground", "--lesion-fraction", "0.333")
+
 # Each candidate changes one thing against today's recipe (issue 13); the last combines the
 # winners. Flags that train.py does not know are reported as "not wired" instead of failing
 # the whole ablation. "flip TTA" predicts with today's checkpoints (no training of its own).
@@ -360,6 +365,11 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("head normalisation", ("--norm-region", "head")),
     Candidate("context 1", ("--context-slices", "1")),
     Candidate("flip TTA", predict_flags=("--tta",), reuse="today"),
+    Candidate("dice+bce + flip TTA", ("--loss", "dice+bce"), ("--tta",), reuse="dice+bce"),
+    Candidate("dice+bce + foreground 1/3", DICE_BCE_FOREGROUND),
+    Candidate(
+        "dice+bce + foreground 1/3 + flip TTA", DICE_BCE_FOREGROUND, ("--tta",), reuse="dice+bce + foreground 1/3"
+    ),
 )
 
 # The budget of the issue's measurement: 10 epochs of 60 steps of 16 slices at 128 px.

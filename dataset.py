@@ -371,14 +371,15 @@ def _discard_entry(entry: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def load_volume(patient: Patient, image_size: int, cache_dir: str | Path | None) -> Volume:
+def load_volume(patient: Patient, image_size: int, cache_dir: str | Path | None, norm_region: str = "crop") -> Volume:
     """Preprocessed volume from the cache (memory-mapped) or computed and cached.
+    `norm_region` ("crop" or "head", see `utils.preprocess_volume`) is part of the cache key.
 
     A cache entry that cannot be read (missing or truncated file, bad JSON, arrays of the
     wrong shape) is rebuilt with a CacheWarning naming the patient. Raises DataError for
     unusable input files (see `read_image`).
     """
-    config = preprocessing_config(image_size)
+    config = preprocessing_config(image_size, norm_region)
     if cache_dir is None:
         return _preprocess_patient(patient, config)
     entry = Path(cache_dir) / f"{patient.patient_id}-{cache_key(patient, config)}"
@@ -403,11 +404,12 @@ def load_volumes(
     cache_dir: str | Path | None = "./cache",
     num_workers: int = 4,
     progress: bool = False,
+    norm_region: str = "crop",
 ) -> list[Volume]:
     """Load (or preprocess in parallel threads) every patient's volume, in input order."""
 
     def load(patient: Patient) -> Volume:
-        return load_volume(patient, image_size, cache_dir)
+        return load_volume(patient, image_size, cache_dir, norm_region)
 
     workers = max(1, min(num_workers, len(patients)))
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -28,12 +28,17 @@ INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 TOLERANCE = 1e-4  # largest accepted |onnxruntime - torch| probability difference
 
 
+def input_channels(model: torch.nn.Module) -> int:
+    """The model's input channels: 3, or 3 (2C + 1) for a 2.5-D model with C context slices."""
+    return int(getattr(model, "config", {}).get("in_channels", 3))
+
+
 def export_onnx(model: torch.nn.Module, image_size: int, metadata: dict[str, str] | None = None) -> bytes:
     """Serialized ONNX model of `model` (a CPU fp32 copy), exported with torch.onnx's
     dynamo exporter with dynamic batch, height and width; `metadata` goes to the model's
     metadata_props. Raises whatever torch.onnx raises for an unexportable model."""
     model = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
-    example = torch.zeros(2, 3, image_size, image_size)
+    example = torch.zeros(2, input_channels(model), image_size, image_size)
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
     program = torch.onnx.export(
         model,
@@ -77,7 +82,8 @@ def max_abs_difference(model: torch.nn.Module, runtime: OnnxRuntimeModel, image_
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(model).cpu().float().eval()
     worst = 0.0
-    for shape in ((2, 3, image_size, image_size), (3, 3, image_size + 16, image_size + 32)):
+    channels = input_channels(model)
+    for shape in ((2, channels, image_size, image_size), (3, channels, image_size + 16, image_size + 32)):
         images = torch.randn(shape, generator=generator)  # z-scored like preprocessed slices
         with torch.inference_mode():
             expected = model(images)

@@ -143,8 +143,13 @@ class SegmentationPipeline:
         lcc: bool = True,
         tta: bool = False,
         batch_size: int = 32,
+        norm_region: str = "crop",
     ):
         self._modules = repo_modules()
+        self.norm_region = norm_region  # where training took the normalisation statistics
+        self.context_slices = self._modules["predict"].context_slices_of(
+            getattr(model, "config", {}).get("in_channels", 3), "model"
+        )
         self.device = device
         self.model = model.to(device).to(memory_format=torch.channels_last).eval()
         self.image_size, self.threshold, self.lcc, self.tta, self.batch_size = (
@@ -163,9 +168,12 @@ class SegmentationPipeline:
         volume = np.asarray(volume)
         if volume.ndim != 4 or volume.shape[-1] != 3:
             raise ValueError(f"expected a volume of shape (slices, H, W, 3), got {volume.shape}")
-        images, _, geometry = utils.preprocess_volume(volume, None, self.image_size, range(len(volume)))
+        slices = range(len(volume))
+        images, _, geometry = utils.preprocess_volume(volume, None, self.image_size, slices, self.norm_region)
         amp = predict.autocast_dtype(self.device)
-        probs = predict.predict_volume(self.model, images, self.device, self.batch_size, self.tta, amp)
+        probs = predict.predict_volume(
+            self.model, images, self.device, self.batch_size, self.tta, amp, self.context_slices
+        )
         return predict.to_native(probs, geometry, self.threshold, self.lcc)
 
 
@@ -183,15 +191,20 @@ def segmentation_pipeline(
     batched inference, threshold and 3-D largest component that predict.py uses.
 
     `device`: None picks cuda:0 when available, else cpu; an unavailable CUDA device raises
-    `utils.UsageError` (a ValueError). The image size comes from a training checkpoint; pass
-    `image_size` for a bare state_dict (default 256).
+    `utils.UsageError` (a ValueError). The image size and normalisation region come from a
+    training checkpoint (pass `image_size` for a bare state_dict, default 256, normalised over
+    the crop); the context slices of a 2.5-D model from its input channels.
     """
     modules = repo_modules()
     utils = modules["utils"]
     device = utils.resolve_device(None if device is None else str(device))
     checkpoint = utils.load_checkpoint(weights_path, "cpu")
     model = modules["predict"].build_model(checkpoint, weights_path)
+    trained = utils.is_training_checkpoint(checkpoint) and "preprocessing" in checkpoint
+    preprocessing = checkpoint["preprocessing"] if trained else {}
+    if trained:
+        modules["predict"].check_preprocessing(preprocessing, weights_path)
     if image_size is None:
-        trained = utils.is_training_checkpoint(checkpoint) and "preprocessing" in checkpoint
-        image_size = checkpoint["preprocessing"]["image_size"] if trained else 256
-    return SegmentationPipeline(model, int(image_size), device, threshold, lcc, tta, batch_size)
+        image_size = preprocessing.get("image_size", 256)
+    region = preprocessing.get("norm_region", "crop")
+    return SegmentationPipeline(model, int(image_size), device, threshold, lcc, tta, batch_size, region)

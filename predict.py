@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -39,10 +40,12 @@ from dataset import (
     preprocessing_config,
     read_volume,
     select_patients,
+    stack_context,
     write_nifti_mask,
 )
 from network import UNetModel
 from utils import (
+    NORM_REGIONS,
     CheckpointError,
     Geometry,
     HelpFormatter,
@@ -92,22 +95,34 @@ def predict_volume(
     batch_size: int = 32,
     tta: bool = False,
     amp_dtype: torch.dtype | None = None,
+    context_slices: int = 0,
 ) -> np.ndarray:
     """Probabilities (S, H, W) float32 for a preprocessed volume (S, 3, H, W), in batches.
-    With `tta` the prediction is averaged with that of the horizontally flipped input."""
+    With `tta` the prediction is averaged with that of the horizontally flipped input.
+    `context_slices` C > 0 (a 2.5-D model, `context_slices_of`): each slice is fed with its
+    C neighbours on each side as channels, (S, 3, H, W) -> (S, 3 (2C+1), H, W), as in training."""
     device = torch.device(device)
     model.eval()
+    images = stack_context(images, context_slices)
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         batch = torch.from_numpy(np.array(batch)) if isinstance(batch, np.ndarray) else batch
         batch = batch.to(device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            probs = model(batch)  # (B, 3, H, W) -> (B, 1, H, W)
+            probs = model(batch)  # (B, 3 (2C+1), H, W) -> (B, 1, H, W)
             if tta:
                 probs = (probs + model(batch.flip(-1)).flip(-1)) / 2
         out.append(probs[:, 0].float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, *images.shape[-2:]), np.float32)
+
+
+def context_slices_of(in_channels: int, source: str | Path = "checkpoint") -> int:
+    """The context slices C of a model with `in_channels` = 3 (2C + 1) input channels (3 per
+    slice: pre-contrast, FLAIR, post-contrast). Raises CheckpointError for any other count."""
+    if in_channels < 3 or in_channels % 6 != 3:
+        raise CheckpointError(f"{source}: the model takes {in_channels} input channels; expected 3 (2C + 1)")
+    return (in_channels // 3 - 1) // 2
 
 
 def binarize(probabilities: np.ndarray, threshold: float = 0.5, lcc: bool = True) -> np.ndarray:
@@ -154,6 +169,8 @@ class LoadedModel:
     model: UNetModel  # or export.OnnxRuntimeModel with --backend onnxruntime
     image_size: int
     split: dict | None
+    norm_region: str = "crop"  # where the normalisation statistics came from in training
+    context_slices: int = 0  # neighbouring slices on each side fed as channels (2.5-D)
 
 
 DEMO_CHECKPOINT = Path("demo_checkpoints") / "best_model.pt"  # where `train.py --demo` saves its model
@@ -180,9 +197,12 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
             f"{path}: not a training checkpoint of this project (needs 'model', 'model_config' and "
             "'preprocessing'); bare state_dicts can be loaded with hubconf.unet_segmentation"
         )
-    check_preprocessing(checkpoint["preprocessing"], path)
+    preprocessing = checkpoint["preprocessing"]
+    check_preprocessing(preprocessing, path)
     model = build_model(checkpoint, path).to(device).to(memory_format=torch.channels_last)
-    return LoadedModel(Path(path), model, int(checkpoint["preprocessing"]["image_size"]), checkpoint.get("split"))
+    context = context_slices_of(model.config["in_channels"], path)
+    size, region = int(preprocessing["image_size"]), preprocessing.get("norm_region", "crop")
+    return LoadedModel(Path(path), model, size, checkpoint.get("split"), region, context)
 
 
 BACKENDS = ("torch", "onnxruntime")
@@ -215,7 +235,7 @@ def with_onnxruntime(loaded: LoadedModel) -> LoadedModel:
         _EXPORTED[key] = checked_onnx(loaded)
         while len(_EXPORTED) > 4:
             del _EXPORTED[next(iter(_EXPORTED))]
-    return LoadedModel(loaded.path, OnnxRuntimeModel(_EXPORTED[key]), loaded.image_size, loaded.split)
+    return dataclasses.replace(loaded, model=OnnxRuntimeModel(_EXPORTED[key]))
 
 
 def checked_onnx(loaded: LoadedModel) -> bytes:
@@ -234,10 +254,14 @@ def checked_onnx(loaded: LoadedModel) -> bytes:
 
 def check_preprocessing(saved: dict, path: str | Path) -> None:
     """Refuse a checkpoint trained with preprocessing other than `dataset.preprocessing_config`
-    (another clip percentile, brain threshold, ...); CheckpointError names the differing keys."""
+    for its image size and normalisation region (another clip percentile, brain threshold,
+    an unknown region, ...); CheckpointError names the differing keys. A checkpoint without
+    `norm_region` predates the choice and was normalised over the crop."""
     if "image_size" not in saved:
         raise CheckpointError(f"{path}: its 'preprocessing' has no 'image_size'")
-    expected = preprocessing_config(int(saved["image_size"]))
+    saved = {"norm_region": "crop", **saved}
+    region = saved["norm_region"] if saved["norm_region"] in NORM_REGIONS else "crop"
+    expected = preprocessing_config(int(saved["image_size"]), region)
     differing = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
     if differing:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this code {expected.get(k)!r}" for k in differing)
@@ -547,13 +571,12 @@ def predict_patient(
     """Average the models' probabilities, map them back to native space, binarize there.
     Returns native masks (S, H, W) bool and native probabilities (S, H, W)."""
     cache_dir = None if args.no_cache or patient.nifti else args.cache_dir  # the cache key knows TIFF files only
-    sizes = {m.image_size for m in models}
-    if len(sizes) != 1:
-        raise CheckpointError(f"ensembled checkpoints use different image sizes {sorted(sizes)}")
-    volume = load_volume(patient, sizes.pop(), cache_dir)
+    check_image_sizes(models)
+    volume = load_volume(patient, models[0].image_size, cache_dir, models[0].norm_region)
+    amp = autocast_dtype(device)
     probs = np.mean(
         [
-            predict_volume(m.model, volume.images, device, args.batch_size, args.tta, autocast_dtype(device))
+            predict_volume(m.model, volume.images, device, args.batch_size, args.tta, amp, m.context_slices)
             for m in models
         ],
         axis=0,
@@ -597,11 +620,18 @@ def process_patient(
 
 
 def check_image_sizes(models: Sequence[LoadedModel]) -> None:
-    """An ensemble averages probabilities, so its members must share the model grid (checked
-    before any patient; fold models each predict their own patients and may differ)."""
+    """An ensemble averages probabilities, so its members must share the model grid and the
+    normalisation region (checked before any patient; fold models each predict their own
+    patients and may differ). Their context slices may differ: each stacks its own input."""
     sizes = {m.image_size for m in models}
     if len(sizes) != 1:
         raise CheckpointError(f"the checkpoints use different image sizes {sorted(sizes)}")
+    regions = {m.norm_region for m in models}
+    if len(regions) != 1:
+        raise CheckpointError(
+            f"the checkpoints were normalised over different regions ({', '.join(sorted(regions))}); "
+            "ensemble checkpoints trained with the same --norm-region"
+        )
 
 
 def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode: str, seconds: float) -> dict:

@@ -47,13 +47,22 @@ def test_table_averages_seeds_and_marks_unwired_candidates():
 
 def test_ablation_smoke_run_writes_the_table(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    unwired = Candidate("x", ("--not-a-flag",))
+    monkeypatch.setattr(bench, "CANDIDATES", (*bench.CANDIDATES, unwired))
     output = tmp_path / "ablation.md"
     args = ["ablation", "--quick", "--seeds", "0", "--patients", "4", "--test-patients", "1"]
-    bench.main(
-        [*args, "--candidates", "today", "context 1", "--work-dir", str(tmp_path / "w"), "--output", str(output)]
-    )
+    args += ["--candidates", "today", "flip TTA", "x", "--work-dir", str(tmp_path / "w"), "--output", str(output)]
+    bench.main(args)
     text = output.read_text()
     assert "python bench.py ablation --quick" in text and "| today | `(none)` | 0 |" in text
-    assert "| context 1 | `--context-slices 1` | - | not wired: --context-slices" in text
+    assert "| flip TTA | `predict --tta` | 0 |" in text
+    assert "| x | `--not-a-flag` | - | not wired: --not-a-flag" in text
     assert (tmp_path / "w" / "today_seed0" / "test_last" / "metrics.csv").exists()
+    # flip TTA predicts with today's checkpoints: no training of its own
+    assert (tmp_path / "w" / "today_seed0" / "test_last_flip_TTA" / "metrics.csv").exists()
+    assert not (tmp_path / "w" / "flip_TTA_seed0").exists()
+    first = text.split("\n\n", 1)[1]
+    bench.main(args)  # the same --work-dir: finished runs are read back, the table is the same
+    again = output.read_text()
+    assert "2 run(s) read back" in again and again.split("\n\n", 1)[1] == first
     shutil.rmtree(tmp_path / "w")

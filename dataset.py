@@ -39,6 +39,7 @@ from utils import (
     HelpFormatter,
     UsageError,
     ensure_writable_dir,
+    one_line_warnings,
     preprocess_volume,
 )
 
@@ -156,9 +157,13 @@ def _holds_patients(directory: Path) -> bool:
 
 
 def select_patients(patients: Sequence[Patient], ids: Iterable[str]) -> list[Patient]:
-    """The patients with the given ids, in that order; names any that are missing."""
+    """The patients with the given ids, in that order. Raises DataError naming any id that
+    is missing or listed twice (a patient scored twice would count twice in the mean)."""
     by_id = {p.patient_id: p for p in patients}
     ids = list(ids)
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise DataError(f"patient(s) listed more than once: {', '.join(repeated)}")
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise DataError(f"{len(missing)} patient(s) not found in the data directory: {', '.join(missing)}")
@@ -947,6 +952,9 @@ def make_sampler(
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> None:
+    out = ensure_writable_dir(args.out, "synthesize OUT")
+    if any(child.is_dir() and not child.name.startswith(".") for child in out.iterdir()):
+        raise UsageError(f"synthesize OUT {out}: already holds patient folders; give an empty or new folder")
     start = time.perf_counter()
     ids = make_synthetic_dataset(
         args.out, args.patients, args.seed, args.image_size, _slice_range(args), difficulty=args.difficulty
@@ -1005,6 +1013,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
+    one_line_warnings()
     if getattr(args, "patients", 1) < 1 or getattr(args, "image_size", 16) < 16:
         sys.exit("error: --patients must be >= 1 and --image-size >= 16")
     if args.command == "synthesize" and not 3 <= _slice_range(args)[0] <= _slice_range(args)[1]:

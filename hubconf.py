@@ -163,11 +163,17 @@ class SegmentationPipeline:
     def __call__(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """volume (S, H, W, 3) of one patient, all slices in order -> masks uint8 0/1
         (S, H, W) and probabilities float32 (S, H, W), both on the input grid.
-        Raises ValueError for any other shape."""
+        Raises ValueError for any other shape and for NaN or infinite values."""
         utils, predict = self._modules["utils"], self._modules["predict"]
         volume = np.asarray(volume)
         if volume.ndim != 4 or volume.shape[-1] != 3:
             raise ValueError(f"expected a volume of shape (slices, H, W, 3), got {volume.shape}")
+        if volume.dtype.kind == "f" and not np.isfinite(volume).all():
+            count = int(np.size(volume) - np.isfinite(volume).sum())
+            raise ValueError(
+                f"the volume holds {count} non-finite value(s) (NaN or infinity); "
+                "replace them with a finite value (e.g. 0 for background) first"
+            )
         slices = range(len(volume))
         images, _, geometry = utils.preprocess_volume(volume, None, self.image_size, slices, self.norm_region)
         amp = predict.autocast_dtype(self.device)

@@ -57,6 +57,7 @@ from utils import (
     largest_connected_component,
     load_checkpoint,
     model_state_from,
+    one_line_warnings,
     overlay,
     plot_dice_distribution,
     precision_recall,
@@ -549,9 +550,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_output_dirs(args: argparse.Namespace) -> Path:
-    """Create --output-dir (and --cache-dir unless --no-cache) or say why not, before any work."""
+    """Create --output-dir, the folder of --figure-path (and --cache-dir unless --no-cache),
+    or say why not, before any work."""
     if not args.no_cache:
         ensure_writable_dir(args.cache_dir, "--cache-dir")
+    figure = Path(args.figure_path)
+    if figure.is_dir():
+        raise UsageError(f"--figure-path {figure}: is a folder; give a .png file name")
+    ensure_writable_dir(figure.parent, "--figure-path")
     return ensure_writable_dir(args.output_dir, "--output-dir")
 
 
@@ -703,6 +709,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
+    one_line_warnings()
     try:
         validate_args(args)
         summary = run(args)

@@ -63,6 +63,7 @@ from utils import (
     dice_score,
     ensure_writable_dir,
     load_checkpoint,
+    one_line_warnings,
     overlay,
     resolve_device,
     save_checkpoint,
@@ -1143,6 +1144,7 @@ def exit_now(message: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    one_line_warnings()
     try:
         validate_args(args)
         runtime = setup_runtime(args)

@@ -11,6 +11,7 @@ import random
 import re
 import secrets
 import tempfile
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -651,6 +652,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
             shown = " ".join(map(str, action.default)).replace("%", "%%")  # argparse expands % in help
             return f"{action.help} (default: {shown})"
         return super()._get_help_string(action)
+
+
+def one_line_warnings() -> None:
+    """For the CLIs' main(): print each warning as one `warning: <message>` line, without
+    the source file and code line Python adds by default (library code never calls this)."""
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
 
 
 def resolve_device(name: str | None) -> torch.device:

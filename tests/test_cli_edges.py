@@ -1,0 +1,72 @@
+"""Edge cases found by trying the CLIs as a new user: each gives one clear line, before any
+work, instead of a traceback, a silently wrong mask or a patient counted twice."""
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import predict
+from dataset import DataError, discover_patients, select_patients
+from test_hub import hub_load
+from utils import one_line_warnings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_hub_pipeline_refuses_non_finite_pixels(trained_checkpoint, phantom_dir):
+    # NaN used to pass preprocessing and mark every pixel of the volume as lesion.
+    segment = hub_load("segmentation_pipeline", weights_path=str(trained_checkpoint), device="cpu")
+    patient = discover_patients(phantom_dir)[0]
+    volume = np.stack([tifffile.imread(item.image) for item in patient.slices]).astype(np.float32)
+    volume[:, :2, :2, :] = np.nan
+    with pytest.raises(ValueError, match=rf"{2 * 2 * 3 * len(volume)} non-finite value"):
+        segment(volume)
+
+
+def test_figure_path_below_a_file_is_refused_before_any_work(trained_checkpoint, phantom_dir, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    argv = ["--model-path", str(trained_checkpoint), "--data-dir", str(phantom_dir), "--no-cache"]
+    argv += ["--output-dir", str(tmp_path / "out"), "--figure-path", str(blocker / "dice.png")]
+    with pytest.raises(SystemExit, match=r"^error: --figure-path .*afile: is a file, not a folder"):
+        predict.main(argv)
+    assert not (tmp_path / "out" / "metrics.csv").exists(), "refused before any patient was predicted"
+
+
+def test_patient_listed_twice_is_refused(phantom_dir):
+    patients = discover_patients(phantom_dir)
+    first = patients[0].patient_id
+    with pytest.raises(DataError, match=f"listed more than once: {first}"):
+        select_patients(patients, [first, patients[1].patient_id, first])
+
+
+@pytest.mark.parametrize("target", ["file", "patients"])
+def test_synthesize_refuses_a_file_or_a_folder_with_patients(target, small_phantom, tmp_path):
+    if target == "file":
+        out = tmp_path / "afile"
+        out.write_text("x")
+    else:
+        out = small_phantom
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    result = subprocess.run(
+        [sys.executable, "dataset.py", "synthesize", str(out), "--patients", "1", "--image-size", "32"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: synthesize OUT") and len(result.stderr.strip().splitlines()) == 1
+    if before is not None:
+        assert sorted(p.name for p in out.iterdir()) == before, "no patient added to an existing data set"
+
+
+def test_cli_warnings_are_one_line(monkeypatch):
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    one_line_warnings()
+    text = warnings.formatwarning(UserWarning("patient P1: rebuilt"), UserWarning, "dataset.py", 10, "code()")
+    assert text == "warning: patient P1: rebuilt\n"

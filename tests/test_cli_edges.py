@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from test_hub import hub_load
 
 import predict
 from dataset import DataError, discover_patients, select_patients
-from test_hub import hub_load
 from utils import one_line_warnings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -498,6 +498,11 @@ def _fold_of(order: list[str], folds: int, fold: int | None, test_patients: int)
 
 def _check_counts(total: int, val_patients: int, test_patients: int, context: str) -> None:
     """At least one validation and one training patient must remain."""
+    if total - test_patients < 2:
+        raise DataError(
+            f"{total} patient(s) ({context}): too few to split; training needs at least one training "
+            "and one validation patient"
+        )
     if not 0 < val_patients < total - test_patients:
         raise DataError(
             f"--val-patients {val_patients}: must be between 1 and {total - test_patients - 1} "

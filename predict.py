@@ -339,9 +339,13 @@ def summarize(rows: list[dict], protocol: dict) -> dict:
 
 
 def are_folds(models: Sequence[LoadedModel]) -> bool:
-    """Several checkpoints whose test sets are non-empty and pairwise disjoint: the folds of
-    one cross-validation (each patient is then scored by the model it was a test patient of)."""
+    """Several checkpoints whose splits cover the same patients and whose test sets are
+    non-empty and pairwise disjoint: the folds of one cross-validation (each patient is then
+    scored by the model it was a test patient of). Runs on other data sets are an ensemble."""
     if len(models) < 2 or any(not m.split or not m.split.get("test") for m in models):
+        return False
+    cohorts = {frozenset(p for role in ("train", "val", "test") for p in m.split.get(role, [])) for m in models}
+    if len(cohorts) != 1:
         return False
     seen: set[str] = set()
     for m in models:
@@ -554,11 +558,12 @@ def check_output_dirs(args: argparse.Namespace) -> Path:
     or say why not, before any work."""
     if not args.no_cache:
         ensure_writable_dir(args.cache_dir, "--cache-dir")
+    out_dir = ensure_writable_dir(args.output_dir, "--output-dir")
     figure = Path(args.figure_path)
     if figure.is_dir():
         raise UsageError(f"--figure-path {figure}: is a folder; give a .png file name")
     ensure_writable_dir(figure.parent, "--figure-path")
-    return ensure_writable_dir(args.output_dir, "--output-dir")
+    return out_dir
 
 
 def validate_args(args: argparse.Namespace) -> None:

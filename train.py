@@ -688,6 +688,8 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
         path = Path(args.checkpoint_dir) / "last.pt"
         return path if path.is_file() else None
     path = Path(args.resume)
+    if path.is_dir():
+        raise CheckpointError(f"--resume {path}: is a folder; pass {path / 'last.pt'} (or --resume auto)")
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: file not found")
     return path

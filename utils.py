@@ -605,6 +605,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path}: map_location={str(device)!r}, but CUDA is not available on this machine (use 'cpu')"
         )
+    if path.is_dir():
+        inside = ", ".join(sorted(f.name for f in path.glob("*.pt"))) or "no .pt file"
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (it holds {inside}); pass the file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     reason = _not_a_checkpoint(path)

@@ -70,3 +70,18 @@ def test_cli_warnings_are_one_line(monkeypatch):
     one_line_warnings()
     text = warnings.formatwarning(UserWarning("patient P1: rebuilt"), UserWarning, "dataset.py", 10, "code()")
     assert text == "warning: patient P1: rebuilt\n"
+
+
+def test_folder_given_as_checkpoint_says_so(tmp_path):
+    from utils import CheckpointError, load_checkpoint
+
+    (tmp_path / "best_model.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file \(it holds best_model\.pt\)"):
+        load_checkpoint(tmp_path)
+
+
+def test_one_patient_is_too_few_to_split():
+    from dataset import make_split
+
+    with pytest.raises(DataError, match=r"^1 patient\(s\) .*too few to split"):
+        make_split(["P1"], val_patients=10)

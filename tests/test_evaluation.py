@@ -90,6 +90,8 @@ def test_assignment_in_folds_and_ensembles():
     assert predict.assign("external", folds, True) == ([0, 1], "unseen")
     ensemble = [Fake(split_of(train=["b"], test=["a"])), Fake(split_of(train=["a"], test=["c"]))]
     assert not predict.are_folds(ensemble + [ensemble[0]])  # overlapping test sets
+    other_cohort = Fake(split_of(train=["x"], val=["y"], test=["b"]))  # a run on other patients
+    assert not predict.are_folds([folds[0], other_cohort]), "disjoint test sets of unrelated runs are not folds"
     assert predict.assign("a", ensemble, False) == ([0, 1], "train")  # one member trained on it
     assert predict.assign("c", [ensemble[1], Fake(split_of(train=["x"]))], False)[1] == "test"
     assert predict.requested_patients(["test"], folds, True) == ["a", "b"]

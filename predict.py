@@ -522,7 +522,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="kaggle_3m-style folder, and/or NIfTI files <patient>.nii.gz or <patient>_{pre,flair,post}.nii.gz",
     )
     p.add_argument("--output-dir", default="./predictions", help="masks, overlays, metrics.csv, summary.json")
-    p.add_argument("--figure-path", default="./dice_distribution.png", help="per-patient Dice bar chart")
+    p.add_argument(
+        "--figure-path", default=None, help="per-patient Dice bar chart; default: <output-dir>/dice_distribution.png"
+    )
     p.add_argument("--device", default=None, help="default: cuda:0 when available, else cpu")
     p.add_argument(
         "--patients",
@@ -559,6 +561,7 @@ def check_output_dirs(args: argparse.Namespace) -> Path:
     if not args.no_cache:
         ensure_writable_dir(args.cache_dir, "--cache-dir")
     out_dir = ensure_writable_dir(args.output_dir, "--output-dir")
+    args.figure_path = args.figure_path or str(out_dir / "dice_distribution.png")
     figure = Path(args.figure_path)
     if figure.is_dir():
         raise UsageError(f"--figure-path {figure}: is a folder; give a .png file name")

@@ -703,6 +703,7 @@ def check_no_clobber(args: argparse.Namespace, resume_path: Path | None) -> None
     if not existing or args.overwrite or continues_it:
         return
     how = "--resume auto" if "last.pt" in existing else f"--resume {folder / existing[0]}"
+    how = f"`python train.py --demo {how}`" if args.demo else how
     raise UsageError(
         f"--checkpoint-dir {folder} already holds {' and '.join(existing)} of an earlier run: continue it "
         f"with {how}, or pass --overwrite to start a new run there (deletes them)"

@@ -64,5 +64,5 @@ def test_ablation_smoke_run_writes_the_table(tmp_path, monkeypatch):
     first = text.split("\n\n", 1)[1]
     bench.main(args)  # the same --work-dir: finished runs are read back, the table is the same
     again = output.read_text()
-    assert "2 run(s) read back" in again and again.split("\n\n", 1)[1] == first
+    assert "2 of them read back" in again and again.split("\n\n", 1)[1] == first
     shutil.rmtree(tmp_path / "w")

@@ -10,11 +10,11 @@ Convention for README.md (keep it when editing the README):
   device that exists (`"cuda" if torch.cuda.is_available() else "cpu"`).
 - The current directory is a scratch copy of a clone after the Quick start: the
   repository's top-level *.py files (symlinked, so `import predict` and
-  `torch.hub.load(".", ..., source="local")` work), `demo_3m/` and `kaggle_3m/` (the same
-  small 64 x 64 phantom, patients `TCGA_PH_*`) and `demo_checkpoints/best_model.pt` and
-  `checkpoints/best_model.pt` (a tiny model trained on it). Examples written for the
-  default paths of train.py / predict.py or for the output of `python train.py --demo`
-  therefore run unchanged; they must not name a patient that only the real data set has.
+  `torch.hub.load(".", ..., source="local")` work), `demo_3m/` (a small 64 x 64 phantom,
+  patients `TCGA_PH_*`) and `demo_checkpoints/best_model.pt` (a tiny model trained on it),
+  and nothing else: no `kaggle_3m/` or `checkpoints/`, which a reader only has after
+  training on the real data. Examples use the demo's outputs and must not name a patient
+  that only the real data set has.
 - An HTML comment on the line before the fence (blank lines allowed in between) can opt a
   block out: `<!-- readme-test: skip REASON -->` (REASON is required, e.g. "needs two
   GPUs"); it then shows as a skipped test with that reason. Any other `readme-test:`
@@ -100,10 +100,10 @@ def clone_after_quick_start(phantom_dir, trained_checkpoint, tmp_path) -> Path:
     work.mkdir()
     for module in ROOT.glob("*.py"):
         (work / module.name).symlink_to(module)
-    for data, checkpoints in (("demo_3m", "demo_checkpoints"), ("kaggle_3m", "checkpoints")):
-        shutil.copytree(phantom_dir, work / data)
-        (work / checkpoints).mkdir()
-        shutil.copy(trained_checkpoint, work / checkpoints / "best_model.pt")
+    # only what the Quick start leaves: no kaggle_3m/ or checkpoints/ (a reader has not trained on real data yet)
+    shutil.copytree(phantom_dir, work / "demo_3m")
+    (work / "demo_checkpoints").mkdir()
+    shutil.copy(trained_checkpoint, work / "demo_checkpoints" / "best_model.pt")
     return work
 
 

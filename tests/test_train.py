@@ -406,7 +406,12 @@ def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir,
         assert buffers and all(torch.equal(value, checkpoint["model"][name]) for name, value in buffers.items())
     # the logged validation is that of the saved model, evaluated here in one process
     model = build_model(checkpoint)
-    expected = train.evaluate(model, volumes, train.Runtime(torch.device("cpu")), 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks (OMP_NUM_THREADS=1): the same convolution kernels and sums
+    try:
+        expected = train.evaluate(model, volumes, train.Runtime(torch.device("cpu")), 16)
+    finally:
+        torch.set_num_threads(threads)
     (run_dir,) = (tmp_path / "tb").iterdir()
     events = EventAccumulator(str(run_dir))
     events.Reload()

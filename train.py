@@ -1022,6 +1022,8 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
     """Set up, run the epochs (up to --stop-after-epoch), return the history (used by tests)."""
     run = set_up(args, runtime)
     last = min(args.epochs, args.stop_after_epoch or args.epochs)
+    if run.start_epoch > args.epochs and runtime.is_main:
+        print(f"nothing to do: the run in {args.checkpoint_dir} already finished epoch {args.epochs} of {args.epochs}")
     try:
         for epoch in range(run.start_epoch, last + 1):
             run_epoch(run, epoch)

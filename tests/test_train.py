@@ -177,6 +177,10 @@ def test_resume_matches_uninterrupted_run(phantom_dir, tmp_path, capsys):
     # the resumed run continues its own TensorBoard sub-folder: one point per epoch
     (run_dir,) = (tmp_path / "split" / "tb").iterdir()
     assert scalar_steps(run_dir, "val/dice_mean") == [1, 2, 3]
+    # resuming the finished run trains nothing and says so
+    capsys.readouterr()
+    again = train.main(command[2:])
+    assert again["history"] == [] and "already finished epoch 3 of 3" in capsys.readouterr().out
 
 
 def test_resume_refuses_a_changed_run_defining_flag(phantom_dir, tmp_path):

@@ -45,6 +45,7 @@ from dataset import (
 )
 from network import UNetModel
 from utils import (
+    CHECKPOINT_FORMAT_VERSION,
     NORM_REGIONS,
     CheckpointError,
     Geometry,
@@ -197,6 +198,12 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
         raise CheckpointError(
             f"{path}: not a training checkpoint of this project (needs 'model', 'model_config' and "
             "'preprocessing'); bare state_dicts can be loaded with hubconf.unet_segmentation"
+        )
+    version = checkpoint.get("format_version", CHECKPOINT_FORMAT_VERSION)
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version}, this code reads version {CHECKPOINT_FORMAT_VERSION}; "
+            "predict with the code version that trained it"
         )
     preprocessing = checkpoint["preprocessing"]
     check_preprocessing(preprocessing, path)

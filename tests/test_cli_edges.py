@@ -85,3 +85,14 @@ def test_one_patient_is_too_few_to_split():
 
     with pytest.raises(DataError, match=r"^1 patient\(s\) .*too few to split"):
         make_split(["P1"], val_patients=10)
+
+
+def test_checkpoint_of_another_format_version_is_refused(trained_checkpoint, tmp_path):
+    import torch
+
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    checkpoint["format_version"] = 99
+    path = tmp_path / "future.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(predict.CheckpointError, match=r"future\.pt: checkpoint format version 99, this code reads"):
+        predict.load_model(path, torch.device("cpu"))

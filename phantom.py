@@ -38,17 +38,27 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return noise / (noise.std() + 1e-8)
 
 
-def _phantom_patient(rng: np.random.Generator, n_slices: int, size: int, lesion: bool):
-    """One phantom volume: images uint8 (S, H, W, 3), masks bool (S, H, W)."""
-    z = np.linspace(-1.0, 1.0, n_slices, dtype=np.float32)[:, None, None]
+def _head_frame(rng: np.random.Generator, z: np.ndarray, size: int, axis_ranges: tuple[tuple[float, float], ...]):
+    """A randomly placed, tilted elliptical head for slice positions z (S, 1, 1) in [-1, 1],
+    narrowing towards the ends. Semi-axes are drawn from `axis_ranges` (fractions of `size`).
+    Returns centre (2,) and semi-axes (2,) in pixels, dy and dx (H, W) offsets from the
+    centre, and rho (S, H, W): 0 at the centre, 1 on the scalp."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     centre = size / 2 + rng.normal(0, 0.03 * size, 2)
-    axes = size * np.array([rng.uniform(0.32, 0.42), rng.uniform(0.27, 0.35)])
+    axes = size * np.array([rng.uniform(*axis_ranges[0]), rng.uniform(*axis_ranges[1])])
     tilt = rng.uniform(-0.3, 0.3)
     dy, dx = y - centre[0], x - centre[1]
     u, v = dy * np.cos(tilt) - dx * np.sin(tilt), dy * np.sin(tilt) + dx * np.cos(tilt)
     radius = np.sqrt(np.clip(1.0 - (0.92 * z) ** 2, 0.05, None))  # head narrows at the ends
     rho = np.sqrt((u / axes[0]) ** 2 + (v / axes[1]) ** 2) / radius  # (S, H, W); 1 = scalp
+    return centre, axes, dy, dx, rho
+
+
+def _phantom_patient(rng: np.random.Generator, n_slices: int, size: int, lesion: bool):
+    """One phantom volume: images uint8 (S, H, W, 3), masks bool (S, H, W)."""
+    z = np.linspace(-1.0, 1.0, n_slices, dtype=np.float32)[:, None, None]
+    centre, axes, dy, dx, rho = _head_frame(rng, z, size, ((0.32, 0.42), (0.27, 0.35)))
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)  # for the vessel spots
 
     head, brain = rho <= 1.0, rho <= 0.86
     skull = head & ~brain
@@ -151,14 +161,7 @@ def _head_coordinates(rng: np.random.Generator, n_slices: int, size: int):
     head's centre, 1 on the scalp. Coverage may start and end inside the brain."""
     z0, z1 = rng.uniform(-0.95, -0.35), rng.uniform(0.35, 0.95)
     z = np.linspace(z0, z1, n_slices, dtype=np.float32)[:, None, None]
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    centre = size / 2 + rng.normal(0, 0.03 * size, 2)
-    axes = size * np.array([rng.uniform(0.36, 0.44), rng.uniform(0.29, 0.35)])
-    tilt = rng.uniform(-0.3, 0.3)
-    dy, dx = y - centre[0], x - centre[1]
-    u, v = dy * np.cos(tilt) - dx * np.sin(tilt), dy * np.sin(tilt) + dx * np.cos(tilt)
-    radius = np.sqrt(np.clip(1.0 - (0.92 * z) ** 2, 0.05, None))  # head narrows at the ends
-    rho = np.sqrt((u / axes[0]) ** 2 + (v / axes[1]) ** 2) / radius
+    _, _, dy, dx, rho = _head_frame(rng, z, size, ((0.36, 0.44), (0.29, 0.35)))
     return z, dy, dx, rho
 
 

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 import torch
 from scipy import ndimage
+from test_predict import run_predict as predict_run
 
 import predict
 from dataset import discover_patients, make_split, preprocessing_config
@@ -37,23 +38,7 @@ def make_checkpoint(path, split, seed, image_size=32, **preprocessing):
 
 
 def run_predict(checkpoints, data_dir, out, *extra):
-    return predict.main(
-        [
-            "--model-path",
-            *map(str, checkpoints),
-            "--data-dir",
-            str(data_dir),
-            "--output-dir",
-            str(out),
-            "--figure-path",
-            str(out / "dice.png"),
-            "--no-cache",
-            "--no-overlays",
-            "--num-workers",
-            "0",
-            *extra,
-        ]
-    )
+    return predict_run(checkpoints, data_dir, out, "--no-cache", "--no-overlays", *extra)
 
 
 def read_metrics(out):

@@ -168,12 +168,6 @@ class SegmentationPipeline:
         volume = np.asarray(volume)
         if volume.ndim != 4 or volume.shape[-1] != 3:
             raise ValueError(f"expected a volume of shape (slices, H, W, 3), got {volume.shape}")
-        if volume.dtype.kind == "f" and not np.isfinite(volume).all():
-            count = int(np.size(volume) - np.isfinite(volume).sum())
-            raise ValueError(
-                f"the volume holds {count} non-finite value(s) (NaN or infinity); "
-                "replace them with a finite value (e.g. 0 for background) first"
-            )
         slices = range(len(volume))
         images, _, geometry = utils.preprocess_volume(volume, None, self.image_size, slices, self.norm_region)
         amp = predict.autocast_dtype(self.device)

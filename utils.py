@@ -144,12 +144,20 @@ def preprocess_volume(
     norm_region: where the normalisation statistics come from: "crop" (every pixel of the
     padded, resized crop) or "head" (its `head_mask` pixels only, so the share of background
     in the crop, which changes with the slice coverage, does not shift tissue values).
-    Raises ValueError for another norm_region.
+    Raises ValueError for another norm_region, and for NaN or infinite pixels (they would turn
+    the percentiles, and so the whole normalised volume, into NaN or zeros; the readers name
+    the file before this, callers with arrays get this message).
     Returns images float32 (S, 3, size, size), masks uint8 0/1 (S, size, size) or None,
     and the Geometry that `restore_geometry` inverts.
     """
     if norm_region not in NORM_REGIONS:
         raise ValueError(f"normalisation region {norm_region!r}: expected one of {', '.join(NORM_REGIONS)}")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        count = int(images.size - np.count_nonzero(np.isfinite(images)))
+        raise ValueError(
+            f"the volume holds {count} non-finite value(s) (NaN or infinity); "
+            "replace them with a finite value (e.g. 0 for background) first"
+        )
     height, width = images.shape[1:3]
     y0, y1, x0, x1 = brain_bounding_box(images)
     padding = _square_padding(y1 - y0, x1 - x0)

@@ -1,10 +1,9 @@
 """Performance benchmark on a phantom data set written to a temp dir, and the ablation of
 training-recipe candidates on the hard phantom.
 
-    python bench.py [--device cpu|cuda] [--image-size 256] [--quick] [--json PATH]
+    python bench.py speed [--device cpu|cuda] [--image-size 256] [--quick] [--json PATH]
     python bench.py ablation [--seeds 0 1 2] [--candidates NAME ...] [--output ablation.md]
-    python bench.py report [--bench] [--output docs/results.md]   (regenerates the README's results)
-    python bench.py readme    (copies docs/results.md and docs/ablation.md into README.md)
+    python bench.py report [--bench] [--output docs/results.md]   (regenerates docs/results.md)
 
 Measures, side by side: preprocessing per patient (cold and warm cache), augmentation per
 slice (ours, batched on the device, against per-sample skimage rescale + rotate), training
@@ -16,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -32,23 +33,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import predict
 import train
 from augmentations import BatchAugmentation
 from dataset import (
     MRISegmentationDataset,
+    ResidentSlices,
     discover_patients,
     load_volume,
     load_volumes,
     make_synthetic_dataset,
     read_mask,
 )
+from inference import autocast_dtype, binarize, predict_volume
 from losses import SoftDiceLoss
 from network import UNetModel
-from predict import autocast_dtype, binarize, predict_volume
-from predict import get_args_parser as predict_parser
-from train import ResidentSlices, Runtime, train_one_epoch
-from utils import HelpFormatter, atomic_write_bytes, resolve_device, restore_geometry
+from train import Runtime, train_one_epoch
+from utils import CLIParser, HelpFormatter, atomic_write_bytes, resolve_device, restore_geometry, shared_flags
 
 ROOT = Path(__file__).resolve().parent
 
@@ -209,20 +209,7 @@ def bench_cpu_backends(volumes, base_filters: int, image_size: int, max_slices: 
     return result
 
 
-def main(argv: list[str] | None = None) -> dict | Path:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["ablation"]:
-        return ablation_main(argv[1:])
-    if argv[:1] == ["readme"]:
-        sync_readme()
-        return {}
-    if argv[:1] == ["report"]:
-        try:
-            return report(argv[1:])
-        except ReportError as error:
-            sys.exit(f"error: {error}")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
+def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=256, help="preprocessed slice size")
     parser.add_argument("--base-filters", type=int, default=32, help="U-Net width")
     parser.add_argument(
@@ -236,7 +223,10 @@ def main(argv: list[str] | None = None) -> dict | Path:
         "--quick", action="store_true", help="small phantom and few steps (under 2 minutes on 2 CPU cores)"
     )
     parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args(argv)
+
+
+def speed(args: argparse.Namespace) -> dict:
+    """`bench.py speed`: time each stage on a phantom written to a temp folder; print the table."""
     device = resolve_device(args.device)
     on_cpu = device.type == "cpu"
     steps = args.steps or (3 if args.quick else 20) * (1 if on_cpu else 10)
@@ -269,11 +259,7 @@ def main(argv: list[str] | None = None) -> dict | Path:
             data.images[batch].cpu(), data.masks[batch].cpu(), device, repeats=3 if args.quick else 10
         )
         plain = plain_training_rate(data, args.base_filters, args.batch_size, steps, device)
-        amp = (
-            torch.bfloat16
-            if device.type == "cuda" and torch.cuda.is_bf16_supported()
-            else (torch.float16 if device.type == "cuda" else None)
-        )
+        amp = autocast_dtype(device)
         configured = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, False)
         results["training"] = {
             "plain_fp32_slices_per_s": plain,
@@ -414,10 +400,25 @@ class AblationRun:
     finished: float = float("nan")  # time.time() when the run ended (the result file's mtime)
 
 
-def unknown_flags(flags: tuple[str, ...], parser: argparse.ArgumentParser) -> list[str]:
-    """The option strings in `flags` that `parser` does not define."""
-    known = set(parser._option_string_actions)
+def unknown_flags(flags: tuple[str, ...], known: set[str]) -> list[str]:
+    """The option strings in `flags` that are not in `known`."""
     return [flag for flag in flags if flag.startswith("--") and flag not in known]
+
+
+@functools.cache
+def predict_flags() -> set[str]:
+    """The flags predict.py defines, read from its --help (bench runs predict.py as a
+    command, never imports it: a CLI does not import another CLI)."""
+    result = subprocess.run(_local(["python", "predict.py", "--help"]), capture_output=True, text=True, check=True)
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", result.stdout))
+
+
+def run_predict(arguments: list[str], log: Path) -> dict:
+    """Run `python predict.py ARGUMENTS` (its output in `log`) and return the summary.json
+    it wrote. Raises ReportError naming the command when it fails."""
+    run_timed(_local(["python", "predict.py", *arguments]), Path.cwd(), log)
+    output_dir = Path(arguments[arguments.index("--output-dir") + 1])
+    return json.loads((output_dir / "summary.json").read_text())
 
 
 def false_positives_in_lesion_free_slices(test_dir: Path, masks_dir: Path) -> tuple[float, float]:
@@ -471,8 +472,9 @@ def run_candidate(
     is kept in `<work>/results/` and read back when the same candidate, seed and budget
     run again with the same --work-dir."""
     run = AblationRun(candidate, seed)
-    run.missing = unknown_flags(candidate.train_flags, train.get_args_parser()) + unknown_flags(
-        candidate.predict_flags, predict.get_args_parser()
+    train_known = set(train.get_args_parser()._option_string_actions)
+    run.missing = unknown_flags(candidate.train_flags, train_known) + unknown_flags(
+        candidate.predict_flags, predict_flags()
     )
     if run.missing:
         return run
@@ -489,12 +491,13 @@ def run_candidate(
     for which in ("last", "best"):
         checkpoint = out / "ckpt" / ("last.pt" if which == "last" else "best_model.pt")
         pred_dir = out / (f"test_{which}" if reused_from is None else f"test_{which}_{tag}")
-        summary = predict.main(
+        summary = run_predict(
             ["--model-path", str(checkpoint), "--data-dir", str(test_dir), "--patients", "all"]
             + ["--output-dir", str(pred_dir), "--figure-path", str(pred_dir / "dice.png"), "--no-overlays"]
             + ["--cache-dir", str(work / "cache"), "--num-workers", "2"]
             + list(candidate.predict_flags)
-            + device_flags
+            + device_flags,
+            pred_dir.with_name(pred_dir.name + ".log"),
         )
         fp, lesion = false_positives_in_lesion_free_slices(test_dir, pred_dir / "masks")
         metrics = summary.get("headline", {}).get("metrics") or summary["metrics"]  # test + unseen when present
@@ -543,13 +546,13 @@ def ablation_table(runs: list[AblationRun]) -> str:
     return header + "\n".join(rows) + "\n"
 
 
-def ablation_main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="bench.py ablation",
-        description="Train + predict each candidate recipe on the hard phantom over several seeds;\n"
-        "write a Markdown table of test Dice (last and best epoch) and false positives.",
-        formatter_class=HelpFormatter,
-    )
+ABLATION_ABOUT = (
+    "Train + predict each candidate recipe on the hard phantom over several seeds;\n"
+    "write a Markdown table of test Dice (last and best epoch) and false positives."
+)
+
+
+def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
     names = [c.name for c in CANDIDATES]
     every = ", ".join(repr(name) for name in names)
     parser.add_argument("--candidates", nargs="+", default=None, metavar="NAME", help=f"default: all of {every}")
@@ -558,13 +561,17 @@ def ablation_main(argv: list[str]) -> dict:
     parser.add_argument("--test-patients", type=int, default=10, help="unseen hard-phantom test patients")
     parser.add_argument("--phantom-size", type=int, default=256, help="native slice size of the phantom (px)")
     parser.add_argument("--budget", default=ABLATION_BUDGET, help="train.py flags shared by every candidate")
-    parser.add_argument("--device", default=None, help="passed to train.py and predict.py")
     parser.add_argument(
         "--work-dir", default=None, help="keep data, checkpoints, predictions here (default: a temp dir)"
     )
     parser.add_argument("--output", default="ablation.md", help="Markdown table")
     parser.add_argument("--quick", action="store_true", help="tiny phantom and budget: a smoke test, not evidence")
-    args = parser.parse_args(argv)
+
+
+def ablation(args: argparse.Namespace, argv: list[str]) -> dict:
+    """`bench.py ablation`: every candidate x seed, trained and scored on unseen test patients;
+    `argv` is the sub-command's own arguments, quoted in the generated page."""
+    names = [c.name for c in CANDIDATES]
     args.candidates = args.candidates or names
     unknown = sorted(set(args.candidates) - set(names))
     if unknown:
@@ -611,8 +618,6 @@ def ablation_main(argv: list[str]) -> dict:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     print(text)
-    if Path(args.output).resolve() == GENERATED["ablation"]:
-        sync_readme()
     return {"runs": runs, "table": table}
 
 
@@ -624,34 +629,6 @@ REPORT_HEADER = "<!-- generated by `python bench.py report`: do not edit by hand
 
 class ReportError(Exception):
     """A command of the report failed or did not produce what the report reads."""
-
-
-# The generated files the README shows, each between `<!-- begin generated: NAME -->` and
-# `<!-- end generated: NAME -->`; tests/test_readme.py checks the README holds them unchanged.
-GENERATED = {"results": ROOT / "docs" / "results.md", "ablation": ROOT / "docs" / "ablation.md"}
-
-
-def readme_block(markdown: str) -> str:
-    """A generated docs/ file as the README shows it: without its "generated by" comment,
-    headings two levels deeper, figure links relative to the repository root."""
-    lines = [line for line in markdown.splitlines() if not line.startswith("<!-- generated")]
-    lines = ["##" + line if line.startswith("#") else line for line in lines]
-    return "\n".join(lines).strip().replace("](figures/", "](docs/figures/") + "\n"
-
-
-def sync_readme(readme: Path = ROOT / "README.md") -> None:
-    """Copy every GENERATED file into README.md between its markers (`python bench.py readme`;
-    `report` and `ablation` do it when they write the default docs/ file). Raises
-    ReportError naming a marker that README.md lacks."""
-    text = readme.read_text()
-    for name, path in GENERATED.items():
-        begin, end = f"<!-- begin generated: {name} -->", f"<!-- end generated: {name} -->"
-        if begin not in text or end not in text:
-            raise ReportError(f"{readme}: no '{begin}' ... '{end}' markers")
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
-        text = f"{head}{begin}\n{readme_block(path.read_text())}{end}{tail}"
-    atomic_write_bytes(text.encode(), readme)
 
 
 def git_commit() -> str:
@@ -705,6 +682,18 @@ def printed_predict_command(train_stdout: str) -> list[str]:
         if "python predict.py" in line:
             return shlex.split(line[line.index("python predict.py") :])
     raise ReportError("train.py --demo did not print the predict.py command to run next ('python predict.py ...')")
+
+
+def predict_paths(arguments: list[str]) -> argparse.Namespace:
+    """`model_path`, `output_dir` and `figure_path` of predict.py arguments, with predict.py's
+    defaults (read here, not by importing predict.py: a CLI does not import another CLI)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model-path", nargs="+", default=["./checkpoints/best_model.pt"])
+    parser.add_argument("--output-dir", default="./predictions")
+    parser.add_argument("--figure-path", default=None)
+    paths, _ = parser.parse_known_args(arguments)
+    paths.figure_path = paths.figure_path or str(Path(paths.output_dir) / "dice_distribution.png")
+    return paths
 
 
 def validation_history(workdir: Path) -> dict[str, dict[int, float]]:
@@ -837,17 +826,16 @@ def render_report(
     return "\n".join(lines)
 
 
-def report(argv: list[str] | None = None) -> Path:
-    """`bench.py report`: run the demo, predict.py on it (and the quick benchmark), write Markdown."""
-    parser = argparse.ArgumentParser(
-        prog="bench.py report",
-        description="Regenerate the README's results: runs `python train.py --demo` and the predict.py command "
-        "it prints in a fresh scratch folder (minutes on a CPU, longer on a busy machine), optionally the quick "
-        "benchmark, and writes the figures, the machine, the commit and each command's wall time.",
-        formatter_class=HelpFormatter,
-    )
+REPORT_ABOUT = (
+    "Regenerate docs/results.md: runs `python train.py --demo` and the predict.py command it prints in a fresh "
+    "scratch folder (minutes on a CPU, longer on a busy machine), optionally the quick benchmark, and writes the "
+    "figures, the machine, the commit and each command's wall time."
+)
+
+
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"), help="Markdown file to (over)write")
-    parser.add_argument("--bench", action="store_true", help="also run `bench.py --device cpu --quick`")
+    parser.add_argument("--bench", action="store_true", help="also run `bench.py speed --device cpu --quick`")
     parser.add_argument("--workdir", default=None, help="scratch folder to keep (default: a temp folder, deleted)")
     parser.add_argument("--demo-args", default="", help="extra train.py flags, e.g. '--epochs 2' for a quick check")
     parser.add_argument(
@@ -855,7 +843,10 @@ def report(argv: list[str] | None = None) -> Path:
         default="",
         help="extra flags for the printed predict.py command, e.g. --predict-args=--no-overlays",
     )
-    args = parser.parse_args(argv)
+
+
+def report(args: argparse.Namespace) -> Path:
+    """`bench.py report`: run the demo, predict.py on it (and the quick benchmark), write Markdown."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         if (workdir / "demo_checkpoints").exists():
@@ -870,24 +861,56 @@ def report(argv: list[str] | None = None) -> Path:
         timings.append((shlex.join(predict_cmd), seconds))
         bench_text = None
         if args.bench:
-            bench_cmd = ["python", "bench.py", "--device", "cpu", "--quick"]
+            bench_cmd = ["python", "bench.py", "speed", "--device", "cpu", "--quick"]
             seconds, bench_text = run_timed(_local(bench_cmd), workdir, workdir / "bench.log")
             timings.append((shlex.join(bench_cmd), seconds))
-        predict_args = predict_parser().parse_args(predict_cmd[2:])
+        predict_args = predict_paths(predict_cmd[2:])
         output = Path(args.output)
         figures = copy_figures(workdir, predict_args, output.parent / "figures")
         text = render_report(facts, timings, demo_results(workdir, predict_args), figures, bench_text)
     atomic_write_bytes(text.encode(), output)
     print(f"wrote {output} and {len(figures)} figure(s) in {output.parent / 'figures'}")
-    if output.resolve() == GENERATED["results"]:
-        sync_readme()
-        print("copied it into README.md")
     return output
 
 
 def _local(command: list[str]) -> list[str]:
     """`python X.py ...` -> this interpreter and this repository's X.py."""
     return [sys.executable, str(ROOT / command[1]), *command[2:]]
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = CLIParser(description=__doc__, formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    device = shared_flags(
+        "--device", device="cpu or cuda (passed to train.py and predict.py by ablation); default: cuda when available"
+    )
+    for name, about, add_flags in (
+        ("speed", "time preprocessing, augmentation, training and inference on a phantom", add_speed_flags),
+        ("ablation", ABLATION_ABOUT, add_ablation_flags),
+        ("report", REPORT_ABOUT, add_report_flags),
+    ):
+        parents = [] if name == "report" else [device]
+        sub = commands.add_parser(
+            name, help=about.split(";")[0], description=about, formatter_class=HelpFormatter, parents=parents
+        )
+        add_flags(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict | Path:
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_args_parser().parse_args(argv)
+    if args.command == "speed":
+        return speed(args)
+    if args.command == "ablation":
+        return ablation(args, argv[1:])
+    try:
+        return report(args)
+    except ReportError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,20 +27,18 @@ from typing import BinaryIO
 import numpy as np
 import tifffile
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 # make_synthetic_dataset is re-exported: the phantom writers live in phantom.py
 from phantom import DEFAULT_SLICES, DIFFICULTIES, make_synthetic_dataset
 from utils import (
-    BRAIN_THRESHOLD,
-    CLIP_PERCENTILES,
-    SPECK_FRACTION,
     Geometry,
     HelpFormatter,
     UsageError,
     ensure_writable_dir,
     one_line_warnings,
     preprocess_volume,
+    preprocessing_config,
 )
 
 CACHE_FORMAT_VERSION = 2  # 2: key holds st_ctime_ns; entries checked on read
@@ -265,20 +263,6 @@ def read_volume(patient: Patient) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 # -------------------------------------------------------------------------------- cache
-
-
-def preprocessing_config(image_size: int, norm_region: str = "crop") -> dict:
-    """Every parameter that changes preprocessing: saved in checkpoints, part of cache keys."""
-    return {
-        "image_size": int(image_size),
-        "norm_region": norm_region,
-        "brain_threshold": BRAIN_THRESHOLD,
-        "crop_box": f"bright components holding >= {SPECK_FRACTION:g} of the bright pixels (specks ignored)",
-        "clip_percentiles": list(CLIP_PERCENTILES),
-        "image_resize": "bicubic, anti-aliased when shrinking",
-        "mask_resize": "nearest-exact",
-        "drop_first_last": True,
-    }
 
 
 @dataclass
@@ -951,6 +935,84 @@ def make_sampler(
     if scheme == "patient":
         return PatientFirstSampler(areas, patients, floor_fraction)
     raise ValueError(f"sampling scheme {scheme!r}: expected one of {', '.join(SAMPLING_SCHEMES)}")
+
+
+# ------------------------------------------------------------------ slice placement
+
+
+class ResidentSlices:
+    """The whole training set as tensors on the training device; the slice indices of all
+    batches come from `sampler` (default: `make_sampler(dataset)`, area weights) on the host
+    and are gathered on the device, so the host does no per-step work. With context slices
+    each slice's neighbours (`dataset.context_table()`) are gathered as extra channels."""
+
+    def __init__(self, dataset: MRISegmentationDataset, device: torch.device, sampler: SliceSampler | None = None):
+        images, masks = dataset.stacked()
+        self.images = torch.from_numpy(images).to(device)  # (N, 3, H, W) float16
+        self.masks = torch.from_numpy(masks).to(device)[:, None]  # (N, 1, H, W) uint8
+        self.context = torch.from_numpy(dataset.context_table()).to(device)  # (N, 2C+1) neighbour indices
+        self.sampler = sampler or make_sampler(dataset)
+        self.device = device
+
+    def batches(
+        self, steps: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self.sampler(steps, batch_size, generator)
+        indices = indices.to(self.device, non_blocking=True).view(steps, batch_size)
+        for row in indices:
+            images = self.images[self.context[row]].flatten(1, 2)  # (B, 2C+1, 3, H, W) -> (B, 3 (2C+1), H, W)
+            yield images.float(), self.masks[row].float()
+
+
+class StreamedSlices:
+    """A DataLoader over the memory-mapped cache; the slice indices come from `sampler`
+    (default: `make_sampler(dataset)`), drawn on the host for the whole epoch."""
+
+    def __init__(
+        self,
+        dataset: MRISegmentationDataset,
+        device: torch.device,
+        num_workers: int,
+        sampler: SliceSampler | None = None,
+    ):
+        self.dataset, self.device, self.num_workers = dataset, device, num_workers
+        self.sampler = sampler or make_sampler(dataset)
+
+    def batches(
+        self, steps: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(
+            self.dataset,
+            batch_size,
+            sampler=self.sampler(steps, batch_size, generator).tolist(),
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+        )
+        for images, masks in loader:
+            yield images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
+
+
+PLACEMENTS = ("auto", "device", "stream")
+
+
+def training_data(
+    dataset: MRISegmentationDataset, device: torch.device, placement: str, num_workers: int, sampler: SliceSampler
+) -> tuple[ResidentSlices | StreamedSlices, str]:
+    """The training slices placed as `placement` (one of PLACEMENTS) asks: "device" keeps the
+    set on `device`, "stream" reads it from the cache each epoch, "auto" keeps it on the
+    device when it takes under 40 % of the free GPU memory (always on the CPU). Returns the
+    data and the placement used ("device" or "stream")."""
+    if placement == "auto":
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            nbytes = sum(v.images.nbytes + v.masks.nbytes for v in dataset.volumes)
+            placement = "device" if nbytes < 0.4 * free else "stream"
+        else:
+            placement = "device"
+    if placement == "device":
+        return ResidentSlices(dataset, device, sampler), placement
+    return StreamedSlices(dataset, device, num_workers, sampler), placement
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,8 +22,8 @@ import numpy as np
 import onnxruntime
 import torch
 
-from predict import load_model
-from utils import CheckpointError, HelpFormatter, UsageError, atomic_write_bytes, ensure_writable_dir
+from inference import CheckpointError, LoadedModel, load_model, missing_checkpoint
+from utils import CLIParser, HelpFormatter, UsageError, atomic_write_bytes, ensure_writable_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 TOLERANCE = 1e-4  # largest accepted |onnxruntime - torch| probability difference
@@ -91,8 +92,42 @@ def max_abs_difference(model: torch.nn.Module, runtime: OnnxRuntimeModel, image_
     return worst
 
 
+# ----------------------------------------------------------- the onnxruntime backend
+
+_EXPORTED: dict[tuple, bytes] = {}  # checkpoint (path, size, mtime, ctime) -> checked ONNX bytes
+
+
+def with_onnxruntime(loaded: LoadedModel) -> LoadedModel:
+    """The same checkpoint with its network exported to ONNX (in memory, checked against
+    PyTorch like the CLI does) and run by onnxruntime: predict.py's `--backend onnxruntime`.
+    The export takes seconds, so it is done once per checkpoint file and process (the last
+    4 are kept). Raises CheckpointError when onnxruntime differs by more than TOLERANCE."""
+    stat = loaded.path.stat()
+    key = (str(loaded.path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _EXPORTED:
+        _EXPORTED[key] = checked_onnx(loaded)
+        while len(_EXPORTED) > 4:
+            del _EXPORTED[next(iter(_EXPORTED))]
+    return dataclasses.replace(loaded, model=OnnxRuntimeModel(_EXPORTED[key]))
+
+
+def checked_onnx(loaded: LoadedModel) -> bytes:
+    """ONNX bytes of a checkpoint's network. Raises CheckpointError when onnxruntime does
+    not reproduce PyTorch's probabilities within TOLERANCE."""
+    data = export_onnx(loaded.model, loaded.image_size)
+    difference = max_abs_difference(loaded.model, OnnxRuntimeModel(data), loaded.image_size)
+    if not difference <= TOLERANCE:
+        raise CheckpointError(
+            f"{loaded.path}: onnxruntime differs from PyTorch by {difference:.3g}; use --backend torch"
+        )
+    return data
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = CLIParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-path", default="./checkpoints/best_model.pt", help="training checkpoint to export")
     p.add_argument("--output", default="./model.onnx", help="ONNX file to write")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest accepted probability difference")
@@ -105,6 +140,8 @@ def run(args: argparse.Namespace) -> float:
         raise UsageError(f"--tolerance {args.tolerance}: must be > 0")
     output = Path(args.output)
     ensure_writable_dir(output.parent, "--output")
+    if not Path(args.model_path).exists():
+        raise CheckpointError(missing_checkpoint(args.model_path))
     loaded = load_model(args.model_path, torch.device("cpu"))
     metadata = {
         "image_size": str(loaded.image_size),

@@ -12,7 +12,7 @@ resolves to the repo's copy, and afterwards the caller's `sys.modules` entries f
 generic names are exactly as they were.
 """
 
-dependencies = ["torch", "numpy", "scipy", "tifffile", "tqdm"]
+dependencies = ["torch", "numpy", "scipy", "tifffile"]
 
 import hashlib  # noqa: E402
 import importlib  # noqa: E402
@@ -20,6 +20,7 @@ import importlib.abc  # noqa: E402
 import importlib.machinery  # noqa: E402
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import ModuleType  # noqa: E402
 
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
-ENTRY_MODULES = ("network", "utils", "predict")  # what the entry points use (predict imports dataset)
+ENTRY_MODULES = ("network", "utils", "inference")  # what the entry points use (inference imports dataset)
 
 NO_PRETRAINED = (
     "no pretrained weights are published for this model: train your own with "
@@ -126,8 +127,8 @@ def unet_segmentation(
             f"unet_segmentation: {', '.join(sorted(model_kwargs))} cannot be combined with weights_path: "
             "the checkpoint fixes the architecture (pass model arguments only to build an untrained model)"
         )
-    checkpoint = modules["utils"].load_checkpoint(weights_path, map_location)
-    return modules["predict"].build_model(checkpoint, weights_path).to(map_location)
+    checkpoint = modules["inference"].load_checkpoint(weights_path, map_location)
+    return modules["inference"].build_model(checkpoint, weights_path).to(map_location)
 
 
 class SegmentationPipeline:
@@ -147,7 +148,7 @@ class SegmentationPipeline:
     ):
         self._modules = repo_modules()
         self.norm_region = norm_region  # where training took the normalisation statistics
-        self.context_slices = self._modules["predict"].context_slices_of(
+        self.context_slices = self._modules["inference"].context_slices_of(
             getattr(model, "config", {}).get("in_channels", 3), "model"
         )
         self.device = device
@@ -164,17 +165,17 @@ class SegmentationPipeline:
         """volume (S, H, W, 3) of one patient, all slices in order -> masks uint8 0/1
         (S, H, W) and probabilities float32 (S, H, W), both on the input grid.
         Raises ValueError for any other shape and for NaN or infinite values."""
-        utils, predict = self._modules["utils"], self._modules["predict"]
+        utils, inference = self._modules["utils"], self._modules["inference"]
         volume = np.asarray(volume)
         if volume.ndim != 4 or volume.shape[-1] != 3:
             raise ValueError(f"expected a volume of shape (slices, H, W, 3), got {volume.shape}")
         slices = range(len(volume))
         images, _, geometry = utils.preprocess_volume(volume, None, self.image_size, slices, self.norm_region)
-        amp = predict.autocast_dtype(self.device)
-        probs = predict.predict_volume(
+        amp = inference.autocast_dtype(self.device)
+        probs = inference.predict_volume(
             self.model, images, self.device, self.batch_size, self.tta, amp, self.context_slices
         )
-        return predict.to_native(probs, geometry, self.threshold, self.lcc)
+        return inference.to_native(probs, geometry, self.threshold, self.lcc)
 
 
 def segmentation_pipeline(
@@ -193,18 +194,25 @@ def segmentation_pipeline(
     `device`: None picks cuda:0 when available, else cpu; an unavailable CUDA device raises
     `utils.UsageError` (a ValueError). The image size and normalisation region come from a
     training checkpoint (pass `image_size` for a bare state_dict, default 256, normalised over
-    the crop); the context slices of a 2.5-D model from its input channels.
+    the crop; an `image_size` other than a checkpoint's own warns); the context slices of a 2.5-D model from its input channels.
     """
     modules = repo_modules()
-    utils = modules["utils"]
+    utils, inference = modules["utils"], modules["inference"]
     device = utils.resolve_device(None if device is None else str(device))
-    checkpoint = utils.load_checkpoint(weights_path, "cpu")
-    model = modules["predict"].build_model(checkpoint, weights_path)
-    trained = utils.is_training_checkpoint(checkpoint) and "preprocessing" in checkpoint
-    preprocessing = checkpoint["preprocessing"] if trained else {}
+    checkpoint = inference.load_checkpoint(weights_path, "cpu")
+    model = inference.build_model(checkpoint, weights_path)
+    trained = inference.is_training_checkpoint(checkpoint)
+    preprocessing = inference.require_training_checkpoint(checkpoint, weights_path)["preprocessing"] if trained else {}
     if trained:
-        modules["predict"].check_preprocessing(preprocessing, weights_path)
+        inference.check_preprocessing(preprocessing, weights_path)
+    saved_size = preprocessing.get("image_size")
     if image_size is None:
-        image_size = preprocessing.get("image_size", 256)
+        image_size = saved_size or 256
+    elif saved_size is not None and int(image_size) != int(saved_size):
+        warnings.warn(
+            f"segmentation_pipeline: image_size={image_size}, but {weights_path} was trained at {saved_size} x "
+            f"{saved_size}; its masks will differ from predict.py's (omit image_size to use the trained size)",
+            stacklevel=2,
+        )
     region = preprocessing.get("norm_region", "crop")
     return SegmentationPipeline(model, int(image_size), device, threshold, lcc, tta, batch_size, region)

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,33 +35,35 @@ from dataset import (
     Patient,
     discover_inputs,
     load_volume,
-    preprocessing_config,
     read_volume,
     select_patients,
-    stack_context,
     write_nifti_mask,
 )
-from network import UNetModel
-from utils import (
-    CHECKPOINT_FORMAT_VERSION,
-    NORM_REGIONS,
+from export import with_onnxruntime
+from inference import (
+    BACKENDS,
     CheckpointError,
-    Geometry,
+    LoadedModel,
+    autocast_dtype,
+    load_model,
+    missing_checkpoint,
+    predict_volume,
+    resolve_backend,
+    to_native,
+)
+from utils import (
+    CLIParser,
     HelpFormatter,
     UsageError,
     dice_score,
     ensure_writable_dir,
     hd95,
-    is_training_checkpoint,
-    largest_connected_component,
-    load_checkpoint,
-    model_state_from,
     one_line_warnings,
     overlay,
     plot_dice_distribution,
     precision_recall,
     resolve_device,
-    restore_geometry,
+    shared_flags,
 )
 
 METRIC_COLUMNS = ["dice", "precision", "recall", "hd95", "gt_pixels", "pred_pixels"]
@@ -75,208 +75,6 @@ BIAS = {
     "train": "biased by training: the model was fitted on these patients",
     "unknown": "of unknown bias: a checkpoint has no saved split",
 }
-
-
-# ------------------------------------------------------------------- shared inference
-# The one implementation of "predict a volume" (`predict_volume`, `binarize`, `to_native`)
-# that training validation, this CLI and the torch.hub pipeline share.
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Inference precision: bf16 (or fp16) on CUDA, full fp32 on the CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-@torch.inference_mode()
-def predict_volume(
-    model: torch.nn.Module,
-    images: np.ndarray | torch.Tensor,
-    device: torch.device | str = "cpu",
-    batch_size: int = 32,
-    tta: bool = False,
-    amp_dtype: torch.dtype | None = None,
-    context_slices: int = 0,
-) -> np.ndarray:
-    """Probabilities (S, H, W) float32 for a preprocessed volume (S, 3, H, W), in batches.
-    With `tta` the prediction is averaged with that of the horizontally flipped input.
-    `context_slices` C > 0 (a 2.5-D model, `context_slices_of`): each slice is fed with its
-    C neighbours on each side as channels, (S, 3, H, W) -> (S, 3 (2C+1), H, W), as in training."""
-    device = torch.device(device)
-    model.eval()
-    images = stack_context(images, context_slices)
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        batch = torch.from_numpy(np.array(batch)) if isinstance(batch, np.ndarray) else batch
-        batch = batch.to(device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            probs = model(batch)  # (B, 3 (2C+1), H, W) -> (B, 1, H, W)
-            if tta:
-                probs = (probs + model(batch.flip(-1)).flip(-1)) / 2
-        out.append(probs[:, 0].float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, *images.shape[-2:]), np.float32)
-
-
-def context_slices_of(in_channels: int, source: str | Path = "checkpoint") -> int:
-    """The context slices C of a model with `in_channels` = 3 (2C + 1) input channels (3 per
-    slice: pre-contrast, FLAIR, post-contrast). Raises CheckpointError for any other count."""
-    if in_channels < 3 or in_channels % 6 != 3:
-        raise CheckpointError(f"{source}: the model takes {in_channels} input channels; expected 3 (2C + 1)")
-    return (in_channels // 3 - 1) // 2
-
-
-def binarize(probabilities: np.ndarray, threshold: float = 0.5, lcc: bool = True) -> np.ndarray:
-    """Threshold, then keep the 3-D largest connected component (unless `lcc` is False)."""
-    mask = probabilities >= threshold
-    return largest_connected_component(mask) if lcc else mask
-
-
-def to_native(
-    probabilities: np.ndarray, geometry: Geometry, threshold: float = 0.5, lcc: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Post-processing in native space: resample the model-grid probabilities (S, size, size)
-    onto the native grid (bilinear, `utils.restore_geometry`), then threshold and keep the
-    3-D largest component there. Returns uint8 0/1 masks and float32 probabilities
-    (S, H, W), so the written mask is exactly the thresholded probability map."""
-    native_probs = restore_geometry(probabilities, geometry, mode="bilinear")  # (S, size, size) -> (S, H, W)
-    return binarize(native_probs, threshold, lcc).astype(np.uint8), native_probs
-
-
-def build_model(checkpoint: dict, source: str | Path = "checkpoint") -> UNetModel:
-    """A UNetModel in eval mode from a training checkpoint or a bare state_dict."""
-    config = checkpoint.get("model_config", {}) if is_training_checkpoint(checkpoint) else {}
-    state = model_state_from(checkpoint, source)
-    if not config:
-        first = state.get("inc.0.weight")
-        if first is None:
-            raise CheckpointError(f"{source}: not a UNetModel state_dict (no 'inc.0.weight')")
-        config = {
-            "in_channels": first.shape[1],
-            "out_channels": state["head.weight"].shape[0],
-            "base_filters": first.shape[0],
-        }
-    model = UNetModel(**config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"{source}: weights do not fit UNetModel{config}: {error}") from error
-    return model.eval()
-
-
-@dataclass
-class LoadedModel:
-    path: Path
-    model: UNetModel  # or export.OnnxRuntimeModel with --backend onnxruntime
-    image_size: int
-    split: dict | None
-    norm_region: str = "crop"  # where the normalisation statistics came from in training
-    context_slices: int = 0  # neighbouring slices on each side fed as channels (2.5-D)
-
-
-DEMO_CHECKPOINT = Path("demo_checkpoints") / "best_model.pt"  # where `train.py --demo` saves its model
-
-
-def missing_checkpoint(path: str | Path) -> str:
-    """The message for a --model-path that does not exist: points at the demo's checkpoint
-    when `train.py --demo` has written one here, otherwise says how to get a checkpoint."""
-    if DEMO_CHECKPOINT.is_file():
-        hint = f"the demo's model is {DEMO_CHECKPOINT}: pass --model-path {DEMO_CHECKPOINT} --data-dir demo_3m"
-    else:
-        hint = "train one first: python train.py --data-dir kaggle_3m (or python train.py --demo on phantom data)"
-    return f"checkpoint not found: {path}; {hint}"
-
-
-def load_model(path: str | Path, device: torch.device) -> LoadedModel:
-    """Load a training checkpoint (weights_only) and rebuild its model on `device`.
-    Raises CheckpointError naming the file (a missing one with a hint where to find one)."""
-    if not Path(path).exists():
-        raise CheckpointError(missing_checkpoint(path))
-    checkpoint = load_checkpoint(path)
-    if not is_training_checkpoint(checkpoint) or "preprocessing" not in checkpoint:
-        raise CheckpointError(
-            f"{path}: not a training checkpoint of this project (needs 'model', 'model_config' and "
-            "'preprocessing'); bare state_dicts can be loaded with hubconf.unet_segmentation"
-        )
-    version = checkpoint.get("format_version", CHECKPOINT_FORMAT_VERSION)
-    if version != CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {version}, this code reads version {CHECKPOINT_FORMAT_VERSION}; "
-            "predict with the code version that trained it"
-        )
-    preprocessing = checkpoint["preprocessing"]
-    check_preprocessing(preprocessing, path)
-    model = build_model(checkpoint, path).to(device).to(memory_format=torch.channels_last)
-    context = context_slices_of(model.config["in_channels"], path)
-    size, region = int(preprocessing["image_size"]), preprocessing.get("norm_region", "crop")
-    return LoadedModel(Path(path), model, size, checkpoint.get("split"), region, context)
-
-
-BACKENDS = ("torch", "onnxruntime")
-
-
-def resolve_backend(name: str | None, device: torch.device) -> str:
-    """--backend: None picks onnxruntime on the CPU (faster there, see bench.py) and torch
-    on CUDA. Raises UsageError for onnxruntime on a non-CPU device (CPU provider only)."""
-    if name is None:
-        return "onnxruntime" if device.type == "cpu" else "torch"
-    if name == "onnxruntime" and device.type != "cpu":
-        raise UsageError(
-            f"--backend onnxruntime runs on the CPU only; pass --device cpu or --backend torch (not {device})"
-        )
-    return name
-
-
-_EXPORTED: dict[tuple, bytes] = {}  # checkpoint (path, size, mtime, ctime) -> checked ONNX bytes
-
-
-def with_onnxruntime(loaded: LoadedModel) -> LoadedModel:
-    """The same checkpoint with its network exported to ONNX (in memory, checked against
-    PyTorch like export.py does) and run by onnxruntime. The export takes seconds, so it is
-    done once per checkpoint file and process (the last 4 are kept)."""
-    from export import OnnxRuntimeModel  # needs onnxruntime, only for this backend
-
-    stat = loaded.path.stat()
-    key = (str(loaded.path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    if key not in _EXPORTED:
-        _EXPORTED[key] = checked_onnx(loaded)
-        while len(_EXPORTED) > 4:
-            del _EXPORTED[next(iter(_EXPORTED))]
-    return dataclasses.replace(loaded, model=OnnxRuntimeModel(_EXPORTED[key]))
-
-
-def checked_onnx(loaded: LoadedModel) -> bytes:
-    """ONNX bytes of a checkpoint's network. Raises CheckpointError when onnxruntime does
-    not reproduce PyTorch's probabilities within export.TOLERANCE."""
-    from export import TOLERANCE, OnnxRuntimeModel, export_onnx, max_abs_difference
-
-    data = export_onnx(loaded.model, loaded.image_size)
-    difference = max_abs_difference(loaded.model, OnnxRuntimeModel(data), loaded.image_size)
-    if not difference <= TOLERANCE:
-        raise CheckpointError(
-            f"{loaded.path}: onnxruntime differs from PyTorch by {difference:.3g}; use --backend torch"
-        )
-    return data
-
-
-def check_preprocessing(saved: dict, path: str | Path) -> None:
-    """Refuse a checkpoint trained with preprocessing other than `dataset.preprocessing_config`
-    for its image size and normalisation region (another clip percentile, brain threshold,
-    an unknown region, ...); CheckpointError names the differing keys. A checkpoint without
-    `norm_region` predates the choice and was normalised over the crop."""
-    if "image_size" not in saved:
-        raise CheckpointError(f"{path}: its 'preprocessing' has no 'image_size'")
-    saved = {"norm_region": "crop", **saved}
-    region = saved["norm_region"] if saved["norm_region"] in NORM_REGIONS else "crop"
-    expected = preprocessing_config(int(saved["image_size"]), region)
-    differing = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
-    if differing:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this code {expected.get(k)!r}" for k in differing)
-        raise CheckpointError(
-            f"{path}: trained with other preprocessing than this code does ({details}); "
-            "predict with the code version that trained it, or retrain"
-        )
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -516,23 +314,25 @@ def headline_line(summary: dict) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    shared = shared_flags(
+        "--data-dir",
+        "--cache-dir",
+        "--num-workers",
+        "--device",
+        data_dir="kaggle_3m-style folder, and/or NIfTI files <patient>.nii.gz or <patient>_{pre,flair,post}.nii.gz",
+        num_workers="threads for preprocessing",
+    )
+    p = CLIParser(description=__doc__, formatter_class=HelpFormatter, parents=[shared])
     p.add_argument(
         "--model-path",
         nargs="+",
         default=["./checkpoints/best_model.pt"],
         help="one checkpoint, several folds of one cross-validation (pooled), or an ensemble",
     )
-    p.add_argument(
-        "--data-dir",
-        default="./kaggle_3m",
-        help="kaggle_3m-style folder, and/or NIfTI files <patient>.nii.gz or <patient>_{pre,flair,post}.nii.gz",
-    )
     p.add_argument("--output-dir", default="./predictions", help="masks, overlays, metrics.csv, summary.json")
     p.add_argument(
         "--figure-path", default=None, help="per-patient Dice bar chart; default: <output-dir>/dice_distribution.png"
     )
-    p.add_argument("--device", default=None, help="default: cuda:0 when available, else cpu")
     p.add_argument(
         "--patients",
         nargs="+",
@@ -550,8 +350,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     p.add_argument("--no-lcc", action="store_true", help="keep every component, not only the largest")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
-    p.add_argument("--num-workers", type=int, default=4, help="threads for preprocessing")
-    p.add_argument("--cache-dir", default="./cache", help="preprocessing cache")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     p.add_argument(
@@ -682,6 +480,9 @@ def run(args: argparse.Namespace) -> dict:
     out_dir = check_output_dirs(args)
     device = resolve_device(args.device)
     args.backend = resolve_backend(args.backend, device)
+    for path in args.model_path:
+        if not Path(path).exists():
+            raise CheckpointError(missing_checkpoint(path, "--data-dir demo_3m"))
     models = [load_model(path, device) for path in args.model_path]
     folds = are_folds(models)
     if not folds:

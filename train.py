@@ -30,44 +30,55 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from augmentations import BatchAugmentation
 from dataset import (
+    PLACEMENTS,
     SAMPLING_SCHEMES,
     DataError,
     MRISegmentationDataset,
     Patient,
-    SliceSampler,
+    ResidentSlices,
+    StreamedSlices,
     Volume,
     discover_patients,
     load_volumes,
     make_sampler,
     make_split,
     make_synthetic_dataset,
-    preprocessing_config,
     select_patients,
+    training_data,
+)
+from inference import (
+    AMP_CHOICES,
+    CheckpointError,
+    amp_name,
+    autocast_dtype,
+    binarize,
+    context_slices_of,
+    load_checkpoint,
+    make_checkpoint,
+    predict_volume,
+    require_training_checkpoint,
+    save_checkpoint,
 )
 from losses import LOSSES, build_loss
 from network import UNetModel, count_parameters
-from predict import binarize, context_slices_of, predict_volume
 from tb_logger import TBLogger
 from utils import (
-    CHECKPOINT_FORMAT_VERSION,
     NORM_REGIONS,
-    CheckpointError,
+    CLIParser,
     HelpFormatter,
     UsageError,
     atomic_write_bytes,
     dice_score,
     ensure_writable_dir,
-    load_checkpoint,
     one_line_warnings,
     overlay,
     resolve_device,
-    save_checkpoint,
     seed_everything,
+    shared_flags,
 )
 
 # The recommended recipe (docs/ablation.md): soft Dice + BCE was the one candidate that won
@@ -154,7 +165,12 @@ def fold_choice(text: str) -> int | str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The CLI. Each flag lands in the help group that RUN_DEFINING_FLAGS gives it."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser = CLIParser(
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+        parents=[shared_flags("--data-dir", "--cache-dir", "--num-workers", "--device")],
+    )
     groups = (
         parser.add_argument_group("flags that define the run (--resume refuses a change)"),
         parser.add_argument_group("flags that say how to run (may change on --resume)"),
@@ -190,7 +206,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
     add(
         "--amp",
-        choices=["auto", "fp16", "bf16", "off"],
+        choices=AMP_CHOICES,
         default="auto",
         help="mixed precision; auto = bf16 on GPUs that support it, else fp16; off on CPU",
     )
@@ -224,13 +240,9 @@ def add_recipe_flags(add: Callable[..., None]) -> None:
 
 def add_runtime_flags(add: Callable[..., None]) -> None:
     """Flags that say where and how to run: they may change when a run is resumed."""
-    add("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder of patient sub-folders")
     add("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json")
     add("--log-dir", default="./tb_logs", help="TensorBoard: one sub-folder per run")
-    add("--cache-dir", default="./cache", help="preprocessing cache")
     add("--no-cache", action="store_true", help="preprocess in memory, write no cache")
-    add("--device", default=None, help="default: cuda:0 when CUDA is available, else cpu")
-    add("--num-workers", type=int, default=4, help="preprocessing threads and loader workers")
     add("--vis-frequency", type=int, default=10, help="validation overlays every N epochs (0: never)")
     add("--n-vis-images", type=int, default=200, help="at most this many overlays each time")
     add("--compile", action="store_true", help="torch.compile the model")
@@ -241,7 +253,7 @@ def add_runtime_flags(add: Callable[..., None]) -> None:
     )
     add(
         "--data-placement",
-        choices=["auto", "device", "stream"],
+        choices=PLACEMENTS,
         default="auto",
         help="device: keep the training set on the training device; stream: DataLoader from "
         "the cache; auto: device if it fits in GPU memory (always on CPU)",
@@ -356,7 +368,7 @@ class Runtime:
 
     @property
     def amp_name(self) -> str:
-        return {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.amp_dtype]
+        return amp_name(self.amp_dtype)
 
 
 def setup_runtime(args: argparse.Namespace) -> Runtime:
@@ -371,11 +383,7 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
             device = resolve_device(f"cuda:{local_rank}")
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    amp = args.amp
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
-    return Runtime(device, rank, world_size, amp_dtype)
+    return Runtime(device, rank, world_size, autocast_dtype(device, args.amp))
 
 
 @contextlib.contextmanager
@@ -421,78 +429,6 @@ def stream_seed(*parts: int) -> int:
     """A 63-bit seed derived from (seed, epoch, rank, stream): independent generators per
     epoch make a resumed run draw exactly what an uninterrupted one would."""
     return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
-# ------------------------------------------------------------------------ training data
-
-
-class ResidentSlices:
-    """The whole training set as tensors on the training device; the slice indices of all
-    batches come from `sampler` (default: `make_sampler(dataset)`, area weights) on the host
-    and are gathered on the device, so the host does no per-step work. With context slices
-    each slice's neighbours (`dataset.context_table()`) are gathered as extra channels."""
-
-    def __init__(self, dataset: MRISegmentationDataset, device: torch.device, sampler: SliceSampler | None = None):
-        images, masks = dataset.stacked()
-        self.images = torch.from_numpy(images).to(device)  # (N, 3, H, W) float16
-        self.masks = torch.from_numpy(masks).to(device)[:, None]  # (N, 1, H, W) uint8
-        self.context = torch.from_numpy(dataset.context_table()).to(device)  # (N, 2C+1) neighbour indices
-        self.sampler = sampler or make_sampler(dataset)
-        self.device = device
-
-    def batches(
-        self, steps: int, batch_size: int, generator: torch.Generator
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self.sampler(steps, batch_size, generator)
-        indices = indices.to(self.device, non_blocking=True).view(steps, batch_size)
-        for row in indices:
-            images = self.images[self.context[row]].flatten(1, 2)  # (B, 2C+1, 3, H, W) -> (B, 3 (2C+1), H, W)
-            yield images.float(), self.masks[row].float()
-
-
-class StreamedSlices:
-    """A DataLoader over the memory-mapped cache; the slice indices come from `sampler`
-    (default: `make_sampler(dataset)`), drawn on the host for the whole epoch."""
-
-    def __init__(
-        self,
-        dataset: MRISegmentationDataset,
-        device: torch.device,
-        num_workers: int,
-        sampler: SliceSampler | None = None,
-    ):
-        self.dataset, self.device, self.num_workers = dataset, device, num_workers
-        self.sampler = sampler or make_sampler(dataset)
-
-    def batches(
-        self, steps: int, batch_size: int, generator: torch.Generator
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = DataLoader(
-            self.dataset,
-            batch_size,
-            sampler=self.sampler(steps, batch_size, generator).tolist(),
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-        )
-        for images, masks in loader:
-            yield images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
-
-
-def training_data(
-    dataset: MRISegmentationDataset, runtime: Runtime, placement: str, num_workers: int, sampler: SliceSampler
-):
-    """Keep the set on the device when asked, or (auto) when it takes under 40 % of free GPU memory."""
-    if placement == "auto":
-        if runtime.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(runtime.device)
-            nbytes = sum(v.images.nbytes + v.masks.nbytes for v in dataset.volumes)
-            placement = "device" if nbytes < 0.4 * free else "stream"
-        else:
-            placement = "device"
-    if placement == "device":
-        return ResidentSlices(dataset, runtime.device, sampler), placement
-    return StreamedSlices(dataset, runtime.device, num_workers, sampler), placement
 
 
 # ------------------------------------------------------------------------- train / eval
@@ -668,8 +604,7 @@ def flag_text(name: str, value: Any) -> str:
 def check_resume_contract(checkpoint: dict, path: Path, config: dict) -> None:
     """Refuse to resume with a change of any flag in RUN_DEFINING_FLAGS. A flag missing from
     an older checkpoint counts as VALUES_BEFORE_FLAG's value, else as its default."""
-    if not {"model", "model_config", "preprocessing", "optimizer", "epoch", "args"} <= set(checkpoint):
-        raise CheckpointError(f"{path}: not a training checkpoint of this project; cannot resume from it")
+    require_training_checkpoint(checkpoint, path, resume=True)
     defaults = {**vars(get_args_parser().parse_args([])), "world_size": 1, **VALUES_BEFORE_FLAG}
     saved_config = checkpoint["args"]
     for name in RUN_DEFINING_FLAGS:
@@ -708,36 +643,6 @@ def check_no_clobber(args: argparse.Namespace, resume_path: Path | None) -> None
         f"--checkpoint-dir {folder} already holds {' and '.join(existing)} of an earlier run: continue it "
         f"with {how}, or pass --overwrite to start a new run there (deletes them)"
     )
-
-
-def make_checkpoint(
-    raw_model: UNetModel,
-    optimizer,
-    scheduler,
-    scaler,
-    split: dict,
-    epoch: int,
-    best_dice: float,
-    config: dict,
-    log_run: str,
-) -> dict:
-    """The checkpoint contract of DESIGN.md: weights of the unwrapped model plus everything
-    to resume; `log_run` is the run's TensorBoard sub-folder, which a resumed run continues."""
-    return {
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": raw_model.state_dict(),
-        "model_config": dict(raw_model.config),
-        "preprocessing": preprocessing_config(config["image_size"], config.get("norm_region", "crop")),
-        "split": split,
-        "epoch": epoch,
-        "best_dice": best_dice,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng_state(),
-        "args": config,
-        "log_run": log_run,
-    }
 
 
 # ----------------------------------------------------------------- checks before any work
@@ -845,7 +750,7 @@ def agree_on_inputs(args: argparse.Namespace, runtime: Runtime, config: dict) ->
     return path, resumed, patients
 
 
-def build_model(args: argparse.Namespace, runtime: Runtime) -> tuple[UNetModel, nn.Module]:
+def build_training_model(args: argparse.Namespace, runtime: Runtime) -> tuple[UNetModel, nn.Module]:
     """The unwrapped model (what checkpoints save) and the one to train (DDP, compiled)."""
     seed_everything(args.seed)  # weight initialisation
     in_channels = 3 * (2 * args.context_slices + 1)  # 3 sequences per slice, C neighbours on each side
@@ -876,8 +781,8 @@ def set_up(args: argparse.Namespace, runtime: Runtime) -> Run:
     split, train_volumes, val_volumes = load_split_volumes(args, runtime, patients, resumed and resumed["split"])
     train_set = MRISegmentationDataset(train_volumes, args.context_slices)
     sampler = make_sampler(train_set, args.sampling, args.sampling_floor, args.lesion_fraction)
-    data, placement = training_data(train_set, runtime, args.data_placement, args.num_workers, sampler)
-    raw_model, model = build_model(args, runtime)
+    data, placement = training_data(train_set, runtime.device, args.data_placement, args.num_workers, sampler)
+    raw_model, model = build_training_model(args, runtime)
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=0.0)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
@@ -1003,6 +908,7 @@ def validate_and_save(run: Run, epoch: int, train_stats: dict) -> None:
         run.best_dice,
         run.config,
         run.log_run,
+        rng_state(),
     )
     save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "last.pt")
     if is_best:

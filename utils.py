@@ -4,18 +4,16 @@ component, overlays and the Dice chart, seeding, and checkpoint save/load."""
 from __future__ import annotations
 
 import argparse
-import io
+import difflib
 import os
-import pickle
 import random
 import re
 import secrets
 import tempfile
 import warnings
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -25,7 +23,6 @@ from scipy import ndimage
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-CHECKPOINT_FORMAT_VERSION = 1
 BRAIN_THRESHOLD = 0.10  # a pixel is "head" where any channel exceeds 10 % of its volume max
 CLIP_PERCENTILES = (10.0, 99.0)
 SPECK_FRACTION = 0.01  # bright regions with < 1 % of the bright pixels are ignored by the crop box
@@ -183,6 +180,22 @@ def preprocess_volume(
             out_masks = _resize(mask_square, image_size, "nearest")[:, 0].numpy()
     region = head_mask(resized) if norm_region == "head" else None
     return normalize_channels(resized, region), out_masks, geometry
+
+
+def preprocessing_config(image_size: int, norm_region: str = "crop") -> dict:
+    """Every parameter that changes `preprocess_volume`'s output: saved in checkpoints (a
+    checkpoint predicts only with the preprocessing it was trained with) and part of the
+    preprocessing cache's keys."""
+    return {
+        "image_size": int(image_size),
+        "norm_region": norm_region,
+        "brain_threshold": BRAIN_THRESHOLD,
+        "crop_box": f"bright components holding >= {SPECK_FRACTION:g} of the bright pixels (specks ignored)",
+        "clip_percentiles": list(CLIP_PERCENTILES),
+        "image_resize": "bicubic, anti-aliased when shrinking",
+        "mask_resize": "nearest-exact",
+        "drop_first_last": True,
+    }
 
 
 def restore_geometry(array: np.ndarray, geometry: Geometry, mode: str = "nearest") -> np.ndarray:
@@ -550,98 +563,6 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
         raise
 
 
-def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
-    """`torch.save` a plain dict atomically: a crash never leaves a half-written file."""
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    atomic_write_bytes(buffer.getvalue(), path)
-
-
-class CheckpointError(Exception):
-    """A checkpoint file that is missing, unsafe or not one of ours."""
-
-
-def _not_a_checkpoint(path: Path) -> str | None:
-    """Why `path` cannot be a torch.save file (a zip archive, or a pickle in the legacy
-    format), judged from its first bytes; None when it may be one."""
-    with path.open("rb") as handle:
-        head = handle.read(64)
-    if not head:
-        return "the file is empty"
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # zip; pickle protocol >= 2
-        return None
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return f"it is neither a zip archive nor a pickle (it starts with bytes {head[:8].hex(' ')})"
-    return f"it is a text file (it starts with {text.splitlines()[0][:40]!r})"
-
-
-def _load_failure(path: Path, error: Exception) -> str:
-    """One line for the user from torch.load's exception: what the file is not."""
-    first_line = str(error).splitlines()[0].split(". ")[0] if str(error) else type(error).__name__
-    if isinstance(error, pickle.UnpicklingError):
-        lines = [line.split("error: ")[-1].split(". ")[0].strip(" .") for line in str(error).splitlines()]
-        found = [line for line in lines if "GLOBAL " in line]  # torch names the refused object
-        if found:
-            return (
-                f"refused to load: it holds a Python object that weights_only=True does not load ({found[0]}); "
-                "re-save it with only tensors, numbers, strings, lists and dicts (e.g. a state_dict())"
-            )
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))
-        detail = detail[1] if detail else first_line
-        return f"not a PyTorch checkpoint: weights_only=True cannot read its pickle data ({detail})"
-    if isinstance(error, RuntimeError) and "torch.cuda.is_available() is False" in str(error):
-        return "it holds CUDA tensors and CUDA is not available on this machine (load it with map_location='cpu')"
-    if isinstance(error, RuntimeError) and zipfile.is_zipfile(path):
-        return "not a PyTorch checkpoint: it is a zip archive, but not one written by torch.save"
-    return f"not a PyTorch checkpoint: it is truncated or damaged ({type(error).__name__}: {first_line})"
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True` onto `map_location`.
-
-    Raises CheckpointError with one line naming the file and saying what it is not: missing,
-    empty, text, random bytes, a zip archive that torch.save did not write, truncated or
-    damaged data, or a pickle holding objects that weights_only refuses (torch's
-    "Unsupported global: ..." is kept, so the user knows which object to remove); and when
-    `map_location` asks for CUDA on a machine without it.
-    """
-    path = Path(path)
-    device = map_location if isinstance(map_location, (str, torch.device)) else None
-    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(
-            f"{path}: map_location={str(device)!r}, but CUDA is not available on this machine (use 'cpu')"
-        )
-    if path.is_dir():
-        inside = ", ".join(sorted(f.name for f in path.glob("*.pt"))) or "no .pt file"
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (it holds {inside}); pass the file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    reason = _not_a_checkpoint(path)
-    if reason is not None:
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint: {reason}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as error:
-        raise CheckpointError(f"{path}: {_load_failure(path, error)}") from error
-
-
-def is_training_checkpoint(obj: Any) -> bool:
-    return isinstance(obj, dict) and "model" in obj and "model_config" in obj
-
-
-def model_state_from(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
-    """The model state_dict from a training checkpoint or a bare state_dict."""
-    state = obj["model"] if is_training_checkpoint(obj) else obj
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"{source}: not a checkpoint of this project (expected a dict with 'model' and "
-            "'model_config', or a state_dict of tensors)"
-        )
-    return unwrap_state_dict(state)
-
-
 class UsageError(ValueError):
     """An invalid command-line value; the message says which flag and why."""
 
@@ -665,20 +586,72 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+class CLIParser(argparse.ArgumentParser):
+    """The CLIs' argument parser: a usage error is one line, `<prog>: error: <message>`, with
+    "did you mean" for a mistyped flag (the closest of the parser's own flag names, by
+    `difflib.get_close_matches`), instead of argparse's full usage text first. Exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            hints = [self._suggestion(word) for word in unknown[1].split() if word.startswith("-")]
+            hints = [hint for hint in hints if hint]
+            if hints:
+                message += f" (did you mean {', '.join(hints)}?)"
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+    def _suggestion(self, word: str) -> str | None:
+        flag = word.split("=", 1)[0]
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.6)
+        return close[0] if close else None
+
+
+# Flags that several CLIs share (train.py, predict.py, dataset.py preprocess, bench.py):
+# one definition each, handed out through a parent parser (`parents=[shared_flags(...)]`).
+SHARED_FLAGS: dict[str, dict[str, Any]] = {
+    "--data-dir": {
+        "default": "./kaggle_3m",
+        "help": "patient data: kaggle_3m-style sub-folders of TIFF slices (see docs/inputs.md)",
+    },
+    "--cache-dir": {"default": "./cache", "help": "preprocessing cache"},
+    "--num-workers": {"type": int, "default": 4, "help": "preprocessing threads (and training's loader workers)"},
+    "--device": {"default": None, "help": "default: cuda:0 when CUDA is available, else cpu"},
+}
+
+
+def shared_flags(*flags: str, **help_overrides: str) -> argparse.ArgumentParser:
+    """A parent parser (`argparse.ArgumentParser(parents=[...])`, as torchvision's references
+    do) holding the named SHARED_FLAGS, e.g. `shared_flags("--data-dir", "--device")`.
+    `help_overrides` replace a flag's help text (keyword: the flag's dest, e.g. data_dir=...)
+    where one CLI reads it differently. Raises KeyError for a flag that is not shared."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("data, cache and device")
+    for flag in flags:
+        options = dict(SHARED_FLAGS[flag])
+        options["help"] = help_overrides.get(flag[2:].replace("-", "_"), options["help"])
+        group.add_argument(flag, **options)
+    return parent
+
+
 def one_line_warnings() -> None:
     """For the CLIs' main(): print each warning as one `warning: <message>` line, without
     the source file and code line Python adds by default (library code never calls this)."""
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
 
 
+DEVICE_NAMES = "cpu, cuda or cuda:N (N: the GPU's index), or mps on Apple silicon"
+
+
 def resolve_device(name: str | None) -> torch.device:
-    """`None` -> cuda:0 when available, else cpu. An unavailable CUDA device is an error."""
+    """`None` -> cuda:0 when available, else cpu. Raises UsageError for a name torch does not
+    know (saying which names are accepted) and for an unavailable CUDA device."""
     if name is None:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise UsageError(f"--device {name}: not a device name ({error})") from error
+        raise UsageError(f"--device {name}: not a device name; expected {DEVICE_NAMES}") from error
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")

@@ -11,6 +11,7 @@ import pytest
 import tifffile
 from test_hub import hub_load
 
+import inference
 import predict
 from dataset import DataError, discover_patients, select_patients
 from utils import one_line_warnings
@@ -73,7 +74,7 @@ def test_cli_warnings_are_one_line(monkeypatch):
 
 
 def test_folder_given_as_checkpoint_says_so(tmp_path):
-    from utils import CheckpointError, load_checkpoint
+    from inference import CheckpointError, load_checkpoint
 
     (tmp_path / "best_model.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file \(it holds best_model\.pt\)"):
@@ -94,5 +95,5 @@ def test_checkpoint_of_another_format_version_is_refused(trained_checkpoint, tmp
     checkpoint["format_version"] = 99
     path = tmp_path / "future.pt"
     torch.save(checkpoint, path)
-    with pytest.raises(predict.CheckpointError, match=r"future\.pt: checkpoint format version 99, this code reads"):
-        predict.load_model(path, torch.device("cpu"))
+    with pytest.raises(inference.CheckpointError, match=r"future\.pt: checkpoint format version 99, this code reads"):
+        inference.load_model(path, torch.device("cpu"))

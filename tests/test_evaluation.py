@@ -12,10 +12,11 @@ import torch
 from scipy import ndimage
 from test_predict import run_predict as predict_run
 
+import inference
 import predict
-from dataset import discover_patients, make_split, preprocessing_config
+from dataset import discover_patients, make_split
 from network import UNetModel
-from utils import Geometry, dice_score, restore_geometry
+from utils import Geometry, dice_score, preprocessing_config, restore_geometry
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -213,7 +214,7 @@ def test_resample_then_threshold_matches_an_independent_resampling():
     u, v = (yy - y0 + top + 0.5) * geometry.scale - 0.5, (xx - x0 + left + 0.5) * geometry.scale - 0.5
     reference = np.stack([ndimage.map_coordinates(p, [u, v], order=1, mode="nearest") for p in probs]) * inside
 
-    mask, native_probs = predict.to_native(probs, geometry, 0.5, lcc=False)
+    mask, native_probs = inference.to_native(probs, geometry, 0.5, lcc=False)
     old = restore_geometry((probs >= 0.5).astype(np.uint8), geometry)  # threshold, then nearest
     np.testing.assert_allclose(native_probs, reference, atol=1e-5)
     np.testing.assert_array_equal(mask, reference >= 0.5)  # the mask is the thresholded map

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import export
+import inference
 import predict
 from network import UNetModel
 from utils import UsageError
@@ -85,7 +86,7 @@ def test_onnxruntime_backend_gives_the_torch_masks(trained_checkpoint, phantom_d
 
 
 def test_backend_default_and_onnxruntime_off_the_cpu():
-    assert predict.resolve_backend(None, torch.device("cpu")) == "onnxruntime"
-    assert predict.resolve_backend(None, torch.device("cuda")) == "torch"
+    assert inference.resolve_backend(None, torch.device("cpu")) == "onnxruntime"
+    assert inference.resolve_backend(None, torch.device("cuda")) == "torch"
     with pytest.raises(UsageError, match="--backend onnxruntime runs on the CPU only"):
-        predict.resolve_backend("onnxruntime", torch.device("cuda"))
+        inference.resolve_backend("onnxruntime", torch.device("cuda"))

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from utils import atomic_write_bytes, load_checkpoint, save_checkpoint
+from inference import load_checkpoint, save_checkpoint
+from utils import atomic_write_bytes
 
 
 @pytest.fixture

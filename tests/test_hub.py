@@ -57,7 +57,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
             return (os.system, ("touch pwned_marker",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(Exception, match="refused") as info:  # the hub's private copy of utils.CheckpointError
+    with pytest.raises(Exception, match="refused") as info:  # the hub's private copy of inference.CheckpointError
         hub_load("unet_segmentation", weights_path=str(tmp_path / "evil.pt"))
     assert type(info.value).__name__ == "CheckpointError"
     assert not (tmp_path / "pwned_marker").exists()
@@ -212,7 +212,7 @@ def module_level_imports(path: Path) -> set[str]:
 def test_dependencies_are_exactly_what_the_entry_points_import(trained_checkpoint):
     hub_load("segmentation_pipeline", weights_path=str(trained_checkpoint))
     loaded = [Path(m.__file__) for name, m in sys.modules.items() if name.startswith("_brain_unet_hub_")]
-    assert {p.stem for p in loaded} >= {"network", "utils", "dataset", "predict"}
+    assert {p.stem for p in loaded} >= {"network", "utils", "dataset", "inference"}
     repo_names = {p.stem for p in ROOT.glob("*.py")}
     imported = set().union(*(module_level_imports(p) for p in [ROOT / "hubconf.py", *loaded]))
     third_party = imported - set(sys.stdlib_module_names) - repo_names - {"__future__"}

@@ -19,7 +19,7 @@ import torch
 import dataset
 import predict
 from dataset import DataError, discover_patients, load_volumes, read_image, read_mask, read_volume
-from utils import CheckpointError, load_checkpoint
+from inference import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,8 @@ region so that the same tissue gets the same value whatever the slice coverage."
 import numpy as np
 import pytest
 
-from dataset import cache_key, discover_patients, preprocessing_config
-from utils import head_mask, normalize_channels, preprocess_volume
+from dataset import cache_key, discover_patients
+from utils import head_mask, normalize_channels, preprocess_volume, preprocessing_config
 
 
 def ellipsoid_head(n_slices: int, size: int = 64) -> np.ndarray:

@@ -8,11 +8,13 @@ import tifffile
 import torch
 from conftest import tiny_train_args
 
+import inference
 import predict
 import train
 from dataset import discover_patients, load_volumes, read_volume, select_patients
+from inference import load_checkpoint
 from losses import build_loss
-from utils import load_checkpoint, preprocess_volume
+from utils import preprocess_volume
 
 NO_AUGMENTATION = ("--aug-scale", "0", "--aug-angle", "0")
 
@@ -110,13 +112,13 @@ def test_context_slices_builds_a_9_channel_model_that_predict_and_hub_feed_alike
     assert checkpoint["model_config"]["in_channels"] == 9 and checkpoint["model"]["inc.0.weight"].shape[1] == 9
 
     # predict_volume stacks (s-1, s, s+1), the border slice repeated, as training does
-    model = predict.build_model(checkpoint)
+    model = inference.build_model(checkpoint)
     images = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
     rows = [[max(s - 1, 0), s, min(s + 1, 4)] for s in range(5)]
     by_hand = np.stack([np.concatenate([images[r] for r in row]) for row in rows])  # (5, 9, 32, 32)
     with torch.inference_mode():
         expected = model(torch.from_numpy(by_hand))[:, 0].numpy()
-    np.testing.assert_allclose(predict.predict_volume(model, images, context_slices=1), expected, atol=1e-6)
+    np.testing.assert_allclose(inference.predict_volume(model, images, context_slices=1), expected, atol=1e-6)
 
     hub = torch.hub.load(
         str(train.Path(train.__file__).parent),
@@ -201,9 +203,9 @@ def test_checkpoint_without_norm_region_predicts_as_crop(trained_checkpoint, tmp
     checkpoint = load_checkpoint(trained_checkpoint)
     del checkpoint["preprocessing"]["norm_region"]  # a checkpoint from before the flag
     torch.save(checkpoint, tmp_path / "old.pt")
-    loaded = predict.load_model(tmp_path / "old.pt", torch.device("cpu"))
+    loaded = inference.load_model(tmp_path / "old.pt", torch.device("cpu"))
     assert (loaded.norm_region, loaded.context_slices) == ("crop", 0)
     checkpoint["preprocessing"]["norm_region"] = "brain"
     torch.save(checkpoint, tmp_path / "odd.pt")
-    with pytest.raises(predict.CheckpointError, match="norm_region: checkpoint 'brain', this code 'crop'"):
-        predict.load_model(tmp_path / "odd.pt", torch.device("cpu"))
+    with pytest.raises(inference.CheckpointError, match="norm_region: checkpoint 'brain', this code 'crop'"):
+        inference.load_model(tmp_path / "odd.pt", torch.device("cpu"))

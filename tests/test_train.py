@@ -389,7 +389,7 @@ def run_ddp(args: list[str], probe_dir: Path, **env: str) -> subprocess.Complete
 def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from predict import build_model
+    from inference import build_model
 
     args = tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "3", "--vis-frequency", "1")
     result = run_ddp(args, tmp_path / "probe")

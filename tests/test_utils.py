@@ -8,7 +8,8 @@ import torch
 from scipy import ndimage
 
 import utils
-from utils import CheckpointError, hd95, load_checkpoint, save_checkpoint, unwrap_state_dict
+from inference import CheckpointError, load_checkpoint, save_checkpoint
+from utils import hd95, unwrap_state_dict
 
 
 def test_crash_while_saving_keeps_the_old_checkpoint(tmp_path, monkeypatch):

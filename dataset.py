@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,13 +33,16 @@ from torch.utils.data import DataLoader, Dataset
 # make_synthetic_dataset is re-exported: the phantom writers live in phantom.py
 from phantom import DEFAULT_SLICES, DIFFICULTIES, make_synthetic_dataset
 from utils import (
+    CLIParser,
     Geometry,
     HelpFormatter,
     UsageError,
+    check_writable_dir,
     ensure_writable_dir,
     one_line_warnings,
     preprocess_volume,
     preprocessing_config,
+    shared_flags,
 )
 
 CACHE_FORMAT_VERSION = 2  # 2: key holds st_ctime_ns; entries checked on read
@@ -131,6 +135,11 @@ def discover_patients(data_dir: str | Path) -> list[Patient]:
     """Every sub-folder of `data_dir` that holds TIFF slices is a patient (sorted by id).
     Files at the root and hidden folders are ignored."""
     root = Path(data_dir)
+    if root.is_file() and zipfile.is_zipfile(root):
+        raise DataError(
+            f"--data-dir {root}: is a zip file; unzip it first (`unzip -q {root}`) and pass the folder it "
+            "creates (for the Kaggle LGG download: --data-dir kaggle_3m)"
+        )
     if not root.is_dir():
         raise DataError(
             f"data directory not found: {root}; to try the project on phantom data run `python train.py --demo`; "
@@ -1036,8 +1045,10 @@ def _slice_range(args: argparse.Namespace) -> tuple[int, int]:
 
 def _cmd_preprocess(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    cache_dir = None if args.no_cache else ensure_writable_dir(args.cache_dir, "--cache-dir")
+    cache_dir = None if args.no_cache else check_writable_dir(args.cache_dir, "--cache-dir")
     patients = discover_patients(args.data_dir)
+    if cache_dir is not None:
+        ensure_writable_dir(cache_dir, "--cache-dir")
     volumes = load_volumes(patients, args.image_size, cache_dir, args.num_workers, progress=True)
     kept = sum(len(v.images) for v in volumes)
     labelled = [v for v in volumes if v.masks is not None]
@@ -1050,7 +1061,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = CLIParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     about = "write a phantom data set in the kaggle_3m layout (synthetic FLAIR-like slices and lesion masks)"
     synth = commands.add_parser("synthesize", help=about, description=about, formatter_class=HelpFormatter)
@@ -1068,12 +1079,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-slices", type=int, default=None, help="most slices per patient (default: 40; hard 60)")
     synth.set_defaults(func=_cmd_synthesize)
     about = "preprocess every patient of --data-dir into the cache that train.py and predict.py read"
-    prep = commands.add_parser("preprocess", help=about, description=about, formatter_class=HelpFormatter)
-    prep.add_argument("--data-dir", default="./kaggle_3m", help="kaggle_3m-style folder")
-    prep.add_argument("--cache-dir", default="./cache", help="cache folder")
+    shared = shared_flags("--data-dir", "--cache-dir", "--num-workers", num_workers="parallel patients")
+    prep = commands.add_parser(
+        "preprocess", help=about, description=about, formatter_class=HelpFormatter, parents=[shared]
+    )
     prep.add_argument("--no-cache", action="store_true", help="preprocess without writing the cache")
     prep.add_argument("--image-size", type=int, default=256, help="preprocessed size")
-    prep.add_argument("--num-workers", type=int, default=4, help="parallel patients")
     prep.set_defaults(func=_cmd_preprocess)
     return parser
 

@@ -194,7 +194,8 @@ def segmentation_pipeline(
     `device`: None picks cuda:0 when available, else cpu; an unavailable CUDA device raises
     `utils.UsageError` (a ValueError). The image size and normalisation region come from a
     training checkpoint (pass `image_size` for a bare state_dict, default 256, normalised over
-    the crop; an `image_size` other than a checkpoint's own warns); the context slices of a 2.5-D model from its input channels.
+    the crop; an `image_size` other than a checkpoint's own warns); the context slices of a
+    2.5-D model come from its input channels.
     """
     modules = repo_modules()
     utils, inference = modules["utils"], modules["inference"]

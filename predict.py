@@ -55,6 +55,7 @@ from utils import (
     CLIParser,
     HelpFormatter,
     UsageError,
+    check_writable_dir,
     dice_score,
     ensure_writable_dir,
     hd95,
@@ -360,18 +361,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_output_dirs(args: argparse.Namespace) -> Path:
-    """Create --output-dir, the folder of --figure-path (and --cache-dir unless --no-cache),
-    or say why not, before any work."""
+def check_output_dirs(args: argparse.Namespace) -> None:
+    """Check --output-dir, the folder of --figure-path (and --cache-dir unless --no-cache)
+    before any work, creating none of them (`create_output_dirs` does, once the work starts)."""
     if not args.no_cache:
-        ensure_writable_dir(args.cache_dir, "--cache-dir")
-    out_dir = ensure_writable_dir(args.output_dir, "--output-dir")
-    args.figure_path = args.figure_path or str(out_dir / "dice_distribution.png")
+        check_writable_dir(args.cache_dir, "--cache-dir")
+    check_writable_dir(args.output_dir, "--output-dir")
+    args.figure_path = args.figure_path or str(Path(args.output_dir) / "dice_distribution.png")
     figure = Path(args.figure_path)
     if figure.is_dir():
         raise UsageError(f"--figure-path {figure}: is a folder; give a .png file name")
-    ensure_writable_dir(figure.parent, "--figure-path")
-    return out_dir
+    check_writable_dir(figure.parent, "--figure-path")
+
+
+def create_output_dirs(args: argparse.Namespace) -> Path:
+    """Create the folders `check_output_dirs` checked; returns --output-dir."""
+    if not args.no_cache:
+        ensure_writable_dir(args.cache_dir, "--cache-dir")
+    ensure_writable_dir(Path(args.figure_path).parent, "--figure-path")
+    return ensure_writable_dir(args.output_dir, "--output-dir")
+
+
+def select_requested(patients: list[Patient], selection: list[str], wanted: list[str] | None, data_dir: str):
+    """The patients of --patients among those found in --data-dir. Raises DataError naming
+    the missing ones; when --patients was a role (test, val, train), says that they are the
+    checkpoints' patients of that role and how to predict the patients that are there."""
+    if wanted is None:
+        return patients
+    found = {p.patient_id for p in patients}
+    missing = [i for i in wanted if i not in found]
+    if missing and len(selection) == 1 and selection[0] in ("train", "val", "test"):
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(
+            f"{len(missing)} of the checkpoints' {selection[0]} patients are not in --data-dir {data_dir} ({listed}): "
+            "it holds other patients than the run was trained on; pass --patients all to predict every patient there"
+        )
+    return select_patients(patients, wanted)
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -477,7 +502,8 @@ def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode:
 def run(args: argparse.Namespace) -> dict:
     """Predict, write every output (metrics.csv row by row, summary.json even when patients
     fail), return the summary."""
-    out_dir = check_output_dirs(args)
+    start = time.perf_counter()
+    check_output_dirs(args)
     device = resolve_device(args.device)
     args.backend = resolve_backend(args.backend, device)
     for path in args.model_path:
@@ -490,9 +516,10 @@ def run(args: argparse.Namespace) -> dict:
     args.patients = args.patients or default_selection(models)
     patients = discover_inputs(args.data_dir)
     wanted = requested_patients(args.patients, models, folds)
-    patients = patients if wanted is None else select_patients(patients, wanted)
+    patients = select_requested(patients, args.patients, wanted, args.data_dir)
     if args.backend == "onnxruntime":
         models = [with_onnxruntime(m) for m in models]
+    out_dir = create_output_dirs(args)
     mode = "folds" if folds else ("ensemble" if len(models) > 1 else "single")
     print(
         f"{len(patients)} patient(s) ({' '.join(args.patients)}), {len(models)} checkpoint(s) ({mode}), "
@@ -502,7 +529,6 @@ def run(args: argparse.Namespace) -> dict:
     table = out_dir / "metrics.csv"
     start_table(table)
     rows = []
-    start = time.perf_counter()
     for patient in tqdm(patients, desc="predict", unit="patient", leave=False, disable=None):
         rows.append(process_patient(patient, models, folds, device, args, out_dir))
         append_row(table, rows[-1])

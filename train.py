@@ -72,6 +72,7 @@ from utils import (
     HelpFormatter,
     UsageError,
     atomic_write_bytes,
+    check_writable_dir,
     dice_score,
     ensure_writable_dir,
     one_line_warnings,
@@ -457,18 +458,20 @@ def train_one_epoch(
     epoch: int,
     log_interval: int,
     progress: bool = True,
+    desc: str | None = None,
 ) -> dict[str, float]:
     """One epoch of `steps` weighted-sampled batches. `criterion` takes the model's logits
     (e.g. `SoftDiceLoss(from_logits=True)`): the sigmoid then runs in float32 even under
     autocast. Every `log_interval` steps (and at the last) the loss is averaged over all
     ranks, so a non-finite loss on any rank stops every rank at the same step.
-    Returns the loss (mean over steps and ranks), slices/s and seconds."""
+    `desc` labels the progress bar (default "epoch N"). Returns the loss (mean over steps
+    and ranks), slices/s and seconds."""
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
     mean_loss = 0.0
     start = time.perf_counter()
     hide = None if progress and runtime.is_main else True  # None: tqdm hides the bar when stderr is no terminal
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=hide, leave=False)
+    bar = tqdm(total=steps, desc=desc or f"epoch {epoch}", unit="step", disable=hide, leave=False)
     for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator), start=1):
         images, masks = augment(images, masks)  # on the device, whole batch at once
         images = images.contiguous(memory_format=torch.channels_last)
@@ -659,10 +662,11 @@ def check_before_work(args: argparse.Namespace, config: dict) -> tuple[Path | No
     output folders, the checkpoint to resume from and its contract, an earlier run in
     --checkpoint-dir, the patients and the split. Returns (resume path, the loaded
     checkpoint, the patients to load)."""
-    ensure_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
-    ensure_writable_dir(args.log_dir, "--log-dir")
+    folders = {"--checkpoint-dir": args.checkpoint_dir, "--log-dir": args.log_dir}
     if not args.no_cache:
-        ensure_writable_dir(args.cache_dir, "--cache-dir")
+        folders["--cache-dir"] = args.cache_dir
+    for flag, folder in folders.items():
+        check_writable_dir(folder, flag)
     resume_path = find_resume_checkpoint(args)
     resumed = load_checkpoint(resume_path) if resume_path else None
     if resumed is not None:
@@ -679,6 +683,8 @@ def check_before_work(args: argparse.Namespace, config: dict) -> tuple[Path | No
     if resumed is None:  # checks --val-patients / --folds against the data
         ids = [p.patient_id for p in patients]
         make_split(ids, args.val_patients, args.seed, args.folds, args.fold, test_patients=args.test_patients)
+    for flag, folder in folders.items():  # every check passed: the work starts (a refusal leaves no folder)
+        ensure_writable_dir(folder, flag)
     return resume_path, resumed, patients
 
 
@@ -729,6 +735,7 @@ class Run:
     log_run: str = ""
     logger: TBLogger | None = None
     history: list[dict] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # wall time of each epoch this process ran
 
 
 def agree_on_inputs(args: argparse.Namespace, runtime: Runtime, config: dict) -> tuple[Path | None, dict | None, list]:
@@ -846,6 +853,12 @@ def print_start(run: Run, resume_path: Path | None) -> None:
         f"{args.norm_region}; {args.context_slices} context slice(s) per side ({run.raw_model.config['in_channels']} "
         "input channels)"
     )
+    lesion_free = sum(1 for v in run.val_volumes if not np.asarray(v.masks).any())
+    if lesion_free:
+        print(
+            f"validation: {lesion_free} of {len(run.val_volumes)} patients are lesion-free; each scores Dice 1 "
+            "(nothing predicted) or 0, so the mean can jump between epochs (the median is steadier)"
+        )
     print(f"TensorBoard: {Path(args.log_dir) / run.log_run}")
     if resume_path is not None:
         print(f"resumed from {resume_path} after epoch {run.start_epoch - 1} (best Dice {run.best_dice:.4f})")
@@ -874,11 +887,35 @@ def run_epoch(run: Run, epoch: int) -> None:
         args.aug_scale, args.aug_angle, 0.5, seed=stream_seed(args.seed, epoch, runtime.rank, 1)
     )
     criterion = build_loss(args.loss, from_logits=True)
+    start = time.perf_counter()
     train_stats = train_one_epoch(
         run.model, run.data, run.optimizer, run.scaler, criterion, augment, runtime,
-        run.steps, args.batch_size, generator, epoch, args.log_interval,
+        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=progress_label(run, epoch),
     )  # fmt: skip
     validate_and_save(run, epoch, train_stats)
+    run.epoch_seconds.append(time.perf_counter() - start)
+
+
+def progress_label(run: Run, epoch: int) -> str:
+    """The progress bar's label: the epoch, and the time the run has left, estimated from
+    the mean of the last three epochs of this process (training, validation and saving)."""
+    label = f"epoch {epoch}/{run.args.epochs}"
+    if not run.epoch_seconds:
+        return label
+    recent = run.epoch_seconds[-3:]
+    last = min(run.args.epochs, run.args.stop_after_epoch or run.args.epochs)
+    left = sum(recent) / len(recent) * (last - epoch + 1)
+    return f"{label}, run {format_duration(left)} left"
+
+
+def format_duration(seconds: float) -> str:
+    """`42 s`, `3 min 05 s`, `1 h 02 min`."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def validate_and_save(run: Run, epoch: int, train_stats: dict) -> None:
@@ -979,12 +1016,12 @@ def plan_folds(args: argparse.Namespace, runtime: Runtime) -> dict[int, str]:
     with a line that says so."""
 
     def work() -> dict[int, str]:
-        ensure_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+        check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
         clear_stale_folds(args)
         finished = {}
         for fold in range(args.folds):
             one = fold_args(args, fold)
-            ensure_writable_dir(one.checkpoint_dir, "--checkpoint-dir")
+            check_writable_dir(one.checkpoint_dir, "--checkpoint-dir")
             path = find_resume_checkpoint(one)
             if path is not None:
                 checkpoint = load_checkpoint(path)

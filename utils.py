@@ -602,9 +602,18 @@ class CLIParser(argparse.ArgumentParser):
 
     def _suggestion(self, word: str) -> str | None:
         flag = word.split("=", 1)[0]
-        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
-        close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(flag.replace("_", "-"), sorted(self._long_flags()), n=1, cutoff=0.6)
         return close[0] if close else None
+
+    def _long_flags(self) -> set[str]:
+        """The --flags of this parser and of its sub-commands (argparse reports a sub-command's
+        unknown flag from the top-level parser)."""
+        flags = set()
+        for action in self._actions:
+            flags |= {option for option in action.option_strings if option.startswith("--")}
+            for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+                flags |= {o for a in sub._actions for o in a.option_strings if o.startswith("--")}
+        return flags
 
 
 # Flags that several CLIs share (train.py, predict.py, dataset.py preprocess, bench.py):
@@ -658,6 +667,29 @@ def resolve_device(name: str | None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
+
+
+def check_writable_dir(path: str | Path, flag: str) -> Path:
+    """Check, without creating anything, that `ensure_writable_dir(path, flag)` would succeed:
+    `path` is a writable folder, or the nearest existing folder above it is writable. Lets a
+    command refuse bad input before it has made any folder (a refused command leaves none
+    behind). Raises UsageError naming `flag` and the path otherwise."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(
+            f"{flag} {path}: is a file, not a folder"
+            if existing == path
+            else f"{flag} {path}: cannot create the folder ({existing} is a file)"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: folder is not writable ({error.strerror or error})") from error
+    return path
 
 
 def ensure_writable_dir(path: str | Path, flag: str) -> Path:

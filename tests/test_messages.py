@@ -83,12 +83,13 @@ def test_missing_checkpoint_points_at_the_demo_checkpoint(tmp_path, monkeypatch)
         )
     (tmp_path / "demo_checkpoints").mkdir()
     (tmp_path / "demo_checkpoints" / "best_model.pt").write_bytes(b"written by train.py --demo")
-    for command in (predict, export):
+    # each CLI's hint names only its own flags: export.py has no --data-dir
+    for command, flags in ((predict, " --data-dir demo_3m"), (export, "")):
         with pytest.raises(SystemExit) as exit_info:
             command.main([])
         assert str(exit_info.value.code) == (
             "error: checkpoint not found: ./checkpoints/best_model.pt; the demo's model is "
-            "demo_checkpoints/best_model.pt: pass --model-path demo_checkpoints/best_model.pt --data-dir demo_3m"
+            f"demo_checkpoints/best_model.pt: pass --model-path demo_checkpoints/best_model.pt{flags}"
         )
 
 

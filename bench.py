@@ -822,7 +822,7 @@ def render_report(
     for caption, path in figures:
         lines += [f"![{caption}](figures/{path.name})", ""]
     if bench_text:
-        lines += ["## Speed (`python bench.py --device cpu --quick`)", "", "```", bench_text.strip(), "```", ""]
+        lines += ["## Speed (`python bench.py speed --device cpu --quick`)", "", "```", bench_text.strip(), "```", ""]
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 
-python bench.py --device cuda --compile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+python bench.py speed --device cuda --compile --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 
 start=$(date +%s)
 python dataset.py synthesize "$WORK/lgg" --patients 110 --seed 0 --min-slices 20 --max-slices 88

@@ -45,7 +45,7 @@ from dataset import (
     read_mask,
 )
 from inference import autocast_dtype, binarize, predict_volume
-from losses import SoftDiceLoss
+from losses import SoftDiceLoss, build_loss
 from network import UNetModel
 from train import Runtime, train_one_epoch
 from utils import CLIParser, HelpFormatter, atomic_write_bytes, resolve_device, restore_geometry, shared_flags
@@ -145,6 +145,12 @@ def plain_training_rate(
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def training_loss() -> torch.nn.Module:
+    """The loss train.py trains with by default (`--loss dice`, from logits: train_one_epoch
+    hands the model's logits to the loss)."""
+    return build_loss(train.get_args_parser().get_default("loss"), from_logits=True)
+
+
 def configured_training_rate(
     data: ResidentSlices,
     base_filters: int,
@@ -161,7 +167,7 @@ def configured_training_rate(
     optimizer = torch.optim.Adam(raw.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     runtime = Runtime(device, amp_dtype=amp_dtype)
-    args = (optimizer, scaler, SoftDiceLoss(), BatchAugmentation(seed=0), runtime)
+    args = (optimizer, scaler, training_loss(), BatchAugmentation(seed=0), runtime)
     warmup = 3 if compile_model else 1
     train_one_epoch(model, data, *args, warmup, batch_size, torch.Generator().manual_seed(0), 0, 10**9, progress=False)
     synchronize(device)
@@ -258,18 +264,19 @@ def speed(args: argparse.Namespace) -> dict:
         results["augmentation"] = bench_augmentation(
             data.images[batch].cpu(), data.masks[batch].cpu(), device, repeats=3 if args.quick else 10
         )
-        plain = plain_training_rate(data, args.base_filters, args.batch_size, steps, device)
         amp = autocast_dtype(device)
-        configured = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, False)
-        results["training"] = {
-            "plain_fp32_slices_per_s": plain,
-            "configured_slices_per_s": configured,
-            "configured_amp": str(amp).replace("torch.", "") if amp else "off",
-            "speedup": configured / plain,
-        }
-        if args.compile:
-            compiled = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, True)
-            results["training"].update({"compiled_slices_per_s": compiled, "compiled_speedup": compiled / plain})
+        with train.determinism(False, device):  # train.py's cuDNN settings (cudnn.benchmark on CUDA)
+            plain = plain_training_rate(data, args.base_filters, args.batch_size, steps, device)
+            configured = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, False)
+            results["training"] = {
+                "plain_fp32_slices_per_s": plain,
+                "configured_slices_per_s": configured,
+                "configured_amp": str(amp).replace("torch.", "") if amp else "off",
+                "speedup": configured / plain,
+            }
+            if args.compile:
+                compiled = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, True)
+                results["training"].update({"compiled_slices_per_s": compiled, "compiled_speedup": compiled / plain})
         results["inference"] = bench_inference(volumes, args.base_filters, device)
         results["cpu_backends"] = bench_cpu_backends(
             volumes, args.base_filters, args.image_size, 32 if args.quick else 128

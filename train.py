@@ -588,8 +588,8 @@ def restore_rng_state(state: dict) -> None:
 
 def run_config(args: argparse.Namespace, runtime: Runtime) -> dict:
     """The run's configuration as saved in checkpoints and args.json: every flag, plus the
-    number of processes."""
-    return {**vars(args), "world_size": runtime.world_size}
+    number of processes and the precision --amp resolved to on this device (bf16, fp16, off)."""
+    return {**vars(args), "world_size": runtime.world_size, "precision": runtime.amp_name}
 
 
 def flag_text(name: str, value: Any) -> str:
@@ -617,6 +617,15 @@ def check_resume_contract(checkpoint: dict, path: Path, config: dict) -> None:
                 f"{path} was trained with {flag_text(name, saved)}, this run asks for {flag_text(name, given)}; "
                 f"resume with {flag_text(name, saved)}, or start a new run (another --checkpoint-dir, or --overwrite)"
             )
+    # `--amp auto` resolves per device (bf16 where supported, else fp16): the same flag can ask
+    # for another precision on another GPU, and the saved GradScaler state would not fit it.
+    precision = saved_config.get("precision")  # absent before it was recorded
+    if precision is not None and precision != config["precision"]:
+        raise CheckpointError(
+            f"{path} was trained in {precision} precision (--amp {saved_config.get('amp', 'auto')}), this run "
+            f"resolves --amp {config['amp']} to {config['precision']} on this device; resume on a device where "
+            f"--amp {config['amp']} gives {precision}, or start a new run (another --checkpoint-dir, or --overwrite)"
+        )
 
 
 def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 
 from inference import CheckpointError, LoadedModel, load_model, missing_checkpoint
@@ -62,6 +61,8 @@ class OnnxRuntimeModel:
     (B, 3, H, W) float tensor -> probabilities (B, 1, H, W) float32 tensor."""
 
     def __init__(self, onnx_model: bytes | str | Path, threads: int | None = None):
+        import onnxruntime  # only this backend needs it: predict.py --backend torch runs without it
+
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # the same cores torch would use
         source = str(onnx_model) if isinstance(onnx_model, Path) else onnx_model

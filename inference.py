@@ -244,9 +244,15 @@ def check_preprocessing(saved: dict, path: str | Path) -> None:
 # ------------------------------------------------------------------------ model loading
 
 
+def _has_model_record(obj: Any) -> bool:
+    """Whether `obj` holds weights with their `model_config` record (a checkpoint of ours),
+    rather than being a bare state_dict."""
+    return isinstance(obj, dict) and "model" in obj and "model_config" in obj
+
+
 def _state_dict_of(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
-    """The model state_dict of a checkpoint dict with a 'model' entry, or of a bare state_dict."""
-    state = obj["model"] if isinstance(obj, dict) and "model_config" in obj and "model" in obj else obj
+    """The model state_dict of a checkpoint with a model record, or of a bare state_dict."""
+    state = obj["model"] if _has_model_record(obj) else obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
             f"{source}: not a checkpoint of this project (expected a dict with 'model' and "
@@ -260,8 +266,10 @@ def build_model(checkpoint: dict, source: str | Path = "checkpoint") -> UNetMode
     weights; a bare state_dict (no record) gets `ModelConfig.of_state_dict`. DDP and
     torch.compile prefixes are stripped. Raises CheckpointError when the weights do not fit."""
     state = _state_dict_of(checkpoint, source)
-    record = checkpoint.get("model_config") if "model_config" in checkpoint and "model" in checkpoint else None
-    config = ModelConfig.from_record(record, source) if record else ModelConfig.of_state_dict(state, source)
+    if _has_model_record(checkpoint):
+        config = ModelConfig.from_record(checkpoint["model_config"], source)
+    else:
+        config = ModelConfig.of_state_dict(state, source)
     model = UNetModel(**config.record())
     try:
         model.load_state_dict(state)

@@ -1,8 +1,9 @@
-"""Data pipeline: find patients in a kaggle_3m-style folder, read TIFF slices, cache the
-preprocessed volumes, split patients, serve slices to PyTorch, and write phantom data.
+"""Data pipeline: find patients in a folder (kaggle_3m-style TIFF folders and NIfTI files),
+read them, cache the preprocessed volumes, split patients, serve slices to PyTorch, and write
+phantom data.
 
 CLI:
-    python dataset.py synthesize OUT --patients N --seed S [--difficulty easy|hard]
+    python dataset.py synthesize OUT --patients N --seed S [--difficulty easy|hard] [--format tiff|nifti]
     python dataset.py preprocess --data-dir D [--cache-dir C] [--image-size S] [--num-workers W]
 """
 
@@ -31,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 # make_synthetic_dataset is re-exported: the phantom writers live in phantom.py
-from phantom import DEFAULT_SLICES, DIFFICULTIES, make_synthetic_dataset
+from phantom import DEFAULT_SLICES, DIFFICULTIES, FORMATS, make_synthetic_dataset
 from utils import (
     CLIParser,
     Geometry,
@@ -76,12 +77,16 @@ class SliceFiles:
 
 @dataclass(frozen=True)
 class Patient:
-    """One patient folder: all slices sorted by k, and which of them are kept."""
+    """One patient folder: all slices sorted by k, and which of them are kept. `spacing` is
+    the voxel size in mm along the (slice, row, col) axes of `read_volume`'s arrays: from the
+    header for a NIfTI patient, None for a TIFF patient (TIFFs carry none; `predict.py
+    --spacing` sets it)."""
 
     patient_id: str
     directory: Path
     slices: tuple[SliceFiles, ...]
     nifti: NiftiFiles | None = None  # set for a NIfTI patient (its slices then all name the same file)
+    spacing: tuple[float, float, float] | None = None
 
     @property
     def kept(self) -> tuple[SliceFiles, ...]:
@@ -284,16 +289,22 @@ class Volume:
     geometry: Geometry
 
 
+def source_files(patient: Patient) -> list[Path]:
+    """Every file a patient's volume is read from, in a fixed order: each slice's image and
+    mask for a TIFF patient; the channel files (each once) and the mask for a NIfTI patient."""
+    if patient.nifti is not None:
+        return list(dict.fromkeys([*patient.nifti.channels, *([patient.nifti.mask] if patient.nifti.mask else [])]))
+    return [path for item in patient.slices for path in (item.image, item.mask) if path is not None]
+
+
 def cache_key(patient: Patient, config: dict) -> str:
-    """Hash of the source files (path, size, mtime, inode change time) and the preprocessing
-    parameters. The change time (st_ctime_ns) catches a file rewritten with the same size
-    and a restored mtime: no tool can set it back."""
+    """Hash of the source files (`source_files`: path, size, mtime, inode change time) and
+    the preprocessing parameters. The change time (st_ctime_ns) catches a file rewritten with
+    the same size and a restored mtime: no tool can set it back."""
     files = []
-    for item in patient.slices:
-        for path in (item.image, item.mask):
-            if path is not None:
-                stat = path.stat()
-                files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
+    for path in source_files(patient):
+        stat = path.stat()
+        files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
     payload = json.dumps({"v": CACHE_FORMAT_VERSION, "files": files, "config": config}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -657,7 +668,29 @@ def _nifti_patient(patient_id: str, files: dict[str, Path], root: Path) -> Patie
             f"{channels[0]}: {n_slices} axial slice(s); at least 3 are needed because the first and last are dropped"
         )
     slices = tuple(SliceFiles(k, channels[0], mask) for k in range(1, n_slices + 1))
-    return Patient(patient_id, root, slices, nifti=NiftiFiles(channels, mask))
+    spacing = nifti_spacing(reference, transform, channels[0])
+    return Patient(patient_id, root, slices, nifti=NiftiFiles(channels, mask), spacing=spacing)
+
+
+SPATIAL_UNITS_IN_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}  # NIfTI-1 xyz units
+
+
+def nifti_spacing(image, transform: np.ndarray, path: Path) -> tuple[float, float, float]:
+    """The voxel size in mm along the (slice, row, col) axes that `read_nifti_volume` gives:
+    the lengths of the affine's first three columns (nibabel's `affines.voxel_sizes`, the
+    geometry a viewer uses), permuted by the orientation `transform` (`_to_slices`), in the
+    header's spatial unit converted to mm ("unknown" read as mm, the NIfTI-1 default).
+    Raises DataError naming the file for a zero voxel size."""
+    from nibabel.affines import voxel_sizes
+
+    sizes = voxel_sizes(image.affine)  # (X, Y, Z) mm per voxel step
+    unit = SPATIAL_UNITS_IN_MM.get(image.header.get_xyzt_units()[0], 1.0)
+    spacing = [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(transform):
+        spacing[int(target)] = float(sizes[axis]) * unit
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise DataError(f"{path}: voxel size {tuple(sizes)} from the affine is not positive")
+    return (spacing[0], spacing[1], spacing[2])
 
 
 def discover_nifti_patients(data_dir: str | Path) -> list[Patient]:
@@ -719,13 +752,21 @@ def read_nifti_volume(patient: Patient) -> tuple[np.ndarray, np.ndarray | None]:
 def write_nifti_mask(patient: Patient, masks: np.ndarray, path: str | Path) -> None:
     """Write masks (all slices S, H, W; SLICE_AXES order as read_nifti_volume gives them) as a
     uint8 0/1 NIfTI file on the voxel grid of the patient's image file, with its affine."""
+    write_nifti_array(patient, np.asarray(masks, dtype=bool).astype(np.uint8), path)
+
+
+def write_nifti_array(patient: Patient, array: np.ndarray, path: str | Path) -> None:
+    """Write an array of all slices (S, H, W; SLICE_AXES order as read_nifti_volume gives
+    them) in its own dtype (uint8 masks, float32 probabilities) as a NIfTI file on the voxel
+    grid of the patient's image file, with its affine, qform/sform codes and units, so a
+    viewer shows it over the scan. Raises DataError for a degenerate affine."""
     import nibabel
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
     reference = _load_nifti(patient.nifti.channels[0])
     _to_slices(reference.affine, patient.nifti.channels[0])  # refuses a degenerate affine
     back = ornt_transform(axcodes2ornt(SLICE_AXES), io_orientation(reference.affine))
-    data = apply_orientation(np.asarray(masks, dtype=np.uint8), back)  # (S, H, W) -> (X, Y, Z)
+    data = apply_orientation(np.asarray(array), back)  # (S, H, W) -> (X, Y, Z)
     image = nibabel.Nifti1Image(np.ascontiguousarray(data), reference.affine)
     header = reference.header
     image.set_qform(reference.affine, code=int(header["qform_code"]))
@@ -1031,11 +1072,22 @@ def _cmd_synthesize(args: argparse.Namespace) -> None:
     out = ensure_writable_dir(args.out, "synthesize OUT")
     if any(child.is_dir() and not child.name.startswith(".") for child in out.iterdir()):
         raise UsageError(f"synthesize OUT {out}: already holds patient folders; give an empty or new folder")
+    if any(_nifti_stem(child) is not None for child in out.iterdir()):
+        raise UsageError(f"synthesize OUT {out}: already holds NIfTI files; give an empty or new folder")
     start = time.perf_counter()
     ids = make_synthetic_dataset(
-        args.out, args.patients, args.seed, args.image_size, _slice_range(args), difficulty=args.difficulty
+        args.out,
+        args.patients,
+        args.seed,
+        args.image_size,
+        _slice_range(args),
+        difficulty=args.difficulty,
+        file_format=args.format,
     )
-    print(f"wrote {len(ids)} {args.difficulty} phantom patients to {args.out} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {len(ids)} {args.difficulty} phantom patients ({args.format}) to {args.out} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
 
 
 def _slice_range(args: argparse.Namespace) -> tuple[int, int]:
@@ -1046,7 +1098,7 @@ def _slice_range(args: argparse.Namespace) -> tuple[int, int]:
 def _cmd_preprocess(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     cache_dir = None if args.no_cache else check_writable_dir(args.cache_dir, "--cache-dir")
-    patients = discover_patients(args.data_dir)
+    patients = discover_inputs(args.data_dir)
     if cache_dir is not None:
         ensure_writable_dir(cache_dir, "--cache-dir")
     volumes = load_volumes(patients, args.image_size, cache_dir, args.num_workers, progress=True)
@@ -1063,7 +1115,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = CLIParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    about = "write a phantom data set in the kaggle_3m layout (synthetic FLAIR-like slices and lesion masks)"
+    about = "write a phantom data set (synthetic FLAIR-like slices and lesion masks) as kaggle_3m TIFFs or NIfTI"
     synth = commands.add_parser("synthesize", help=about, description=about, formatter_class=HelpFormatter)
     synth.add_argument("out", help="output folder")
     synth.add_argument("--patients", type=int, default=8, help="number of patients")
@@ -1074,6 +1126,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=DIFFICULTIES,
         default="easy",
         help="easy: the demo phantom; hard: realistic FLAIR distractors and faint lesions",
+    )
+    synth.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="tiff",
+        help="tiff: kaggle_3m folders; nifti: <patient>.nii.gz + _mask.nii.gz, 0.9 x 0.9 mm pixels, 5 mm slices, "
+        "a permuted and flipped voxel order (phantom.nifti_phantom_affine)",
     )
     synth.add_argument("--min-slices", type=int, default=None, help="fewest slices per patient (default: 20; hard 12)")
     synth.add_argument("--max-slices", type=int, default=None, help="most slices per patient (default: 40; hard 60)")

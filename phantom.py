@@ -1,4 +1,5 @@
-"""Synthetic phantom data sets in the kaggle_3m layout (3-channel TIFF slices + masks).
+"""Synthetic phantom data sets in the kaggle_3m layout (3-channel TIFF slices + masks), or
+as NIfTI volumes with a realistic voxel size and a non-trivial affine.
 
 Two difficulties:
 - easy: a smooth head with one connected, clearly brighter lesion; lesion-free slices hold
@@ -8,7 +9,7 @@ Two difficulties:
   different sizes with diffuse edges, partial coverage of the head, smooth bias fields,
   per-patient and per-channel gains, and a missing sequence replaced by FLAIR.
 
-The CLI is `python dataset.py synthesize OUT [--difficulty easy|hard]`.
+The CLI is `python dataset.py synthesize OUT [--difficulty easy|hard] [--format tiff|nifti]`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from utils import largest_connected_component
 
 DIFFICULTIES = ("easy", "hard")
 DEFAULT_SLICES = {"easy": (20, 40), "hard": (12, 60)}
+FORMATS = ("tiff", "nifti")
+# The NIfTI phantom's voxels: 0.9 mm pixels (a 230 mm field of view at 256 x 256) and 5 mm
+# axial slices, a typical clinical 2-D FLAIR protocol; kept at any --image-size.
+NIFTI_PIXEL_MM = 0.9
+NIFTI_SLICE_MM = 5.0
 
 
 # --------------------------------------------------------------------------------- easy
@@ -296,8 +302,11 @@ def make_synthetic_dataset(
     slices: tuple[int, int] | None = None,
     lesion_free_fraction: float = 0.15,
     difficulty: str = "easy",
+    file_format: str = "tiff",
 ) -> list[str]:
-    """Write a phantom data set in the kaggle_3m layout; returns the patient ids.
+    """Write a phantom data set in the kaggle_3m layout (`file_format` "tiff") or as NIfTI
+    files (`file_format` "nifti", see `nifti_phantom_affine`; the same arrays for the same
+    seed); returns the patient ids.
 
     easy: each patient is a head (scalp, brain texture, ventricles, bright vessels in
     channel 2) with one irregular, connected lesion that is bright in channel 1 (FLAIR) at
@@ -305,10 +314,12 @@ def make_synthetic_dataset(
     `lesion_free_fraction` of the patients have no lesion at all. `slices` (min, max) per
     patient defaults to (20, 40) for easy and (12, 60) for hard. Writes data.csv (one row
     per patient; hard adds lesions, lesion_share_of_brain, missing_sequence).
-    Raises ValueError for an unknown difficulty.
+    Raises ValueError for an unknown difficulty or format.
     """
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty {difficulty!r}: expected one of {', '.join(DIFFICULTIES)}")
+    if file_format not in FORMATS:
+        raise ValueError(f"format {file_format!r}: expected one of {', '.join(FORMATS)}")
     slices = slices or DEFAULT_SLICES[difficulty]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -328,14 +339,23 @@ def make_synthetic_dataset(
         else:
             images, masks = _phantom_patient(patient_rng, n_slices, image_size, p not in lesion_free)
         pid = f"TCGA_{'HD' if hard else 'PH'}_{p:04d}_{20000101 + int(patient_rng.integers(0, 1200))}"
-        _write_patient(root / pid, pid, images, masks)
+        if file_format == "nifti":
+            _write_nifti_patient(root, pid, images, masks)
+        else:
+            _write_patient(root / pid, pid, images, masks)
         ids.append(pid)
         row = f"{pid},{n_slices},{int(masks.any(axis=(1, 2)).sum())}"
         if hard:
             row += f",{facts['lesions']},{facts['lesion_share_of_brain']:.5f},{facts['missing_sequence']}"
         rows.append(row)
     (root / "data.csv").write_text("\n".join(rows) + "\n")
-    (root / "README.md").write_text("Synthetic phantom in the kaggle_3m layout (dataset.py).\n")
+    if file_format == "nifti":
+        (root / "README.md").write_text(
+            "Synthetic phantom as NIfTI (dataset.py synthesize --format nifti): <patient>.nii.gz (X x Y x Z x 3) "
+            "and <patient>_mask.nii.gz.\n"
+        )
+    else:
+        (root / "README.md").write_text("Synthetic phantom in the kaggle_3m layout (dataset.py).\n")
     return ids
 
 
@@ -344,3 +364,36 @@ def _write_patient(folder: Path, pid: str, images: np.ndarray, masks: np.ndarray
     for k in range(1, len(images) + 1):
         tifffile.imwrite(folder / f"{pid}_{k}.tif", images[k - 1], photometric="rgb")
         tifffile.imwrite(folder / f"{pid}_{k}_mask.tif", masks[k - 1].astype(np.uint8) * 255)
+
+
+def nifti_phantom_affine(shape: tuple[int, int, int]) -> np.ndarray:
+    """The NIfTI phantom's voxel-to-world (RAS+, mm) affine for a volume of `shape` (S, H, W)
+    in the reading convention (slices inferior -> superior, rows anterior -> posterior,
+    columns right -> left of the patient, as dataset.SLICE_AXES). The voxels are stored as
+    (i, j, k) = (W-1-w, s, h): a permuted axis order (slices on the middle axis) with the
+    columns flipped, NIFTI_PIXEL_MM in-plane, slices NIFTI_SLICE_MM apart; the volume is
+    centred on the world origin."""
+    n_slices, height, width = shape
+    pixel = NIFTI_PIXEL_MM
+    affine = np.zeros((4, 4))
+    affine[:3, 0] = (pixel, 0.0, 0.0)  # i: towards the patient's right (+x)
+    affine[:3, 1] = (0.0, 0.0, NIFTI_SLICE_MM)  # j: superior (+z)
+    affine[:3, 2] = (0.0, -pixel, 0.0)  # k: posterior (-y)
+    affine[:3, 3] = -affine[:3, :3] @ (np.array([width, n_slices, height]) - 1) / 2
+    affine[3, 3] = 1.0
+    return affine
+
+
+def _write_nifti_patient(root: Path, pid: str, images: np.ndarray, masks: np.ndarray) -> None:
+    """`<pid>.nii.gz` (uint8, X x Y x Z x 3) and `<pid>_mask.nii.gz` (uint8 0/1) on the grid
+    of `nifti_phantom_affine`, units mm, qform and sform both the scanner affine."""
+    import nibabel
+
+    affine = nifti_phantom_affine(masks.shape)
+    for name, data in ((f"{pid}.nii.gz", images), (f"{pid}_mask.nii.gz", masks.astype(np.uint8))):
+        voxels = np.ascontiguousarray(np.moveaxis(data, 2, 0)[::-1])  # (S, H, W, ...) -> (W, S, H, ...), i = W-1-w
+        image = nibabel.Nifti1Image(voxels, affine)
+        image.header.set_xyzt_units("mm")
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        nibabel.save(image, root / name)

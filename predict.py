@@ -1,4 +1,5 @@
-r"""Predict FLAIR-abnormality masks and score them per patient (Dice, precision, recall, hd95).
+r"""Predict FLAIR-abnormality masks and score them per patient (Dice, precision, recall, hd95,
+volumes, lesion-wise detection).
 
     python predict.py --model-path checkpoints/best_model.pt --data-dir kaggle_3m
     python predict.py --model-path demo_checkpoints/best_model.pt --data-dir demo_3m  # after train.py --demo
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -37,6 +39,7 @@ from dataset import (
     load_volume,
     read_volume,
     select_patients,
+    write_nifti_array,
     write_nifti_mask,
 )
 from export import with_onnxruntime
@@ -59,16 +62,20 @@ from utils import (
     dice_score,
     ensure_writable_dir,
     hd95,
+    lesion_metrics,
     one_line_warnings,
     overlay,
     plot_dice_distribution,
     precision_recall,
     resolve_device,
     shared_flags,
+    volume_stats,
 )
 
-METRIC_COLUMNS = ["dice", "precision", "recall", "hd95", "gt_pixels", "pred_pixels"]
-TABLE_COLUMNS = ["patient", "slices", "role", *METRIC_COLUMNS, "models", "error"]
+VOLUME_COLUMNS = ["gt_volume", "pred_volume", "volume_error"]
+LESION_COLUMNS = ["gt_lesions", "lesion_tp", "lesion_fn", "lesion_fp", "lesion_f1", "lesionwise_dice"]
+METRIC_COLUMNS = ["dice", "precision", "recall", "hd95", "gt_pixels", "pred_pixels", *VOLUME_COLUMNS, *LESION_COLUMNS]
+TABLE_COLUMNS = ["patient", "slices", "role", *METRIC_COLUMNS, "spacing", "models", "error"]
 ROLES = ("train", "val", "test", "unseen", "unknown")  # unknown: a checkpoint without a saved split
 HEADLINE_ROLES = ("test", "unseen")
 BIAS = {
@@ -81,16 +88,45 @@ BIAS = {
 # ----------------------------------------------------------------------------- metrics
 
 
-def patient_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Dice, precision, recall, hd95 (NaN if either is empty) and pixel counts, 3-D."""
+def patient_metrics(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    spacing: tuple[float, float, float] | None = None,
+    min_lesion_volume: float = 0.0,
+) -> dict[str, float]:
+    """Dice, precision, recall, hd95 (NaN if either is empty), pixel counts, volumes and the
+    lesion-wise columns of one patient, 3-D (S, H, W). With `spacing` ((slice, row, col) mm)
+    hd95 is in mm and volumes in mm3, else both in voxels (`metric_units`)."""
     precision, recall = precision_recall(prediction, truth)
     return {
         "dice": dice_score(prediction, truth),
         "precision": precision,
         "recall": recall,
-        "hd95": hd95(prediction, truth),
+        "hd95": hd95(prediction, truth, spacing),
         "gt_pixels": int(truth.sum()),
         "pred_pixels": int(prediction.sum()),
+        **volume_stats(prediction, truth, spacing),
+        **lesion_metrics(prediction, truth, spacing, min_lesion_volume),
+    }
+
+
+def metric_units(spacing: tuple[float, float, float] | None) -> dict[str, str]:
+    """The units of hd95 and of the volume columns for a patient with this spacing."""
+    return {"hd95": "mm", "volume": "mm3"} if spacing is not None else {"hd95": "voxels", "volume": "voxels"}
+
+
+def units_summary(rows: list[dict]) -> dict:
+    """summary.json's `units`: hd95 and volume units shared by every scored patient, or, where
+    patients differ (NIfTI with spacing beside TIFF without), "mixed" and `by_patient`."""
+    scored = {r["patient"]: r["units"] for r in rows if r.get("dice") is not None and "units" in r}
+    kinds = {json.dumps(u, sort_keys=True) for u in scored.values()}
+    if len(kinds) <= 1:
+        return dict(next(iter(scored.values()), metric_units(None)))
+    return {
+        "hd95": "mixed",
+        "volume": "mixed",
+        "note": "patients differ (mm / mm3 with a voxel spacing, voxels without); means pool different units",
+        "by_patient": scored,
     }
 
 
@@ -137,6 +173,7 @@ def summarize(rows: list[dict], protocol: dict) -> dict:
     summary["empty_truth_patients"] = int(sum(1 for r in labelled if r["gt_pixels"] == 0))
     summary["empty_prediction_patients"] = int(sum(1 for r in labelled if r["pred_pixels"] == 0))
     summary["failed_patients"] = {r["patient"]: r["error"] for r in rows if r.get("error")}
+    summary["units"] = units_summary(rows)
     summary["protocol"] = protocol
     return summary
 
@@ -283,7 +320,8 @@ def append_row(path: Path, row: dict) -> None:
 
 def print_table(rows: list[dict], summary: dict) -> None:
     """One line per patient with its role, the Dice per role, and last the headline line."""
-    print(f"{'patient':<32} {'slices':>6} {'role':>7} {'dice':>7} {'prec':>7} {'recall':>7} {'hd95':>7}")
+    header = f"{'patient':<32} {'slices':>6} {'role':>7} {'dice':>7} {'prec':>7} {'recall':>7} {'hd95':>7}"
+    print(f"{header} {'les_f1':>7}")
     for r in rows:
         start = f"{r['patient']:<32} {r['slices']:>6} {r['role']:>7}"
         if r.get("error"):
@@ -291,11 +329,15 @@ def print_table(rows: list[dict], summary: dict) -> None:
         elif r.get("dice") is None:
             print(f"{start} (unlabelled: masks written, no metrics)")
         else:
-            print(f"{start} {r['dice']:7.4f} {r['precision']:7.4f} {r['recall']:7.4f} {r['hd95']:7.2f}")
+            scores = f"{r['dice']:7.4f} {r['precision']:7.4f} {r['recall']:7.4f} {r['hd95']:7.2f}"
+            print(f"{start} {scores} {r['lesion_f1']:7.4f}")
     for role, stats in summary["by_role"].items():
-        dice = stats["metrics"]["dice"]
+        dice, lesion_f1 = stats["metrics"]["dice"], stats["metrics"]["lesion_f1"]
         if dice["mean"] is not None:
-            print(f"{role:>7}: Dice mean {dice['mean']:.4f}, median {dice['median']:.4f} over {stats['labelled']}")
+            print(
+                f"{role:>7}: Dice mean {dice['mean']:.4f}, median {dice['median']:.4f}, "
+                f"lesion F1 mean {lesion_f1['mean']:.4f} over {stats['labelled']}"
+            )
     print(headline_line(summary))
 
 
@@ -356,7 +398,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--save-probabilities",
         action="store_true",
-        help="also write <output-dir>/probabilities/<patient>.npy (float16, native size)",
+        help="also write <output-dir>/probabilities/<patient>.npy (float16, native size); for a NIfTI patient "
+        "<patient>.nii.gz (float32, on the input's grid and affine)",
+    )
+    p.add_argument(
+        "--spacing",
+        nargs=3,
+        type=float,
+        metavar=("ROW", "COL", "SLICE"),
+        default=None,
+        help="voxel size (mm) of the TIFF patients, which carry none: hd95 in mm and volumes in mm3 "
+        "(NIfTI patients use their header's); default: voxels",
+    )
+    p.add_argument(
+        "--min-lesion-volume",
+        type=float,
+        default=0.0,
+        help="lesion-wise metrics ignore ground-truth lesions of this volume or less (mm3 with a spacing, voxels "
+        "without; BraTS 2023 uses 50 mm3)",
     )
     return p
 
@@ -404,6 +463,19 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
     if not 0 < args.threshold < 1:
         raise UsageError(f"--threshold {args.threshold}: must be in (0, 1)")
+    if args.spacing is not None and not all(math.isfinite(v) and v > 0 for v in args.spacing):
+        raise UsageError(f"--spacing {' '.join(map(str, args.spacing))}: expected three positive sizes in mm")
+    if not (math.isfinite(args.min_lesion_volume) and args.min_lesion_volume >= 0):
+        raise UsageError(f"--min-lesion-volume {args.min_lesion_volume}: must be >= 0")
+
+
+def with_spacing(patients: list[Patient], spacing: list[float] | None) -> list[Patient]:
+    """The patients with `--spacing ROW COL SLICE` (mm) set on the TIFF patients, as the
+    (slice, row, col) spacing of their arrays; NIfTI patients keep their header's."""
+    if spacing is None:
+        return patients
+    row, col, slice_step = spacing
+    return [p if p.nifti is not None else dataclasses.replace(p, spacing=(slice_step, row, col)) for p in patients]
 
 
 def predict_patient(
@@ -414,7 +486,7 @@ def predict_patient(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Average the models' probabilities, map them back to native space, binarize there.
     Returns native masks (S, H, W) bool and native probabilities (S, H, W)."""
-    cache_dir = None if args.no_cache or patient.nifti else args.cache_dir  # the cache key knows TIFF files only
+    cache_dir = None if args.no_cache else args.cache_dir
     check_image_sizes(models)
     volume = load_volume(patient, models[0].image_size, cache_dir, models[0].norm_region)
     amp = autocast_dtype(device)
@@ -444,23 +516,44 @@ def process_patient(
         "slices": len(patient.kept),
         "role": role,
         "models": ";".join(str(models[i].path) for i in indices),
+        "spacing": spacing_text(patient.spacing),
     }
     try:
         native_mask, native_probs = predict_patient(patient, [models[i] for i in indices], device, args)
         write_masks(patient, native_mask, out_dir)
         if args.save_probabilities:
-            (out_dir / "probabilities").mkdir(exist_ok=True)
-            probabilities = all_slices(patient, native_probs.astype(np.float16))
-            np.save(out_dir / "probabilities" / f"{patient.patient_id}.npy", probabilities)
+            write_probabilities(patient, native_probs, out_dir)
         images, truth = read_volume(patient)  # native images and masks, kept slices
         if truth is not None:
-            row.update(patient_metrics(native_mask, truth))
+            row.update(patient_metrics(native_mask, truth, patient.spacing, args.min_lesion_volume))
+            row["units"] = metric_units(patient.spacing)
         if not args.no_overlays:
             write_overlays(patient, images, native_mask, truth, out_dir, row.get("dice"))
     except (DataError, OSError, ValueError, RuntimeError) as error:  # recorded; the run goes on
-        row = {key: row[key] for key in ("patient", "slices", "role", "models")}
+        row = {key: row[key] for key in ("patient", "slices", "role", "spacing", "models")}
         row["error"] = f"{type(error).__name__}: {error}" if not isinstance(error, DataError) else str(error)
     return row
+
+
+def spacing_text(spacing: tuple[float, float, float] | None) -> str | None:
+    """metrics.csv's `spacing`: "ROWxCOLxSLICE" in mm, the order of --spacing; None without."""
+    if spacing is None:
+        return None
+    slice_step, row, col = spacing
+    return f"{row:g}x{col:g}x{slice_step:g}"
+
+
+def write_probabilities(patient: Patient, native_probs: np.ndarray, out_dir: Path) -> None:
+    """`probabilities/<patient>.npy` (float16, all slices, native size) for a TIFF patient;
+    `probabilities/<patient>.nii.gz` (float32, on the input's grid and affine, so a viewer
+    shows it over the scan) for a NIfTI patient. The dropped first/last slices are 0."""
+    folder = out_dir / "probabilities"
+    folder.mkdir(exist_ok=True)
+    if patient.nifti is not None:
+        probabilities = all_slices(patient, native_probs.astype(np.float32))
+        write_nifti_array(patient, probabilities, folder / f"{patient.patient_id}.nii.gz")
+    else:
+        np.save(folder / f"{patient.patient_id}.npy", all_slices(patient, native_probs.astype(np.float16)))
 
 
 def check_image_sizes(models: Sequence[LoadedModel]) -> None:
@@ -494,7 +587,15 @@ def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode:
         "post_processing": "probabilities resampled to the native grid (bilinear), then threshold, then 3-D LCC",
         "space": "native (input TIFF or NIfTI grid), first/last slice of each patient excluded",
         "hd95": "MONAI: 6-neighbour surface, max of the two directed 95th percentiles, NaN if a mask is empty",
-        "hd95_units": "pixels (slice spacing counted as 1 pixel)",
+        "hd95_units": "mm where the voxel spacing is known (NIfTI header, or --spacing for TIFF), else voxels "
+        "(slice spacing counted as 1 pixel); see units",
+        "spacing": args.spacing and {"row_mm": args.spacing[0], "col_mm": args.spacing[1], "slice_mm": args.spacing[2]},
+        "volumes": "gt_volume, pred_volume over the kept slices (mm3 with a spacing, else voxels); "
+        "volume_error = (pred - gt) / gt, empty for an empty truth",
+        "lesion_wise": "BraTS 2023 (rachitsaluja/BraTS-2023-Metrics): lesions = 26-connected components of the "
+        "truth dilated 3 times with the 18-neighbour structure; detected when a predicted voxel lies in the "
+        "dilated lesion; predicted 26-connected components touching none are false positives",
+        "min_lesion_volume": args.min_lesion_volume,
         "seconds": round(seconds, 2),
     }
 
@@ -514,7 +615,7 @@ def run(args: argparse.Namespace) -> dict:
     if not folds:
         check_image_sizes(models)
     args.patients = args.patients or default_selection(models)
-    patients = discover_inputs(args.data_dir)
+    patients = with_spacing(discover_inputs(args.data_dir), args.spacing)
     wanted = requested_patients(args.patients, models, folds)
     patients = select_requested(patients, args.patients, wanted, args.data_dir)
     if args.backend == "onnxruntime":

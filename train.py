@@ -42,7 +42,7 @@ from dataset import (
     ResidentSlices,
     StreamedSlices,
     Volume,
-    discover_patients,
+    discover_inputs,
     load_volumes,
     make_sampler,
     make_split,
@@ -683,12 +683,14 @@ def check_before_work(args: argparse.Namespace, config: dict) -> tuple[Path | No
     check_no_clobber(args, resume_path)
     if args.demo:
         prepare_demo_data(args)
-    patients = discover_patients(args.data_dir)
+    patients = discover_inputs(args.data_dir)  # TIFF folders and NIfTI files, as predict.py reads them
     if resumed is not None:
         patients = select_patients(patients, resumed["split"]["train"] + resumed["split"]["val"])
-    unlabelled = [p.patient_id for p in patients if not p.labelled]
+    unlabelled = [p for p in patients if not p.labelled]
     if unlabelled:
-        raise DataError(f"training needs masks, but these patients have no _mask.tif files: {', '.join(unlabelled)}")
+        kinds = " or ".join(sorted({"_mask.nii.gz" if p.nifti else "_mask.tif" for p in unlabelled}, reverse=True))
+        listing = ", ".join(p.patient_id for p in unlabelled)
+        raise DataError(f"training needs masks, but these patients have no {kinds} files: {listing}")
     if resumed is None:  # checks --val-patients / --folds against the data
         ids = [p.patient_id for p in patients]
         make_split(ids, args.val_patients, args.seed, args.folds, args.fold, test_patients=args.test_patients)

@@ -679,15 +679,16 @@ def nifti_spacing(image, transform: np.ndarray, path: Path) -> tuple[float, floa
     """The voxel size in mm along the (slice, row, col) axes that `read_nifti_volume` gives:
     the lengths of the affine's first three columns (nibabel's `affines.voxel_sizes`, the
     geometry a viewer uses), permuted by the orientation `transform` (`_to_slices`), in the
-    header's spatial unit converted to mm ("unknown" read as mm, the NIfTI-1 default).
-    Raises DataError naming the file for a zero voxel size."""
+    header's spatial unit converted to mm ("unknown" read as mm, the NIfTI-1 default), each
+    the shortest decimal at the header's float32 precision (a stored 0.9 reads 0.9, not
+    0.8999999762). Raises DataError naming the file for a zero voxel size."""
     from nibabel.affines import voxel_sizes
 
     sizes = voxel_sizes(image.affine)  # (X, Y, Z) mm per voxel step
     unit = SPATIAL_UNITS_IN_MM.get(image.header.get_xyzt_units()[0], 1.0)
     spacing = [0.0, 0.0, 0.0]
     for axis, (target, _) in enumerate(transform):
-        spacing[int(target)] = float(sizes[axis]) * unit
+        spacing[int(target)] = float(str(np.float32(sizes[axis] * unit)))
     if not all(np.isfinite(v) and v > 0 for v in spacing):
         raise DataError(f"{path}: voxel size {tuple(sizes)} from the affine is not positive")
     return (spacing[0], spacing[1], spacing[2])

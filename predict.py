@@ -134,7 +134,7 @@ def metric_stats(labelled: list[dict]) -> dict[str, dict[str, float | None]]:
     """Mean and median of each metric over rows with metrics; NaN (undefined hd95) skipped."""
     stats = {}
     for name in METRIC_COLUMNS:
-        values = np.array([r[name] for r in labelled], dtype=float)
+        values = np.array([r.get(name) for r in labelled], dtype=float)  # None (a missing value) -> NaN
         finite = values[np.isfinite(values)]
         stats[name] = {
             "mean": float(finite.mean()) if finite.size else None,
@@ -330,13 +330,13 @@ def print_table(rows: list[dict], summary: dict) -> None:
             print(f"{start} (unlabelled: masks written, no metrics)")
         else:
             scores = f"{r['dice']:7.4f} {r['precision']:7.4f} {r['recall']:7.4f} {r['hd95']:7.2f}"
-            print(f"{start} {scores} {r['lesion_f1']:7.4f}")
+            print(f"{start} {scores} {r.get('lesion_f1', math.nan):7.4f}")
     for role, stats in summary["by_role"].items():
-        dice, lesion_f1 = stats["metrics"]["dice"], stats["metrics"]["lesion_f1"]
+        dice, lesion_f1 = stats["metrics"]["dice"], stats["metrics"]["lesion_f1"]["mean"]
         if dice["mean"] is not None:
+            lesions = "" if lesion_f1 is None else f", lesion F1 mean {lesion_f1:.4f}"
             print(
-                f"{role:>7}: Dice mean {dice['mean']:.4f}, median {dice['median']:.4f}, "
-                f"lesion F1 mean {lesion_f1['mean']:.4f} over {stats['labelled']}"
+                f"{role:>7}: Dice mean {dice['mean']:.4f}, median {dice['median']:.4f}{lesions} over {stats['labelled']}"
             )
     print(headline_line(summary))
 

@@ -18,7 +18,7 @@ from dataset import DataError, discover_inputs, discover_patients, read_volume, 
 # reading convention is indexed (s: inferior -> superior, h: anterior -> posterior,
 # w: patient's right -> left); world space is RAS+ (x to the right, y anterior, z superior).
 #   "ras":      voxel (x, y, z) = (W-1-w, H-1-h, s), 0.9 x 0.9 x 3 mm, the common canonical layout
-#   "permuted": voxel (a, b, c) = (S-1-s, h, W-1-w), slices first and running downwards
+#   "permuted": voxel (a, b, c) = (S-1-s, h, W-1-w), slices first and running downwards, 3 x 0.9 x 0.9 mm
 
 
 def to_voxels(array: np.ndarray, layout: str) -> np.ndarray:
@@ -30,7 +30,7 @@ def to_voxels(array: np.ndarray, layout: str) -> np.ndarray:
 
 AFFINES = {
     "ras": np.array([[0.9, 0, 0, -30.0], [0, 0.9, 0, -20.0], [0, 0, 3.0, 10.0], [0, 0, 0, 1]]),
-    "permuted": np.array([[0, 0, 1.0, 5.0], [0, -1.0, 0, 40.0], [-3.0, 0, 0, 60.0], [0, 0, 0, 1]]),
+    "permuted": np.array([[0, 0, 0.9, 5.0], [0, -0.9, 0, 40.0], [-3.0, 0, 0, 60.0], [0, 0, 0, 1]]),
 }
 
 
@@ -106,7 +106,9 @@ def test_predict_on_nifti_twins_gives_the_tiff_masks(trained_checkpoint, phantom
     layouts = {write_nifti_twin(tiffs[0].directory, nifti_dir, "ras", False): "ras"}
     layouts[write_nifti_twin(tiffs[1].directory, nifti_dir, "permuted", True)] = "permuted"
     ids = list(layouts)
-    tiff_rows = run_predict(trained_checkpoint, phantom_dir, tmp_path / "tiff", "--patients", *ids)
+    # both twins have 0.9 x 0.9 mm pixels and 3 mm slices in their headers; the TIFFs get them from --spacing
+    spacing = ("--spacing", "0.9", "0.9", "3")
+    tiff_rows = run_predict(trained_checkpoint, phantom_dir, tmp_path / "tiff", "--patients", *ids, *spacing)
     nifti_rows = run_predict(trained_checkpoint, nifti_dir, tmp_path / "out", "--patients", *ids)
     for tiff in tiffs:
         pid = tiff.patient_id
@@ -119,6 +121,9 @@ def test_predict_on_nifti_twins_gives_the_tiff_masks(trained_checkpoint, phantom
         np.testing.assert_array_equal(np.asarray(written.dataobj), to_voxels(tiff_mask.astype(np.uint8), layouts[pid]))
         for column in ("slices", "dice", "precision", "recall", "hd95", "gt_pixels", "pred_pixels"):
             assert nifti_rows[pid][column] == tiff_rows[pid][column], column
+        for column in (*predict.VOLUME_COLUMNS, *predict.LESION_COLUMNS, "spacing"):
+            assert nifti_rows[pid][column] == tiff_rows[pid][column], column
+        assert nifti_rows[pid]["spacing"] == "0.9x0.9x3"
 
 
 def test_missing_sequence_is_replaced_by_flair_with_a_warning(phantom_dir, tmp_path):

@@ -93,7 +93,7 @@ def patient_metrics(
     truth: np.ndarray,
     spacing: tuple[float, float, float] | None = None,
     min_lesion_volume: float = 0.0,
-) -> dict[str, float]:
+) -> dict[str, float | int | None]:
     """Dice, precision, recall, hd95 (NaN if either is empty), pixel counts, volumes and the
     lesion-wise columns of one patient, 3-D (S, H, W). With `spacing` ((slice, row, col) mm)
     hd95 is in mm and volumes in mm3, else both in voxels (`metric_units`)."""
@@ -335,9 +335,8 @@ def print_table(rows: list[dict], summary: dict) -> None:
         dice, lesion_f1 = stats["metrics"]["dice"], stats["metrics"]["lesion_f1"]["mean"]
         if dice["mean"] is not None:
             lesions = "" if lesion_f1 is None else f", lesion F1 mean {lesion_f1:.4f}"
-            print(
-                f"{role:>7}: Dice mean {dice['mean']:.4f}, median {dice['median']:.4f}{lesions} over {stats['labelled']}"
-            )
+            figure = f"Dice mean {dice['mean']:.4f}, median {dice['median']:.4f}{lesions}"
+            print(f"{role:>7}: {figure} over {stats['labelled']}")
     print(headline_line(summary))
 
 

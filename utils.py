@@ -720,7 +720,7 @@ class CLIParser(argparse.ArgumentParser):
 SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "--data-dir": {
         "default": "./kaggle_3m",
-        "help": "patient data: kaggle_3m-style sub-folders of TIFF slices (see docs/inputs.md)",
+        "help": "patient data: kaggle_3m-style sub-folders of TIFF slices and/or NIfTI files (see docs/inputs.md)",
     },
     "--cache-dir": {"default": "./cache", "help": "preprocessing cache"},
     "--num-workers": {"type": int, "default": 4, "help": "preprocessing threads (and training's loader workers)"},

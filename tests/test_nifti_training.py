@@ -188,3 +188,22 @@ def test_tiff_spacing_flag_and_mixed_units(phantom_dir):
     units = predict.units_summary(rows)
     assert units["hd95"] == "mixed" and units["by_patient"]["B"] == {"hd95": "voxels", "volume": "voxels"}
     assert predict.units_summary(rows[:1]) == {"hd95": "mm", "volume": "mm3"}
+
+
+def test_nifti_phantom_reads_back_as_the_tiff_phantom(tmp_path):
+    make = dict(patients=2, seed=8, image_size=32, slices=(4, 6))
+    dataset.make_synthetic_dataset(tmp_path / "tiff", **make)
+    dataset.make_synthetic_dataset(tmp_path / "nifti", file_format="nifti", **make)
+    tiffs, niftis = discover_inputs(tmp_path / "tiff"), discover_inputs(tmp_path / "nifti")
+    assert [p.patient_id for p in niftis] == [p.patient_id for p in tiffs]
+    for tiff, patient in zip(tiffs, niftis):
+        stored = nibabel.load(patient.nifti.channels[0])
+        assert nibabel.aff2axcodes(stored.affine) == ("R", "S", "P")  # not the reading order: permuted and flipped
+        assert stored.header.get_xyzt_units()[0] == "mm"
+        assert patient.spacing == (SLICE_MM, PIXEL_MM, PIXEL_MM) and tiff.spacing is None
+        for ours, theirs in zip(dataset.read_volume(patient), dataset.read_volume(tiff)):
+            np.testing.assert_array_equal(ours, theirs)
+    with pytest.raises(ValueError, match="format 'png'"):
+        dataset.make_synthetic_dataset(tmp_path / "png", file_format="png")
+    with pytest.raises(SystemExit, match="already holds NIfTI files"):
+        dataset.main(["synthesize", str(tmp_path / "nifti"), "--format", "nifti"])

@@ -724,7 +724,7 @@ def _read_nifti_array(path: Path) -> np.ndarray:
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise DataError(
             f"{path}: {int((~np.isfinite(data)).sum())} non-finite voxel(s) (NaN or inf); "
-            "replace them before predicting"
+            "replace them before training or predicting"
         )
     return data
 

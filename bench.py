@@ -891,17 +891,20 @@ def _local(command: list[str]) -> list[str]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = CLIParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    device = shared_flags(
-        "--device", device="cpu or cuda (passed to train.py and predict.py by ablation); default: cuda when available"
-    )
+    devices = {
+        "speed": [shared_flags("--device", device="cpu or cuda; default: cuda when available")],
+        "ablation": [
+            shared_flags("--device", device="passed to train.py and predict.py; default: cuda when available")
+        ],
+        "report": [],
+    }
     for name, about, add_flags in (
         ("speed", "time preprocessing, augmentation, training and inference on a phantom", add_speed_flags),
         ("ablation", ABLATION_ABOUT, add_ablation_flags),
         ("report", REPORT_ABOUT, add_report_flags),
     ):
-        parents = [] if name == "report" else [device]
         sub = commands.add_parser(
-            name, help=about.split(";")[0], description=about, formatter_class=HelpFormatter, parents=parents
+            name, help=about.split(";")[0], description=about, formatter_class=HelpFormatter, parents=devices[name]
         )
         add_flags(sub)
     return parser
@@ -909,6 +912,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict | Path:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):  # the spelling before sub-commands
+        sys.exit(f"error: bench.py takes a sub-command first: python bench.py speed {shlex.join(argv)}")
     args = get_args_parser().parse_args(argv)
     if args.command == "speed":
         return speed(args)

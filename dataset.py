@@ -145,6 +145,8 @@ def discover_patients(data_dir: str | Path) -> list[Patient]:
             f"--data-dir {root}: is a zip file; unzip it first (`unzip -q {root}`) and pass the folder it "
             "creates (for the Kaggle LGG download: --data-dir kaggle_3m)"
         )
+    if root.is_file():
+        raise DataError(f"--data-dir {root}: is a file, not a folder; pass the folder that holds the patients")
     if not root.is_dir():
         raise DataError(
             f"data directory not found: {root}; to try the project on phantom data run `python train.py --demo`; "
@@ -1154,6 +1156,8 @@ def main(argv: list[str] | None = None) -> None:
     one_line_warnings()
     if getattr(args, "patients", 1) < 1 or getattr(args, "image_size", 16) < 16:
         sys.exit("error: --patients must be >= 1 and --image-size >= 16")
+    if args.command == "preprocess" and args.image_size % 16:
+        sys.exit(f"error: --image-size {args.image_size}: must be divisible by 16 (the size train.py trains at)")
     if args.command == "synthesize" and not 3 <= _slice_range(args)[0] <= _slice_range(args)[1]:
         sys.exit("error: need 3 <= --min-slices <= --max-slices")
     try:

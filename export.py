@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from inference import CheckpointError, LoadedModel, load_model, missing_checkpoint
-from utils import CLIParser, HelpFormatter, UsageError, atomic_write_bytes, ensure_writable_dir
+from utils import CLIParser, HelpFormatter, UsageError, atomic_write_bytes, check_writable_dir, ensure_writable_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 TOLERANCE = 1e-4  # largest accepted |onnxruntime - torch| probability difference
@@ -140,10 +140,11 @@ def run(args: argparse.Namespace) -> float:
     if not args.tolerance > 0:
         raise UsageError(f"--tolerance {args.tolerance}: must be > 0")
     output = Path(args.output)
-    ensure_writable_dir(output.parent, "--output")
+    check_writable_dir(output.parent, "--output")
     if not Path(args.model_path).exists():
         raise CheckpointError(missing_checkpoint(args.model_path))
     loaded = load_model(args.model_path, torch.device("cpu"))
+    ensure_writable_dir(output.parent, "--output")  # the checkpoint is usable: the work starts
     metadata = {
         "image_size": str(loaded.image_size),
         "model_config": json.dumps(loaded.model.config),

@@ -199,7 +199,7 @@ def segmentation_pipeline(
     """
     modules = repo_modules()
     utils, inference = modules["utils"], modules["inference"]
-    device = utils.resolve_device(None if device is None else str(device))
+    device = utils.resolve_device(None if device is None else str(device), flag="device")
     checkpoint = inference.load_checkpoint(weights_path, "cpu")
     model = inference.build_model(checkpoint, weights_path)
     trained = inference.is_training_checkpoint(checkpoint)
@@ -207,6 +207,10 @@ def segmentation_pipeline(
     if trained:
         inference.check_preprocessing(preprocessing, weights_path)
     saved_size = preprocessing.get("image_size")
+    if image_size is not None and (int(image_size) < 16 or int(image_size) % 16):
+        raise ValueError(
+            f"segmentation_pipeline: image_size={image_size} must be a multiple of 16 (the U-Net pools 4 times)"
+        )
     if image_size is None:
         image_size = saved_size or 256
     elif saved_size is not None and int(image_size) != int(saved_size):

@@ -215,9 +215,10 @@ def require_training_checkpoint(obj: Any, path: str | Path, resume: bool = False
         )
     version = obj.get("format_version", CHECKPOINT_FORMAT_VERSION)
     if version != CHECKPOINT_FORMAT_VERSION:
+        action = "resume it" if resume else "predict"
         raise CheckpointError(
             f"{path}: checkpoint format version {version}, this code reads version {CHECKPOINT_FORMAT_VERSION}; "
-            "predict with the code version that trained it"
+            f"{action} with the code version that trained it"
         )
     return obj
 

@@ -694,8 +694,11 @@ def check_before_work(args: argparse.Namespace, config: dict) -> tuple[Path | No
     if resumed is None:  # checks --val-patients / --folds against the data
         ids = [p.patient_id for p in patients]
         make_split(ids, args.val_patients, args.seed, args.folds, args.fold, test_patients=args.test_patients)
-    for flag, folder in folders.items():  # every check passed: the work starts (a refusal leaves no folder)
-        ensure_writable_dir(folder, flag)
+    # every check passed: preprocessing may start. --checkpoint-dir and --log-dir are made when
+    # the first file is written to them (args.json, TensorBoard), after the data has loaded,
+    # so that an unreadable slice found while preprocessing leaves no empty run folders.
+    if "--cache-dir" in folders:
+        ensure_writable_dir(folders["--cache-dir"], "--cache-dir")
     return resume_path, resumed, patients
 
 

@@ -687,8 +687,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 class CLIParser(argparse.ArgumentParser):
     """The CLIs' argument parser: a usage error is one line, `<prog>: error: <message>`, with
-    "did you mean" for a mistyped flag (the closest of the parser's own flag names, by
-    `difflib.get_close_matches`), instead of argparse's full usage text first. Exit code 2."""
+    "did you mean" for a mistyped flag (the closest flag of the parser, or of the sub-command
+    given, by `difflib.get_close_matches`), instead of argparse's full usage text first. Exit 2."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the sub-command that was given, which knows its own flags
+            self._chosen_subcommand(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
     def error(self, message: str) -> NoReturn:
         unknown = re.match(r"unrecognized arguments: (.*)", message)
@@ -699,20 +705,28 @@ class CLIParser(argparse.ArgumentParser):
                 message += f" (did you mean {', '.join(hints)}?)"
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
+    def _chosen_subcommand(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                return action.choices[getattr(parsed, action.dest)]
+        return self
+
     def _suggestion(self, word: str) -> str | None:
-        flag = word.split("=", 1)[0]
-        close = difflib.get_close_matches(flag.replace("_", "-"), sorted(self._long_flags()), n=1, cutoff=0.6)
+        typed = word.split("=", 1)[0]
+        known = sorted({o for action in self._actions for o in action.option_strings if o.startswith("--")})
+        close = [c for c in difflib.get_close_matches(typed.replace("_", "-"), known, n=2, cutoff=0.6) if c != typed]
         return close[0] if close else None
 
-    def _long_flags(self) -> set[str]:
-        """The --flags of this parser and of its sub-commands (argparse reports a sub-command's
-        unknown flag from the top-level parser)."""
-        flags = set()
-        for action in self._actions:
-            flags |= {option for option in action.option_strings if option.startswith("--")}
-            for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
-                flags |= {o for a in sub._actions for o in a.option_strings if o.startswith("--")}
-        return flags
+
+def non_negative_int(text: str) -> int:
+    """argparse `type` for a count that may be 0: ArgumentTypeError for anything else."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
 
 
 # Flags that several CLIs share (train.py, predict.py, dataset.py preprocess, bench.py):
@@ -723,7 +737,11 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
         "help": "patient data: kaggle_3m-style sub-folders of TIFF slices and/or NIfTI files (see docs/inputs.md)",
     },
     "--cache-dir": {"default": "./cache", "help": "preprocessing cache"},
-    "--num-workers": {"type": int, "default": 4, "help": "preprocessing threads (and training's loader workers)"},
+    "--num-workers": {
+        "type": non_negative_int,
+        "default": 4,
+        "help": "preprocessing threads (and training's loader workers)",
+    },
     "--device": {"default": None, "help": "default: cuda:0 when CUDA is available, else cpu"},
 }
 
@@ -751,20 +769,26 @@ def one_line_warnings() -> None:
 DEVICE_NAMES = "cpu, cuda or cuda:N (N: the GPU's index), or mps on Apple silicon"
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """`None` -> cuda:0 when available, else cpu. Raises UsageError for a name torch does not
-    know (saying which names are accepted) and for an unavailable CUDA device."""
+def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
+    """`None` -> cuda:0 when available, else cpu. Raises UsageError (naming `flag`, the CLI
+    flag or API argument that gave `name`) for a name torch does not know or a device type
+    this project does not run on (saying which names are accepted), and for a CUDA or MPS
+    device this machine does not have."""
     if name is None:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise UsageError(f"--device {name}: not a device name; expected {DEVICE_NAMES}") from error
+        raise UsageError(f"{flag} {name}: not a device name; expected {DEVICE_NAMES}") from error
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"{flag} {name}: {device.type} devices are not supported; expected {DEVICE_NAMES}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+            raise UsageError(f"{flag} {name}: CUDA is not available on this machine (use {flag} cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise UsageError(f"{flag} {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag} {name}: MPS (Apple silicon) is not available on this machine (use {flag} cpu)")
     return device
 
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import ROOT, tiny_train_args
 
+import bench
 import dataset
 import export
+import inference
 import predict
 import train
 from dataset import DataError, discover_inputs, discover_patients
@@ -149,3 +151,73 @@ def test_start_lines_say_why_the_validation_mean_jumps(phantom_dir, tmp_path, ca
         assert f"validation: 1 of {val_patients} patients are lesion-free; each scores Dice 1" in out
     else:
         assert "lesion-free" not in out
+
+
+@pytest.mark.parametrize(
+    "module, argv, prog",
+    [
+        (dataset, ["preprocess", "--patients", "3"], "preprocess"),  # a flag of the other sub-command
+        (dataset, ["synthesize", "out", "--data-dir", "x"], "synthesize"),
+        (bench, ["speed", "--output", "x"], "speed"),
+        (bench, ["speed", "--seed", "1"], "speed"),  # not --seeds, which is ablation's
+    ],
+)
+def test_a_sub_command_suggests_only_its_own_flags(module, argv, prog, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    flag = argv[2] if argv[0] == "synthesize" else argv[1]
+    assert f"did you mean {flag}?" not in err and "--seeds" not in err
+    assert err.endswith(f"{prog} --help") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["meta", "xla", "mps"])
+def test_device_types_the_project_cannot_use_are_one_line(name):
+    if name == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(UsageError, match=rf"^--device {name}: "):
+        resolve_device(name)
+
+
+def test_old_bench_spelling_gets_the_new_one():
+    with pytest.raises(SystemExit, match=r"takes a sub-command first: python bench.py speed --device cpu --quick"):
+        bench.main(["--device", "cpu", "--quick"])
+
+
+def test_more_refusals_leave_no_folders_and_say_what_is_wrong(tmp_path, small_phantom, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="not a PyTorch checkpoint"):
+        export.main(["--model-path", str(ROOT / "README.md"), "--output", "newdir/x.onnx"])
+    with pytest.raises(SystemExit, match=r"README\.md: is a file, not a folder"):
+        train.main(["--data-dir", str(ROOT / "README.md"), "--epochs", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        dataset.main(["preprocess", "--data-dir", str(small_phantom), "--num-workers", "-1"])
+    assert exit_info.value.code == 2 and "must be >= 0, not -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--image-size 30: must be divisible by 16"):
+        dataset.main(["preprocess", "--data-dir", str(small_phantom), "--image-size", "30"])
+    sorted(small_phantom.glob("*/*_2.tif"))[0].write_bytes(
+        b"not a tiff"
+    )  # found while preprocessing, after every check
+    with pytest.raises(SystemExit, match="cannot read TIFF"):
+        train.main(["--data-dir", str(small_phantom), "--epochs", "1", "--val-patients", "1", "--no-cache"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kaggle_3m"]  # no checkpoints/, tb_logs/, newdir/
+
+
+def test_resuming_another_format_version_says_resume(trained_checkpoint, tmp_path):
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    checkpoint["format_version"] = 99
+    path = tmp_path / "v99.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(inference.CheckpointError, match=r"format version 99.*; resume it with the code version"):
+        inference.require_training_checkpoint(checkpoint, path, resume=True)
+    with pytest.raises(inference.CheckpointError, match=r"format version 99.*; predict with the code version"):
+        inference.load_model(path, torch.device("cpu"))
+
+
+def test_hub_pipeline_refuses_an_image_size_the_unet_cannot_take(trained_checkpoint):
+    with pytest.raises(ValueError, match="image_size=50 must be a multiple of 16"):
+        torch.hub.load(
+            str(ROOT), "segmentation_pipeline", source="local", trust_repo=True,
+            weights_path=str(trained_checkpoint), image_size=50,
+        )  # fmt: skip

@@ -22,6 +22,8 @@ OUTPUTS = [
     "dice_distribution.png",
     "kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_1.tif",
     "lgg-mri-segmentation.zip",
+    "nifti_demo/TCGA_PH_0000_20000125.nii.gz",  # docs/deployment.md: TIFF slices to a NIfTI volume
+    "nifti_predictions/masks/TCGA_PH_0000_20000125_mask.nii.gz",
 ]
 COMMITTED = ["docs/results.md", "docs/figures/demo_overlay.png", "docs/figures/demo_dice_distribution.png"]
 

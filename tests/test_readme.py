@@ -200,6 +200,8 @@ def test_runner_fails_an_example_that_needs_cuda(tmp_path):
 # ----------------------------------------------------------------------------- links
 
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")  # [text](target "title"), images too
+REFERENCE = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?([^\s>]+)>?", re.MULTILINE)  # [label]: target
+IMG_SRC = re.compile(r"<img\b[^>]*\bsrc=[\"']([^\"']+)[\"']", re.IGNORECASE)  # an HTML <img src="...">
 INLINE_CODE = re.compile(r"(`+)(?!`).*?(?<!`)\1(?!`)")
 HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$")
 EXTERNAL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # http:, https:, mailto:, ...: not checked (no network)
@@ -210,6 +212,32 @@ def _prose_lines(text: str, source: str) -> list[tuple[int, str]]:
     lines = text.splitlines()
     inside = {k for start, end, _ in _fenced_blocks(lines, source) for k in range(start, end + 1)}
     return [(k + 1, INLINE_CODE.sub("", line)) for k, line in enumerate(lines) if k not in inside]
+
+
+def _paragraphs(text: str, source: str) -> list[tuple[int, str]]:
+    """(1-based first line, text) of each run of consecutive prose lines, so that a link whose
+    text is wrapped over two lines is one match."""
+    paragraphs: list[tuple[int, list[str]]] = []
+    previous = None
+    for number, line in _prose_lines(text, source):
+        if not line.strip():
+            previous = None
+            continue
+        if previous is None or number != previous + 1:
+            paragraphs.append((number, []))
+        paragraphs[-1][1].append(line)
+        previous = number
+    return [(first, "\n".join(lines)) for first, lines in paragraphs]
+
+
+def link_targets(text: str, source: str = "page.md") -> list[tuple[int, str]]:
+    """(line, target) of every link, image, reference definition and <img src> outside code."""
+    found = []
+    for first, paragraph in _paragraphs(text, source):
+        for pattern in (LINK, REFERENCE, IMG_SRC):
+            for match in pattern.finditer(paragraph):
+                found.append((first + paragraph.count("\n", 0, match.start()), match.group(1)))
+    return sorted(found)
 
 
 def slug(heading: str) -> str:
@@ -241,21 +269,20 @@ def broken_links(text: str, source: Path) -> list[str]:
     is missing, or whose `#anchor` names no heading of its Markdown file. Relative targets
     are resolved against `source`'s folder; external URLs are skipped."""
     problems = []
-    for number, line in _prose_lines(text, str(source)):
-        for target in LINK.findall(line):
-            if not target or EXTERNAL.match(target):
-                continue
-            file_part, _, anchor = target.partition("#")
-            path = (source.parent / unquote(file_part)) if file_part else source
-            where = f"{source.name}:{number}: [{target}]"
-            if not path.exists():
-                problems.append(f"{where}: no file {path}")
-            elif anchor and path.suffix.lower() != ".md":
-                problems.append(f"{where}: an anchor into {path.name}, which is not a Markdown page")
-            elif anchor:
-                page = text if path == source else path.read_text(encoding="utf-8")
-                if anchor not in heading_slugs(page, str(path)):
-                    problems.append(f"{where}: no heading with anchor #{anchor} in {path.name}")
+    for number, target in link_targets(text, str(source)):
+        if not target or EXTERNAL.match(target):
+            continue
+        file_part, _, anchor = target.partition("#")
+        path = (source.parent / unquote(file_part)) if file_part else source
+        where = f"{source.name}:{number}: [{target}]"
+        if not path.exists():
+            problems.append(f"{where}: no file {path}")
+        elif anchor and path.suffix.lower() != ".md":
+            problems.append(f"{where}: an anchor into {path.name}, which is not a Markdown page")
+        elif anchor:
+            page = text if path == source else path.read_text(encoding="utf-8")
+            if anchor not in heading_slugs(page, str(path)):
+                problems.append(f"{where}: no heading with anchor #{anchor} in {path.name}")
     return problems
 
 
@@ -275,12 +302,17 @@ def test_link_checker_finds_a_missing_file_and_a_missing_anchor(tmp_path):
         "[gone](missing.md)\n"
         "[no anchor](other.md#no-such-heading)\n"
         "`[in code](nowhere.md)`\n\n"
-        "```\n[in a block](nowhere.md)\n```\n"
+        "```\n[in a block](nowhere.md)\n```\n\n"
+        'a [link wrapped\nover two lines](wrapped.md), a [reference][r1] and <img src="nopicture.png" alt="">\n\n'
+        "[r1]: nothere.md\n"
     )
     page.write_text(text)
     assert broken_links(text, page) == [
         f"page.md:5: [missing.md]: no file {tmp_path / 'missing.md'}",
         "page.md:6: [other.md#no-such-heading]: no heading with anchor #no-such-heading in other.md",
+        f"page.md:13: [wrapped.md]: no file {tmp_path / 'wrapped.md'}",
+        f"page.md:14: [nopicture.png]: no file {tmp_path / 'nopicture.png'}",
+        f"page.md:16: [nothere.md]: no file {tmp_path / 'nothere.md'}",
     ]
 
 

@@ -7,7 +7,8 @@ volumes, lesion-wise detection).
         --data-dir kaggle_3m --output-dir cv/predictions    # the folds of train.py --fold all, pooled
 
 Writes to --output-dir: masks/<patient>/<patient>_<k>_mask.tif (input size, 0/255), overlays/,
-metrics.csv (one row per patient, written as each one finishes) and summary.json. Each
+metrics.csv (one row per patient, written as each one finishes), summary.json and report.html
+(open it in a browser: headline, protocol, Dice chart, sortable table, thumbnails). Each
 patient's role (train, val, test, or unseen) comes from the checkpoints' saved splits; the
 headline pools the test and unseen patients only. Checkpoints with disjoint test sets are the
 folds of one cross-validation: each patient is scored by the model it was a test patient of.
@@ -57,6 +58,7 @@ from inference import (
     resolve_backend,
     to_native,
 )
+from report import write_report, write_thumbnails
 from utils import (
     CLIParser,
     HelpFormatter,
@@ -72,6 +74,7 @@ from utils import (
     precision_recall,
     resolve_device,
     shared_flags,
+    view_box,
     volume_stats,
 )
 
@@ -279,6 +282,13 @@ def write_masks(patient: Patient, native: np.ndarray, out_dir: Path) -> None:
         tifffile.imwrite(folder / item.mask_name, mask.astype(np.uint8) * 255)
 
 
+def overlay_path(patient: Patient, number: int) -> str:
+    """`overlays/<patient>_<k>.png`, k zero-padded to 3 digits (more if needed) so `ls`
+    lists the slices in order; relative to --output-dir."""
+    digits = max(3, len(str(max(item.number for item in patient.slices))))
+    return f"overlays/{patient.patient_id}_{number:0{digits}d}.png"
+
+
 def write_overlays(
     patient: Patient,
     images: np.ndarray,
@@ -287,22 +297,21 @@ def write_overlays(
     out_dir: Path,
     dice: float | None = None,
 ) -> int:
-    """One PNG per kept slice with truth or prediction (`utils.overlay`), titled with the
-    patient, the slice number and the patient's Dice; `overlays/<patient>_<k>.png` with k
-    zero-padded to 3 digits (more if needed) so `ls` lists the slices in order."""
+    """One PNG per kept slice with truth or prediction (`utils.overlay`, cropped to the
+    patient's head and masks, `utils.view_box`), titled with the patient, the slice number
+    and the patient's Dice, at `overlay_path`."""
     from skimage.io import imsave
 
-    folder = out_dir / "overlays"
-    folder.mkdir(parents=True, exist_ok=True)
+    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
     has_truth = truth.any(axis=(1, 2)) if truth is not None else np.zeros(len(pred), bool)
     shown = np.flatnonzero(pred.any(axis=(1, 2)) | has_truth)
-    digits = max(3, len(str(max(item.number for item in patient.slices))))
     score = "no ground truth" if dice is None else f"patient Dice {dice:.3f}"
+    box = view_box(images, pred, truth) if len(shown) else None
     for s in shown:
         number = patient.kept[s].number
         title = f"{patient.patient_id}   slice {number}   {score}"
-        rgb = overlay(images[s, ..., 1], pred[s], None if truth is None else truth[s], title=title)
-        imsave(folder / f"{patient.patient_id}_{number:0{digits}d}.png", rgb, check_contrast=False)
+        rgb = overlay(images[s, ..., 1], pred[s], None if truth is None else truth[s], title=title, crop=box)
+        imsave(out_dir / overlay_path(patient, number), rgb, check_contrast=False)
     return len(shown)
 
 
@@ -397,6 +406,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
+    p.add_argument("--no-report", action="store_true", help="skip report.html and its thumbnails/")
     p.add_argument(
         "--save-probabilities",
         action="store_true",
@@ -531,6 +541,10 @@ def process_patient(
             row["units"] = metric_units(patient.spacing)
         if not args.no_overlays:
             write_overlays(patient, images, native_mask, truth, out_dir, row.get("dice"))
+        if not args.no_report:  # thumbnails from the arrays in memory, for report.html
+            links = None if args.no_overlays else (lambda k: overlay_path(patient, k))
+            numbers = [item.number for item in patient.kept]
+            row["pictures"] = write_thumbnails(patient.patient_id, images, native_mask, truth, numbers, out_dir, links)
     except (DataError, OSError, ValueError, RuntimeError) as error:  # recorded; the run goes on
         row = {key: row[key] for key in ("patient", "slices", "role", "spacing", "models")}
         row["error"] = f"{type(error).__name__}: {error}" if not isinstance(error, DataError) else str(error)
@@ -642,6 +656,8 @@ def run(args: argparse.Namespace) -> dict:
     dice = [r for r in rows if r.get("dice") is not None]
     if dice:
         plot_dice_distribution(dice, args.figure_path)
+    if not args.no_report:
+        write_report(rows, summary, out_dir, TABLE_COLUMNS, args.figure_path if dice else None)
     print(
         f"wrote {out_dir}/metrics.csv, summary.json, masks/"
         + ("" if args.no_overlays else ", overlays/")
@@ -649,6 +665,8 @@ def run(args: argparse.Namespace) -> dict:
         + f" in {time.perf_counter() - STARTED:.1f} s (the whole run; predicting the patients took {seconds:.1f} s)"
     )
     print_table(rows, summary)
+    if not args.no_report:
+        print(f"report: open {out_dir / 'report.html'} in a browser (works offline)")
     return summary
 
 

@@ -1,5 +1,6 @@
 """Shared helpers: volume preprocessing and its exact inverse, metrics, largest connected
-component, overlays and the Dice chart, seeding, and checkpoint save/load."""
+component, pictures (overlays, thumbnails, the Dice chart, learning curves), seeding, atomic
+writes, CLI helpers and folder checks."""
 
 from __future__ import annotations
 
@@ -408,6 +409,11 @@ OVERLAY_REGIONS = {
 }
 OVERLAY_ALPHA = 0.55
 PREDICTION_DASHES = (0, (3, 1.5))  # prediction outline dashed, truth outline solid
+OUTLINE_WIDTH = 1.0  # points: thin, and drawn under the fills, so a 1-pixel error rim stays visible
+OUTLINE_ZORDER, FILL_ZORDER = 2, 3
+SMALL_LESION_FRACTION = 0.15  # a lesion box under 15 % of the frame's side gets a zoomed inset
+ZOOM_CONTEXT, ZOOM_MIN_SIDE = 3.0, 12  # the inset shows 3x the lesion's extent, at least 12 pixels
+INSET_FRACTION = 0.4  # inset width, as a fraction of the image width
 
 
 def _figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
@@ -447,12 +453,20 @@ def _region_layer(prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarra
 
 
 def _draw_contours(ax, mask: np.ndarray, colour: str, linestyle: str | tuple) -> None:
-    """Sub-pixel outline of a binary mask (marching squares, `skimage.measure.find_contours`)."""
+    """Thin sub-pixel outline of a binary mask (marching squares, `skimage.measure.find_contours`),
+    drawn under the filled regions (`OUTLINE_ZORDER` < `FILL_ZORDER`) so it never hides them."""
     from skimage.measure import find_contours
 
     padded = np.pad(mask.astype(np.float32), 1)  # closes outlines that touch the frame
     for contour in find_contours(padded, 0.5):
-        ax.plot(contour[:, 1] - 1, contour[:, 0] - 1, color=colour, linewidth=2.5, linestyle=linestyle)
+        ax.plot(
+            contour[:, 1] - 1,
+            contour[:, 0] - 1,
+            color=colour,
+            linewidth=OUTLINE_WIDTH,
+            linestyle=linestyle,
+            zorder=OUTLINE_ZORDER,
+        )
 
 
 def _overlay_legend_handles(has_truth: bool) -> list:
@@ -462,13 +476,103 @@ def _overlay_legend_handles(has_truth: bool) -> list:
 
     colour = {name: c for name, (c, _) in OVERLAY_REGIONS.items()}
     prediction_line = Line2D(
-        [], [], color=colour["prediction_only"], linewidth=2.5, linestyle=PREDICTION_DASHES, label="prediction outline"
+        [], [], color=colour["prediction_only"], linewidth=2, linestyle=PREDICTION_DASHES, label="prediction outline"
     )
     if not has_truth:
         return [Patch(color=colour["prediction_only"], alpha=0.8, label="prediction (no truth)"), prediction_line]
     regions = [Patch(color=c, alpha=0.8, label=label) for c, label in OVERLAY_REGIONS.values()]
-    truth_line = Line2D([], [], color=colour["truth_only"], linewidth=2.5, label="truth outline")
+    truth_line = Line2D([], [], color=colour["truth_only"], linewidth=2, label="truth outline")
     return [*regions, truth_line, prediction_line]
+
+
+def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), half-open, of the True pixels of the last two axes; None if none."""
+    plane = mask.reshape(-1, *mask.shape[-2:]).any(axis=0)
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def view_box(volume: np.ndarray, *masks: np.ndarray | None, margin: float = 0.04) -> tuple[int, int, int, int]:
+    """The part of the frame a picture shows: (y0, y1, x0, x1), half-open, in pixels.
+
+    volume: (S, H, W, C) images (e.g. `dataset.read_volume`'s native slices); masks:
+    (S, H, W) or (H, W) bool/0-1 arrays or None. The box is the head (`brain_bounding_box`)
+    joined with every mask pixel (a false positive outside the head stays in view), grown by
+    `margin` times its longer side on each side and clipped to the frame.
+    """
+    height, width = volume.shape[1:3]
+    boxes = [brain_bounding_box(volume)] + [_mask_box(np.asarray(m, bool)) for m in masks if m is not None]
+    boxes = [b for b in boxes if b is not None]
+    y0, y1 = min(b[0] for b in boxes), max(b[1] for b in boxes)
+    x0, x1 = min(b[2] for b in boxes), max(b[3] for b in boxes)
+    grow = int(round(margin * max(y1 - y0, x1 - x0)))
+    return max(0, y0 - grow), min(height, y1 + grow), max(0, x0 - grow), min(width, x1 + grow)
+
+
+def zoom_box(lesion: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The square (y0, y1, x0, x1) an overlay magnifies in its inset, or None when the
+    lesion (truth or prediction, (H, W) bool) is absent or not small: its box's longer side
+    is at least `SMALL_LESION_FRACTION` of the frame's shorter side. The square is centred on
+    the lesion, `ZOOM_CONTEXT` times its longer side (at least `ZOOM_MIN_SIDE` pixels) and
+    shifted to lie inside the frame."""
+    box = _mask_box(lesion)
+    frame = min(lesion.shape)
+    if box is None:
+        return None
+    extent = max(box[1] - box[0], box[3] - box[2])
+    if extent >= SMALL_LESION_FRACTION * frame:
+        return None
+    side = min(frame, max(ZOOM_MIN_SIDE, int(np.ceil(ZOOM_CONTEXT * extent))))
+    starts = []
+    for low, high, size in ((box[0], box[1], lesion.shape[0]), (box[2], box[3], lesion.shape[1])):
+        start = (low + high) // 2 - side // 2
+        starts.append(min(max(start, 0), size - side))
+    return starts[0], starts[0] + side, starts[1], starts[1] + side
+
+
+def _draw_slice(ax, grey: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> None:
+    """The layers of one overlay picture, bottom to top: the slice in grey, the thin truth
+    (solid) and prediction (dashed) outlines, then the translucent region fills."""
+    ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear", zorder=0)
+    if truth is not None:
+        _draw_contours(ax, truth, OVERLAY_REGIONS["truth_only"][0], "-")
+    _draw_contours(ax, prediction, OVERLAY_REGIONS["prediction_only"][0], PREDICTION_DASHES)
+    ax.imshow(_region_layer(prediction, truth), interpolation="nearest", zorder=FILL_ZORDER)
+    ax.set_xlim(-0.5, grey.shape[1] - 0.5)
+    ax.set_ylim(grey.shape[0] - 0.5, -0.5)
+    ax.set_axis_off()
+
+
+def _add_zoom_inset(ax, grey: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> None:
+    """A magnified copy of a small lesion (`zoom_box`) in the image corner farthest from it,
+    with a white frame on the main image marking the magnified square."""
+    lesion = prediction if truth is None else prediction | truth
+    box = zoom_box(lesion)
+    if box is None:
+        return
+    height, width = grey.shape
+    y0, y1, x0, x1 = box
+    inset_w = min(INSET_FRACTION, INSET_FRACTION * height / width)  # axes fractions: a square inset
+    inset_h = inset_w * width / height
+    centre_y, centre_x = (y0 + y1) / 2 / height, (x0 + x1) / 2 / width  # 0 = top, 0 = left
+    left = 1 - inset_w - 0.01 if centre_x < 0.5 else 0.01
+    bottom = 0.01 if centre_y < 0.5 else 1 - inset_h - 0.01  # axes fractions count from the bottom
+    inset = ax.inset_axes((left, bottom, inset_w, inset_h), zorder=10)
+    _draw_slice(inset, grey, prediction, truth)
+    inset.set_xlim(x0 - 0.5, x1 - 0.5)
+    inset.set_ylim(y1 - 0.5, y0 - 0.5)
+    inset.set_axis_on()
+    inset.set_xticks([])
+    inset.set_yticks([])
+    from matplotlib import patheffects
+
+    for spine in inset.spines.values():  # white with a black rim: visible on tissue and background
+        spine.set_edgecolor("white")
+        spine.set_linewidth(1.5)
+        spine.set_path_effects([patheffects.withStroke(linewidth=3.0, foreground="black")])
+    ax.indicate_inset_zoom(inset, edgecolor="white", alpha=0.9, linewidth=1.0)
 
 
 def overlay(
@@ -477,15 +581,25 @@ def overlay(
     truth: np.ndarray | None,
     title: str = "",
     width_px: int = 640,
+    crop: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Picture of one slice for a person: RGB uint8 (H', W', 3), `width_px` wide.
 
     flair: (H, W) any real dtype, shown in grey; prediction, truth: (H, W) bool/0-1 or None
-    (no truth: an unlabelled patient). Filled translucent regions in Okabe-Ito colours
-    separate agreement (yellow), prediction only (vermillion) and truth only (sky blue); the
-    truth outline is solid, the prediction outline dashed, so overlap stays readable without
-    colour. `title` (e.g. patient, slice and Dice) goes above the image, a legend below.
+    (no truth: an unlabelled patient). crop: (y0, y1, x0, x1) half-open part of the frame to
+    show (e.g. `view_box` of the patient: the head), None for the whole frame. Translucent
+    fills in Okabe-Ito colours separate agreement (yellow), prediction only (vermillion,
+    false positive) and truth only (sky blue, missed); they lie above thin outlines (truth
+    solid, prediction dashed, so overlap stays readable without colour), so a one-pixel
+    error rim is never hidden by a line. A lesion smaller than `SMALL_LESION_FRACTION` of
+    the shown frame gets a magnified inset (`zoom_box`) in the corner farthest from it.
+    `title` (e.g. patient, slice and Dice) goes above the image, a legend below.
     """
+    if crop is not None:
+        y0, y1, x0, x1 = crop
+        flair = flair[y0:y1, x0:x1]
+        prediction = None if prediction is None else prediction[y0:y1, x0:x1]
+        truth = None if truth is None else truth[y0:y1, x0:x1]
     height, width = flair.shape
     prediction = np.zeros((height, width), bool) if prediction is None else prediction.astype(bool)
     truth = None if truth is None else truth.astype(bool)
@@ -493,16 +607,44 @@ def overlay(
     legend_h, title_h = 1.1, 0.5
     fig = _figure(image_w, image_h + legend_h + title_h)
     ax = fig.add_axes((0.0, legend_h / fig.get_figheight(), 1.0, image_h / fig.get_figheight()))
-    ax.imshow(_grey(flair), cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear")
-    ax.imshow(_region_layer(prediction, truth), interpolation="nearest")
-    if truth is not None:
-        _draw_contours(ax, truth, OVERLAY_REGIONS["truth_only"][0], "-")
-    _draw_contours(ax, prediction, OVERLAY_REGIONS["prediction_only"][0], PREDICTION_DASHES)
-    ax.set_axis_off()
+    grey = _grey(flair)
+    _draw_slice(ax, grey, prediction, truth)
+    _add_zoom_inset(ax, grey, prediction, truth)
     fig.suptitle(title, fontsize=13, y=1 - 0.1 / fig.get_figheight(), va="top")
     fig.legend(handles=_overlay_legend_handles(truth is not None), loc="lower center", ncol=2, frameon=False)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def thumbnail(
+    flair: np.ndarray,
+    prediction: np.ndarray | None,
+    truth: np.ndarray | None,
+    crop: tuple[int, int, int, int] | None = None,
+    size: int = 96,
+) -> np.ndarray:
+    """A small overlay without matplotlib (fast enough for every patient of a report):
+    RGB uint8 (h, w, 3) whose longer side is `size` pixels.
+
+    The same grey scale and translucent region fills as `overlay` (agreement yellow,
+    prediction only vermillion, truth only sky blue; no outlines at this size), blended in
+    the native grid, cropped to `crop` ((y0, y1, x0, x1) half-open, None: the whole frame),
+    then resized with anti-aliasing (`skimage.transform.resize`, bilinear). flair: (H, W)
+    any real dtype; prediction, truth: (H, W) bool/0-1 or None.
+    """
+    from skimage.transform import resize
+
+    y0, y1, x0, x1 = crop or (0, flair.shape[0], 0, flair.shape[1])
+    grey = _grey(flair[y0:y1, x0:x1])
+    prediction = np.zeros(grey.shape, bool) if prediction is None else prediction[y0:y1, x0:x1].astype(bool)
+    truth = None if truth is None else truth[y0:y1, x0:x1].astype(bool)
+    layer = _region_layer(prediction, truth)  # (h, w, 4)
+    alpha = layer[..., 3:]
+    rgb = grey[..., None] * (1 - alpha) + layer[..., :3] * alpha
+    scale = size / max(grey.shape)
+    shape = (max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)), 3)
+    small = resize(rgb, shape, order=1, anti_aliasing=scale < 1)
+    return np.round(np.clip(small, 0, 1) * 255).astype(np.uint8)
 
 
 ROLE_STYLES = {  # role -> (bar colour, legend label); train and val scores are optimistic
@@ -542,12 +684,7 @@ def _dice_rows(rows: list[dict] | dict[str, float]) -> list[dict]:
     return out
 
 
-def dice_axis_range(values: list[float]) -> tuple[float, float]:
-    """x-limits (low, high) that show the spread of Dice values and keep 1.0 in view: from
-    a multiple of 0.05 at least 10 % of the spread below the lowest value, to just past 1.0."""
-    lowest = min(values)
-    low = max(0.0, np.floor((lowest - 0.1 * (1.0 - lowest) - 0.01) / 0.05) * 0.05)
-    return float(low), 1.0 + 0.02 * (1.0 - low)
+DICE_AXIS = (0.0, 1.02)  # bars from 0: a bar's length is its value, and 1.0 stays in view
 
 
 def _dice_reference_lines(ax, items: list[dict]) -> None:
@@ -569,8 +706,9 @@ def plot_dice_distribution(
     (0 marks the patient lesion-free: hatched bar, "(lesion-free)" label, since an empty
     truth scores 1.0 by convention when nothing is predicted). The old `{patient: dice}`
     mapping is still accepted. Mean and median lines are over test + unseen patients when
-    there are any (the honest headline), else over every patient shown. The x-range
-    follows the spread (`dice_axis_range`); the legend sits to the right of the bars.
+    there are any (the honest headline), else over every patient shown. The axis starts
+    at 0 (`DICE_AXIS`), so a bar's length is its value, and a dot marks each bar's end, so a
+    patient scored 0 stays visible; the legend sits to the right of the bars.
     Returns the matplotlib Figure (for inspection); raises ValueError for an unknown role
     or when no patient has a Dice.
     """
@@ -582,12 +720,15 @@ def plot_dice_distribution(
     for y, r in enumerate(items):
         colour = ROLE_STYLES[r["role"]][0]
         ax.barh(y, r["dice"], color=colour, hatch="///" if r["lesion_free"] else "", edgecolor="white")
+    colours = [ROLE_STYLES[r["role"]][0] for r in items]  # a dot at each bar's end: a Dice of 0 stays visible
+    dice = [r["dice"] for r in items]
+    ax.scatter(dice, range(len(items)), s=18, c=colours, edgecolors="black", linewidths=0.5, zorder=3, clip_on=False)
     ticks = range(len(items))
     ax.set_yticks(ticks, [r["patient"] + ("  (lesion-free)" if r["lesion_free"] else "") for r in items], fontsize=8)
     values_axis = ax.secondary_yaxis("right")  # the Dice values as a column right of the bars
     values_axis.set_yticks(ticks, [f"{r['dice']:.3f}" for r in items], fontsize=8)
     ax.set_ylim(-0.6, len(items) - 0.4)
-    ax.set_xlim(dice_axis_range([r["dice"] for r in items]))
+    ax.set_xlim(DICE_AXIS)
     ax.axvline(1.0, color="0.6", linewidth=0.8)
     _dice_reference_lines(ax, items)
     ax.set_xlabel("Dice (3-D, per patient)")
@@ -613,6 +754,73 @@ def _dice_legend_handles(ax, items: list[dict]) -> list:
             Patch(facecolor="0.45", edgecolor="white", hatch="///", label="lesion-free (1.0 if nothing predicted)")
         )
     return handles + ax.get_legend_handles_labels()[0]
+
+
+LEARNING_CURVE_KEYS = ("epoch", "train_loss", "val_loss", "dice_mean", "dice_median", "lr")
+
+
+def best_epoch(history: list[dict]) -> dict:
+    """The history entry of the epoch that `best_model.pt` holds: the first with the highest
+    validation Dice mean (train.py replaces best_model.pt only on a strictly higher mean)."""
+    return max(history, key=lambda h: (h["dice_mean"], -h["epoch"]))
+
+
+def plot_learning_curves(history: list[dict], title: str = "learning curves") -> Figure:
+    """Three panels over the epochs: training and validation loss; validation Dice mean and
+    median (per patient, 3-D, as train.py validates); the learning rate of each epoch. A
+    dotted vertical line and a star mark the best epoch (`best_epoch`).
+
+    history: one dict per validated epoch with the keys `LEARNING_CURVE_KEYS` (`epoch` an
+    int, the others floats; loss of the configured --loss, lr the optimiser's at the start
+    of the epoch), in epoch order. Returns the matplotlib Figure (write it with
+    `png_bytes`); raises ValueError for an empty history or a missing key.
+    """
+    if not history:
+        raise ValueError("plot_learning_curves: no validated epoch yet")
+    missing = [key for key in LEARNING_CURVE_KEYS if any(key not in h for h in history)]
+    if missing:
+        raise ValueError(f"plot_learning_curves: history entries lack {', '.join(missing)}")
+    epochs = [h["epoch"] for h in history]
+    best = best_epoch(history)
+    fig = _figure(13.0, 3.8)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.15, top=0.82, wspace=0.28)
+    loss_ax, dice_ax, lr_ax = fig.subplots(1, 3)
+    panels = [
+        (loss_ax, "loss", [("train_loss", "training", "-"), ("val_loss", "validation", "--")]),
+        (dice_ax, "validation Dice", [("dice_mean", "mean", "-"), ("dice_median", "median", ":")]),
+        (lr_ax, "learning rate", [("lr", "lr", "-")]),
+    ]
+    for ax, label, curves in panels:
+        for key, name, style in curves:
+            ax.plot(epochs, [h[key] for h in history], linestyle=style, marker="o", markersize=3, label=name)
+        ax.axvline(best["epoch"], color="0.4", linestyle=":", linewidth=1.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    dice_ax.plot(
+        best["epoch"], best["dice_mean"], marker="*", markersize=14, color="black", linestyle="none",
+        label=f"best epoch {best['epoch']}: mean {best['dice_mean']:.3f} (best_model.pt)",
+    )  # fmt: skip
+    dice_ax.set_ylim(min(0.0, min(h["dice_median"] for h in history)), 1.02)
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    for ax in (loss_ax, dice_ax):
+        ax.legend(fontsize=8, loc="best")
+    last = history[-1]
+    fig.suptitle(
+        f"{title}: {len(history)} validated epoch(s), last {last['epoch']}; best epoch {best['epoch']} "
+        f"(validation Dice mean {best['dice_mean']:.4f}, median {best['dice_median']:.4f})",
+        fontsize=11,
+    )
+    return fig
+
+
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (for `atomic_write_bytes`: a crash never leaves half a picture)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------ seeding/checkpoints

@@ -6,7 +6,16 @@ from matplotlib.colors import to_rgb, to_rgba
 
 from dataset import discover_patients, read_volume
 from predict import write_overlays
-from utils import OVERLAY_ALPHA, OVERLAY_REGIONS, ROLE_STYLES, dice_axis_range, overlay, plot_dice_distribution
+from utils import (
+    OVERLAY_ALPHA,
+    OVERLAY_REGIONS,
+    ROLE_STYLES,
+    overlay,
+    plot_dice_distribution,
+    thumbnail,
+    view_box,
+    zoom_box,
+)
 
 SIZE, WIDTH_PX = 64, 640
 
@@ -40,7 +49,7 @@ def test_overlay_separates_agreement_prediction_only_and_truth_only():
         expected = blended_on_black(OVERLAY_REGIONS[region][0])
         assert np.abs(pixel(rgb, row, col) - expected).max() <= 3, region
     assert pixel(rgb, 5, 5).max() == 0  # background: the black slice, nothing drawn
-    assert pixel(rgb, 20, 32).max() > 0  # the outline (2.5 pt) is drawn on the upper edge
+    assert pixel(rgb, 20, 32).max() > 0  # the upper edge: fill and thin outline
 
 
 def test_overlay_without_truth_draws_no_truth_colours():
@@ -103,15 +112,6 @@ def test_dice_chart_accepts_the_old_mapping_and_rejects_bad_rows(tmp_path):
         plot_dice_distribution([{"patient": "a", "dice": None}], tmp_path / "x.png")
 
 
-@pytest.mark.parametrize("values", [[0.93, 0.99, 1.0], [0.2, 0.95], [0.0, 1.0], [1.0, 1.0]])
-def test_dice_axis_range_shows_the_spread_and_keeps_one_visible(values):
-    low, high = dice_axis_range(values)
-    lowest = min(values)
-    assert low <= lowest and 1.0 <= high < 1.05
-    assert low >= lowest - 0.2 * (1.0 - lowest) - 0.06  # not always from 0: the spread fills the axis
-    assert low == pytest.approx(round(low / 0.05) * 0.05)  # a round tick value
-
-
 def test_write_overlays_names_sort_by_slice(small_phantom, tmp_path):
     patient = next(p for p in discover_patients(small_phantom) if read_volume(p)[1].any())
     images, truth = read_volume(patient)
@@ -119,3 +119,108 @@ def test_write_overlays_names_sort_by_slice(small_phantom, tmp_path):
     names = sorted(p.name for p in (tmp_path / "overlays").iterdir())
     numbers = [patient.kept[s].number for s in np.flatnonzero(truth.any(axis=(1, 2)))]
     assert written == len(numbers) and names == [f"{patient.patient_id}_{k:03d}.png" for k in numbers]
+
+
+# ------------------------------------------------------------- errors, crop, zoom (issue 20)
+
+
+def disc(size: int, radius: float, centre=None) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = centre or (size / 2, size / 2)
+    return (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+
+
+def centres(rgb: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """Rendered colours at the centres of the mask's native pixels (no crop: the image fills
+    the width under the 50 px title band)."""
+    scale = rgb.shape[1] / size
+    rows, cols = np.nonzero(mask)
+    return rgb[50 + ((rows + 0.5) * scale).astype(int), ((cols + 0.5) * scale).astype(int)].astype(int)
+
+
+@pytest.mark.parametrize("error", ["prediction_only", "truth_only"])
+def test_a_one_pixel_error_rim_is_visible_above_the_outlines(error):
+    """The case of the issue: a 256-px slice drawn 640 px wide (2.5 px per pixel), a rim of
+    ~190 false-positive (or missed) pixels around the lesion; the outlines used to hide it."""
+    size = 256
+    flair = np.where(disc(size, 100), 0.5, 0.0)  # the head: white after the grey scaling
+    inner, outer = disc(size, 30), disc(size, 31)
+    prediction, truth = (outer, inner) if error == "prediction_only" else (inner, outer)
+    rgb = overlay(flair, prediction, truth, width_px=640)
+    rim = outer & ~inner
+    colour = np.array(to_rgb(OVERLAY_REGIONS[error][0])) * 255
+    expected = np.round(OVERLAY_ALPHA * colour + (1 - OVERLAY_ALPHA) * 255)  # the fill over white tissue
+    distance = np.abs(centres(rgb, rim, size) - expected).max(axis=1)
+    assert rim.sum() > 150 and (distance < 30).mean() > 0.6  # thick outlines on top: under 0.05
+
+
+def head_and_small_lesion(size: int = 128):
+    flair = np.where(disc(size, 40), 1.0, 0.0)  # a head of diameter 80 in a 128-px frame
+    truth = np.zeros((size, size), bool)
+    truth[50:53, 50:53] = True  # 3 x 3, in the upper left quadrant of the head
+    prediction = np.zeros_like(truth)
+    prediction[51:55, 51:55] = True
+    return flair, prediction, truth
+
+
+def coloured(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of the image area (below the title, above the legend) that are not grey."""
+    image = rgb[50 : 50 + rgb.shape[1]].astype(int)  # a square crop is drawn square
+    return image.max(axis=-1) - image.min(axis=-1) > 60
+
+
+def test_overlay_crops_to_the_head_and_magnifies_a_small_lesion():
+    flair, prediction, truth = head_and_small_lesion()
+    box = view_box(flair[None, ..., None], prediction, truth)
+    assert box[0] <= 24 and box[1] >= 104 and box[1] - box[0] <= 80 + 8  # the head, a small margin
+    rgb = overlay(flair, prediction, truth, width_px=400, crop=box)
+    assert rgb.shape[1] == 400
+    middle = 50 + (64 - box[0]) * 400 // (box[1] - box[0])  # the head's widest row
+    first_bright = int(np.argmax(rgb[middle, :, 0] > 200))  # the head's left edge, drawn
+    assert 0 < first_bright < 0.06 * 400  # near the image's left edge (uncropped: at 19 %)
+    lesion_pixels = (prediction | truth).sum() * (400 / (box[3] - box[2])) ** 2  # drawn at full-frame scale
+    spots = coloured(rgb)
+    assert spots.sum() > 4 * lesion_pixels  # the inset magnifies it (without: about 1x)
+    half = spots.shape[0] // 2
+    assert spots[half:, half:].sum() > 0.8 * spots.sum()  # inset in the corner opposite the lesion
+
+
+def test_zoom_box_only_for_small_lesions_and_inside_the_frame():
+    lesion = np.zeros((100, 100), bool)
+    assert zoom_box(lesion) is None
+    lesion[0:2, 97:100] = True  # 2 x 3 at the top right corner
+    y0, y1, x0, x1 = zoom_box(lesion)
+    assert (y1 - y0, x1 - x0) == (12, 12) and (y0, x1) == (0, 100)  # at least 12 px, shifted inside
+    big = np.zeros((100, 100), bool)
+    big[10:30, 10:14] = True  # 20 px tall: 20 % of the frame, not small
+    assert zoom_box(big) is None
+
+
+def test_thumbnail_keeps_the_region_colours_at_a_small_size():
+    prediction, truth = blocks()
+    small = thumbnail(np.zeros((SIZE, SIZE)), prediction, truth, crop=(0, 64, 0, 64), size=32)
+    assert small.shape == (32, 32, 3) and small.dtype == np.uint8
+    for region, (row, col) in {"truth_only": (32, 15), "agreement": (32, 32), "prediction_only": (32, 48)}.items():
+        assert np.abs(small[row // 2, col // 2].astype(int) - blended_on_black(OVERLAY_REGIONS[region][0])).max() <= 3
+    tall = thumbnail(np.zeros((SIZE, SIZE)), None, None, crop=(0, 64, 16, 48), size=40)
+    assert tall.shape == (40, 20, 3) and tall.max() == 0
+
+
+def test_dice_chart_bars_start_at_zero_and_a_zero_score_stays_visible(tmp_path):
+    rows = [{"patient": p, "dice": d, "role": "test"} for p, d in [("zero", 0.0), ("a", 0.92), ("b", 0.94), ("c", 1.0)]]
+    fig = plot_dice_distribution(rows, tmp_path / "chart.png")
+    ax = fig.axes[0]
+    assert ax.get_xlim()[0] == 0.0 and ax.get_xlim()[1] >= 1.0
+    assert [(bar.get_x(), round(bar.get_width(), 9)) for bar in ax.patches] == [
+        (0, 0.0),
+        (0, 0.92),
+        (0, 0.94),
+        (0, 1.0),
+    ]
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    x, y = ax.transData.transform((0.0, 0.0))  # the zero patient's dot: on the axis, not clipped away
+    row, col = int(round(rgb.shape[0] - y)), int(round(x))
+    blue = np.round(255 * np.array(to_rgb(ROLE_STYLES["test"][0]))).astype(int)
+    patch = rgb[row - 2 : row + 3, col - 1 : col + 3].reshape(-1, 3)
+    assert (np.abs(patch - blue).max(axis=1) <= 40).any()

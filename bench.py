@@ -47,6 +47,7 @@ from dataset import (
 from inference import autocast_dtype, binarize, predict_volume
 from losses import SoftDiceLoss, build_loss
 from network import UNetModel
+from report import screenshot as take_screenshot
 from train import Runtime, train_one_epoch
 from utils import CLIParser, HelpFormatter, atomic_write_bytes, resolve_device, restore_geometry, shared_flags
 
@@ -763,6 +764,31 @@ def copy_figures(workdir: Path, predict_args: argparse.Namespace, figures: Path)
     return out
 
 
+def page_figures(
+    workdir: Path, predict_args: argparse.Namespace, figures: Path, screenshot: bool
+) -> list[tuple[str, Path]]:
+    """Copy the demo's learning_curves.png (beside its first checkpoint) into `figures` and,
+    with `screenshot`, render the top of predict.py's report.html in headless Chromium to
+    `figures/demo_report.png` (`report.screenshot`); [(caption, path)]. Raises ReportError
+    when a picture is missing, naming it (and --no-screenshot when Chromium is missing)."""
+    out = []
+    curves = (workdir / predict_args.model_path[0]).parent / "learning_curves.png"
+    if not curves.is_file():
+        raise ReportError(f"train.py --demo wrote no {curves}")
+    out.append(("learning curves of the demo (`train.py`, learning_curves.png)", figures / "demo_learning_curves.png"))
+    shutil.copyfile(curves, out[-1][1])
+    if screenshot:
+        page = workdir / predict_args.output_dir / "report.html"
+        if not page.is_file():
+            raise ReportError(f"predict.py wrote no {page} (was --no-report among --predict-args?)")
+        try:
+            out.append(("the top of `report.html` (`predict.py`), in Chromium", figures / "demo_report.png"))
+            take_screenshot(page, out[-1][1])
+        except RuntimeError as error:
+            raise ReportError(f"screenshot of {page}: {error}; or pass --no-screenshot") from error
+    return out
+
+
 def format_seconds(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
 
@@ -850,6 +876,11 @@ def add_report_flags(parser: argparse.ArgumentParser) -> None:
         default="",
         help="extra flags for the printed predict.py command, e.g. --predict-args=--no-overlays",
     )
+    parser.add_argument(
+        "--no-screenshot",
+        action="store_true",
+        help="skip the screenshot of report.html (needs Debian's chromium and the playwright package)",
+    )
 
 
 def report(args: argparse.Namespace) -> Path:
@@ -874,6 +905,7 @@ def report(args: argparse.Namespace) -> Path:
         predict_args = predict_paths(predict_cmd[2:])
         output = Path(args.output)
         figures = copy_figures(workdir, predict_args, output.parent / "figures")
+        figures += page_figures(workdir, predict_args, output.parent / "figures", not args.no_screenshot)
         text = render_report(facts, timings, demo_results(workdir, predict_args), figures, bench_text)
     atomic_write_bytes(text.encode(), output)
     print(f"wrote {output} and {len(figures)} figure(s) in {output.parent / 'figures'}")

@@ -103,11 +103,13 @@ def make_checkpoint(
     config: dict,
     log_run: str,
     rng: dict,
+    history: list[dict] | None = None,
 ) -> dict[str, Any]:
     """The one writer of the checkpoint dict (docs/design.md, "Checkpoint"): the weights of the
     unwrapped model, its `model_config` record, the preprocessing it was trained with, the
     split, and everything to resume (optimiser, schedule, scaler, RNG state `rng`, the run's
-    `config`, its TensorBoard sub-folder `log_run`)."""
+    `config`, its TensorBoard sub-folder `log_run`, and `history`: one plain dict of floats
+    per validated epoch so far, which learning_curves.png draws and a resumed run continues)."""
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "model": raw_model.state_dict(),
@@ -122,6 +124,7 @@ def make_checkpoint(
         "rng": rng,
         "args": config,
         "log_run": log_run,
+        "history": list(history or []),
     }
 
 

@@ -52,6 +52,15 @@ def strip_slices(prediction: np.ndarray, truth: np.ndarray | None, count: int = 
     return sorted(int(s) for s in order if area[s] > 0)
 
 
+def save_thumbnail(rgb: np.ndarray, path: Path) -> None:
+    """RGB uint8 (h, w, 3) -> a palette PNG (256 colours, Pillow's fast octree, no dithering): at most
+    one byte per pixel whatever the slice looks like, so a 96-px thumbnail stays under about
+    10 kB and 110 patients' strips under 6 MB."""
+    from PIL import Image  # matplotlib's image library
+
+    Image.fromarray(rgb).quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path)
+
+
 def write_thumbnails(
     patient_id: str,
     images: np.ndarray,
@@ -71,8 +80,6 @@ def write_thumbnails(
     k; overlay_path: k -> the full-size overlay's path relative to `out_dir`, or None. Every
     thumbnail of a patient shows the same part of the frame (`utils.view_box`: the head).
     """
-    from skimage.io import imsave
-
     chosen = strip_slices(prediction, truth)
     if not chosen:
         return []
@@ -84,7 +91,7 @@ def write_thumbnails(
         number = int(slice_numbers[s])
         name = f"{THUMBNAIL_DIR}/{patient_id}_{number}.png"
         rgb = thumbnail(images[s, ..., 1], prediction[s], None if truth is None else truth[s], box, THUMBNAIL_PX)
-        imsave(out_dir / name, rgb, check_contrast=False)
+        save_thumbnail(rgb, out_dir / name)
         pictures.append(
             {
                 "slice": number,

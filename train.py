@@ -5,7 +5,8 @@ torchrun --nproc_per_node=4 train.py --data-dir ...  # DistributedDataParallel
 python train.py --demo                               # phantom data, about 3 min on a CPU
 python train.py --folds 5 --fold all --checkpoint-dir cv  # cross-validation: cv/fold0/ ... cv/fold4/
 
-Writes best_model.pt, last.pt and args.json to --checkpoint-dir and TensorBoard curves to
+Writes best_model.pt, last.pt, args.json and learning_curves.png (losses, validation Dice,
+learning rate; rewritten after every epoch) to --checkpoint-dir and TensorBoard curves to
 a sub-folder of --log-dir per run (<date>-<time>-<checkpoint folder name>). A folder that
 already holds a run is continued with --resume auto or replaced with --overwrite.
 """
@@ -77,6 +78,8 @@ from utils import (
     ensure_writable_dir,
     one_line_warnings,
     overlay,
+    plot_learning_curves,
+    png_bytes,
     resolve_device,
     seed_everything,
     shared_flags,
@@ -134,6 +137,7 @@ RUN_DEFINING_FLAGS = (
     "context_slices",
 )
 CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
+LEARNING_CURVES = "learning_curves.png"  # in --checkpoint-dir, rewritten after every validated epoch
 # What a checkpoint saved before a run-defining flag existed was trained with (the behaviour
 # of the code then), whatever the flag's default is now.
 VALUES_BEFORE_FLAG = {"sampling": "area", "sampling_floor": 0.1, "norm_region": "crop", "context_slices": 0}
@@ -749,6 +753,7 @@ class Run:
     log_run: str = ""
     logger: TBLogger | None = None
     history: list[dict] = field(default_factory=list)
+    curves: list[dict] = field(default_factory=list)  # every validated epoch, resumed ones too (with lr)
     epoch_seconds: list[float] = field(default_factory=list)  # wall time of each epoch this process ran
 
 
@@ -829,6 +834,7 @@ def restore(run: Run, checkpoint: dict) -> None:
     restore_rng_state(checkpoint["rng"])
     run.start_epoch, run.best_dice = checkpoint["epoch"] + 1, checkpoint["best_dice"]
     run.log_run = checkpoint.get("log_run", "")
+    run.curves = [h for h in checkpoint.get("history", []) if h["epoch"] < run.start_epoch]
 
 
 def open_log(run: Run) -> None:
@@ -873,7 +879,7 @@ def print_start(run: Run, resume_path: Path | None) -> None:
             f"validation: {lesion_free} of {len(run.val_volumes)} patients are lesion-free; each scores Dice 1 "
             "(nothing predicted) or 0, so the mean can jump between epochs (the median is steadier)"
         )
-    print(f"TensorBoard: {Path(args.log_dir) / run.log_run}")
+    print(f"TensorBoard: {Path(args.log_dir) / run.log_run}; after each epoch: {learning_curves_path(args)}")
     if resume_path is not None:
         print(f"resumed from {resume_path} after epoch {run.start_epoch - 1} (best Dice {run.best_dice:.4f})")
     elif args.resume == "auto":
@@ -947,6 +953,7 @@ def validate_and_save(run: Run, epoch: int, train_stats: dict) -> None:
     run.best_dice = max(run.best_dice, val["dice_mean"])
     record = {"epoch": epoch, "train_loss": train_stats["loss"], "val_loss": val["loss"]}
     run.history.append({**record, "dice_mean": val["dice_mean"], "dice_median": val["dice_median"]})
+    run.curves.append({**run.history[-1], "lr": lr})
     if not runtime.is_main:
         return
     checkpoint = make_checkpoint(
@@ -960,10 +967,13 @@ def validate_and_save(run: Run, epoch: int, train_stats: dict) -> None:
         run.config,
         run.log_run,
         rng_state(),
+        history=run.curves,
     )
     save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "last.pt")
     if is_best:
         save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "best_model.pt")
+    curves = plot_learning_curves(run.curves, f"{Path(args.checkpoint_dir).name}: learning curves")
+    atomic_write_bytes(png_bytes(curves), Path(args.checkpoint_dir) / LEARNING_CURVES)  # never half a picture
     scalars = {"train/loss": train_stats["loss"], "val/loss": val["loss"], "val/dice_mean": val["dice_mean"]}
     scalars |= {"val/dice_median": val["dice_median"], "lr": lr, "time/epoch_s": train_stats["seconds"]}
     scalars |= {"time/val_s": val_seconds, "time/slices_per_s": train_stats["slices_per_s"]}
@@ -1131,8 +1141,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nstopped after epoch {result['stopped_after']} of {args.epochs}; continue with:")
         print(f"  {continue_command(argv, runtime.world_size)}")
     if runtime.is_main and (args.demo or args.fold == "all") and result["stopped_after"] is None:
+        if args.demo:
+            print(f"\nlearning curves: {learning_curves_path(args)}")
         print(f"\nnext: {predict_command(args)}")
     return result
+
+
+def learning_curves_path(args: argparse.Namespace) -> Path:
+    """<checkpoint-dir>/learning_curves.png (per fold under --fold all: fold<i>/learning_curves.png)."""
+    folder = Path(args.checkpoint_dir)
+    return folder / "fold*" / LEARNING_CURVES if args.fold == "all" else folder / LEARNING_CURVES
 
 
 def predict_command(args: argparse.Namespace) -> str:

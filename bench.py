@@ -3,7 +3,7 @@ training-recipe candidates on the hard phantom.
 
     python bench.py speed [--device cpu|cuda] [--image-size 256] [--quick] [--json PATH]
     python bench.py ablation [--seeds 0 1 2] [--candidates NAME ...] [--output ablation.md]
-    python bench.py report [--bench] [--output docs/results.md]   (regenerates docs/results.md)
+    python bench.py report [--bench] [--output docs/results.md]   (regenerates docs/results.md, figures/)
 
 Measures, side by side: preprocessing per patient (cold and warm cache), augmentation per
 slice (ours, batched on the device, against per-sample skimage rescale + rotate), training
@@ -862,7 +862,8 @@ def render_report(
 REPORT_ABOUT = (
     "Regenerate docs/results.md: runs `python train.py --demo` and the predict.py command it prints in a fresh "
     "scratch folder (minutes on a CPU, longer on a busy machine), optionally the quick benchmark, and writes the "
-    "figures, the machine, the commit and each command's wall time."
+    "figures (Dice chart, an overlay, the learning curves, a Chromium screenshot of report.html), the machine, "
+    "the commit and each command's wall time."
 )
 
 

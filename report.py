@@ -70,7 +70,7 @@ def write_thumbnails(
     out_dir: Path,
     overlay_path: Callable[[int], str] | None = None,
 ) -> list[dict]:
-    """Write `thumbnails/<patient>_<k>.png` for the slices `strip_slices` picks; return one
+    """Write `thumbnails/<patient>_<k>.png` (k zero-padded to 3 digits) for the slices `strip_slices` picks; return one
     dict per thumbnail for `write_report`: `slice` (k), `thumbnail` and `overlay` (paths
     relative to `out_dir`; overlay None when there is no full-size overlay), `truth_pixels`,
     `pred_pixels` (None without truth).
@@ -89,7 +89,7 @@ def write_thumbnails(
     pictures = []
     for s in chosen:
         number = int(slice_numbers[s])
-        name = f"{THUMBNAIL_DIR}/{patient_id}_{number}.png"
+        name = f"{THUMBNAIL_DIR}/{patient_id}_{number:03d}.png"
         rgb = thumbnail(images[s, ..., 1], prediction[s], None if truth is None else truth[s], box, THUMBNAIL_PX)
         save_thumbnail(rgb, out_dir / name)
         pictures.append(
@@ -296,7 +296,9 @@ table.small td { padding-right: 1em; }
 .badge { border-radius: 3px; padding: 0 4px; font-size: 0.85em; color: white; }
 .badge.failed { background: #b00020; } .badge.unlabelled { background: #0072B2; }
 .badge.lesion-free { background: #555; }
+td.strip { white-space: nowrap; }
 td.strip img { margin-right: 3px; border: 1px solid #ccc; }
+.badge { white-space: nowrap; }
 td.strip.none { color: #777; font-size: 0.9em; }
 img.chart { max-width: 100%; }
 """

@@ -972,7 +972,7 @@ def validate_and_save(run: Run, epoch: int, train_stats: dict) -> None:
     save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "last.pt")
     if is_best:
         save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "best_model.pt")
-    curves = plot_learning_curves(run.curves, f"{Path(args.checkpoint_dir).name}: learning curves")
+    curves = plot_learning_curves(run.curves, f"{Path(args.checkpoint_dir).name} ({args.loss} loss)")
     atomic_write_bytes(png_bytes(curves), Path(args.checkpoint_dir) / LEARNING_CURVES)  # never half a picture
     scalars = {"train/loss": train_stats["loss"], "val/loss": val["loss"], "val/dice_mean": val["dice_mean"]}
     scalars |= {"val/dice_median": val["dice_median"], "lr": lr, "time/epoch_s": train_stats["seconds"]}

@@ -411,9 +411,9 @@ OVERLAY_ALPHA = 0.55
 PREDICTION_DASHES = (0, (3, 1.5))  # prediction outline dashed, truth outline solid
 OUTLINE_WIDTH = 1.0  # points: thin, and drawn under the fills, so a 1-pixel error rim stays visible
 OUTLINE_ZORDER, FILL_ZORDER = 2, 3
-SMALL_LESION_FRACTION = 0.15  # a lesion box under 15 % of the frame's side gets a zoomed inset
-ZOOM_CONTEXT, ZOOM_MIN_SIDE = 3.0, 12  # the inset shows 3x the lesion's extent, at least 12 pixels
-INSET_FRACTION = 0.4  # inset width, as a fraction of the image width
+SMALL_LESION_FRACTION = 0.1  # a lesion box under 10 % of the frame's side gets a zoomed inset
+ZOOM_CONTEXT, ZOOM_MIN_SIDE = 2.0, 12  # the inset shows 2x the lesion's extent, at least 12 pixels
+INSET_FRACTION = 0.4  # inset width, as a fraction of the image width: magnified at least 2x
 
 
 def _figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
@@ -801,7 +801,7 @@ def plot_learning_curves(history: list[dict], title: str = "learning curves") ->
         best["epoch"], best["dice_mean"], marker="*", markersize=14, color="black", linestyle="none",
         label=f"best epoch {best['epoch']}: mean {best['dice_mean']:.3f} (best_model.pt)",
     )  # fmt: skip
-    dice_ax.set_ylim(min(0.0, min(h["dice_median"] for h in history)), 1.02)
+    dice_ax.set_ylim(-0.03, 1.03)  # Dice 0 and 1 stay inside the panel
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     for ax in (loss_ax, dice_ax):
         ax.legend(fontsize=8, loc="best")

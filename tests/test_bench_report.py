@@ -2,12 +2,14 @@
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import browser_missing
 
 import bench
 from bench import ReportError, printed_predict_command, run_timed
@@ -20,6 +22,9 @@ def test_report_runs_the_demo_and_writes_what_it_measured(phantom_dir, tmp_path)
     shutil.copytree(phantom_dir, work / "demo_3m")  # the demo reuses an existing ./demo_3m
     output.parent.mkdir()
     output.write_text("stale numbers\n")
+    missing = browser_missing()  # the screenshot of report.html needs Chromium: required under CI
+    assert not (missing and os.environ.get("CI") == "true"), missing
+    screenshot = [] if missing is None else ["--no-screenshot"]
     bench.main(
         [
             "report",
@@ -27,6 +32,7 @@ def test_report_runs_the_demo_and_writes_what_it_measured(phantom_dir, tmp_path)
             f"--output={output}",
             f"--demo-args={TINY_DEMO}",
             "--predict-args=--no-overlays",
+            *screenshot,
         ]
     )
 
@@ -45,6 +51,12 @@ def test_report_runs_the_demo_and_writes_what_it_measured(phantom_dir, tmp_path)
     assert f"{dice['mean']:.3f} / {dice['median']:.3f} |" in text
     assert "](figures/demo_dice_distribution.png)" in text and "demo_overlay" not in text  # --no-overlays
     assert (output.parent / "figures" / "demo_dice_distribution.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        "learning curves: demo_checkpoints/learning_curves.png" in (work / "train.log").read_text()
+    )  # --demo names it
+    shown = ["demo_learning_curves.png"] + ([] if screenshot else ["demo_report.png"])
+    for name in shown:
+        assert f"](figures/{name})" in text and (output.parent / "figures" / name).read_bytes()[:4] == b"\x89PNG"
 
     with pytest.raises(SystemExit, match="holds an earlier demo_checkpoints/; give a fresh folder"):
         bench.main(["report", "--workdir", str(work), "--output", str(output)])

@@ -240,6 +240,8 @@ def test_a_failing_patient_keeps_the_others_and_the_summary(small_phantom, tmp_p
     assert [r["patient"] for r in rows] == [p.patient_id for p in patients]
     assert all(r["dice"] != "" and r["error"] == "" for r in rows[:-1])
     assert rows[-1]["dice"] == "" and broken.name in rows[-1]["error"]
+    page = (out / "report.html").read_text()  # written although the run exits non-zero
+    assert f'<tr class="failed" data-patient="{patients[-1].patient_id}">' in page and broken.name in page
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["failed_patients"]) == [patients[-1].patient_id]
     assert summary["labelled_patients"] == len(patients) - 1

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -138,6 +139,26 @@ def test_predict_outputs_and_independent_dice(trained_checkpoint, phantom_dir, t
     assert imread(tmp_path / "dice.png").ndim == 3
     for png in (tmp_path / "overlays").glob("*.png"):
         assert imread(png).shape[1:] == (640, 3)  # utils.overlay: 640 px wide, RGB
+    # report.html: per patient the slices with the most truth or prediction (at most 5), each
+    # thumbnail linking to its full-size overlay, which exists
+    page = (tmp_path / "report.html").read_text()
+    for row in rows:
+        patient = patients[row["patient"]]
+        (strip,) = re.findall(rf'data-patient="{row["patient"]}">(.*?)</tr>', page)
+        kept = patient.slices[1:-1]
+        area = [
+            int(
+                (
+                    (tifffile.imread(tmp_path / "masks" / patient.patient_id / i.mask.name) > 0)
+                    | (tifffile.imread(i.mask) > 0)
+                ).sum()
+            )
+            for i in kept
+        ]
+        top = sorted(sorted((s for s in range(len(kept)) if area[s]), key=lambda s: -area[s])[:5])
+        links = re.findall(r'<a href="([^"]+)"><img src="([^"]+)"', strip)
+        assert [Path(a).name for a, _ in links] == [f"{patient.patient_id}_{kept[s].number:03d}.png" for s in top]
+        assert all((tmp_path / a).is_file() and (tmp_path / t).is_file() for a, t in links)
 
 
 def test_unlabelled_patient_gets_masks_without_metrics(trained_checkpoint, phantom_dir, tmp_path):
@@ -147,8 +168,9 @@ def test_unlabelled_patient_gets_masks_without_metrics(trained_checkpoint, phant
     for mask in (data / source.patient_id).glob("*_mask.tif"):
         mask.unlink()
     out = tmp_path / "out"
-    summary = run_predict([trained_checkpoint], data, out, "--patients", "all", "--save-probabilities")
+    summary = run_predict([trained_checkpoint], data, out, "--patients", "all", "--save-probabilities", "--no-report")
     assert summary["labelled_patients"] == 0
+    assert not (out / "report.html").exists() and not (out / "thumbnails").exists()  # --no-report
     assert len(list((out / "masks" / source.patient_id).glob("*.tif"))) == len(source.slices)
     assert read_metrics(out)[0]["dice"] == ""
     probabilities = np.load(out / "probabilities" / f"{source.patient_id}.npy")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import browser_missing
 from matplotlib.colors import to_rgb
 
 import predict
@@ -98,13 +99,7 @@ def test_palette_thumbnails_keep_the_region_colours(tmp_path):
 
 def browser_or_skip() -> None:
     """Skip without Chromium or playwright, except under CI, where that is a failure."""
-    missing = None
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing = "the playwright package is not installed (pip install -r requirements.txt)"
-    if missing is None and not Path(report.CHROMIUM).is_file():
-        missing = f"{report.CHROMIUM} is missing (apt-get install chromium)"
+    missing = browser_missing()
     if missing and os.environ.get("CI") == "true":
         pytest.fail(f"browser test under CI: {missing}")
     if missing:
@@ -147,12 +142,12 @@ def header_index(page, name: str) -> int:
 def test_report_of_a_phantom_run_in_chromium(browser, trained_checkpoint, phantom_dir, tmp_path):
     out = tmp_path / "pred"
     arguments = ["--model-path", str(trained_checkpoint), "--data-dir", str(phantom_dir), "--output-dir", str(out)]
-    predict.main([*arguments, "--patients", "all", "--no-cache", "--no-overlays", "--backend", "torch"])
+    predict.main([*arguments, "--no-cache", "--no-overlays", "--backend", "torch"])
     with (out / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     page, requests = open_offline(browser, out / "report.html")
     shown = page.eval_on_selector_all("#patients tbody tr", "rows => rows.map(r => r.dataset.patient)")
-    assert sorted(shown) == sorted(r["patient"] for r in rows) and len(rows) == 8
+    assert sorted(shown) == sorted(r["patient"] for r in rows) and len(rows) == 3  # the validation patients
 
     page.click('#patients th[data-col="dice"]')
     dice = [float(v) for v in column(page, header_index(page, "dice"))]

@@ -15,7 +15,7 @@ from conftest import tiny_train_args
 
 import train
 from dataset import discover_patients, load_volumes, select_patients
-from utils import dice_score
+from utils import LEARNING_CURVE_KEYS, dice_score
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_KEYS = {
@@ -139,6 +139,11 @@ def test_checkpoint_contract(trained_checkpoint):
     assert json.loads((folder / "args.json").read_text())["image_size"] == 32
     assert (folder / "last.pt").is_file()
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    # learning_curves.png is drawn from the history each checkpoint carries (both epochs, with lr)
+    last = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
+    assert [h["epoch"] for h in last["history"]] == [1, 2] and set(LEARNING_CURVE_KEYS) <= set(last["history"][0])
+    assert last["history"][0]["lr"] == pytest.approx(json.loads((folder / "args.json").read_text())["lr"])
+    assert (folder / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_same_seed_same_losses_and_placements_agree(phantom_dir, tmp_path):
@@ -177,6 +182,13 @@ def test_resume_matches_uninterrupted_run(phantom_dir, tmp_path, capsys):
     # the resumed run continues its own TensorBoard sub-folder: one point per epoch
     (run_dir,) = (tmp_path / "split" / "tb").iterdir()
     assert scalar_steps(run_dir, "val/dice_mean") == [1, 2, 3]
+    # and its learning curves keep the epoch before the interruption
+    history = {
+        name: torch.load(tmp_path / name / "ckpt" / "last.pt", weights_only=True)["history"]
+        for name in ("full", "split")
+    }
+    assert [h["epoch"] for h in history["split"]] == [1, 2, 3]
+    assert all(a == pytest.approx(b) for a, b in zip(history["split"], history["full"], strict=True))
     # resuming the finished run trains nothing and says so
     capsys.readouterr()
     again = train.main(command[2:])

@@ -1,4 +1,5 @@
-"""Overlays and the Dice chart: what a person sees, checked on hand-made masks."""
+"""Overlays, thumbnails, the Dice chart and the learning curves: what a person sees, checked on
+hand-made masks and numbers."""
 
 import numpy as np
 import pytest
@@ -10,8 +11,11 @@ from utils import (
     OVERLAY_ALPHA,
     OVERLAY_REGIONS,
     ROLE_STYLES,
+    best_epoch,
     overlay,
     plot_dice_distribution,
+    plot_learning_curves,
+    png_bytes,
     thumbnail,
     view_box,
     zoom_box,
@@ -191,8 +195,11 @@ def test_zoom_box_only_for_small_lesions_and_inside_the_frame():
     lesion[0:2, 97:100] = True  # 2 x 3 at the top right corner
     y0, y1, x0, x1 = zoom_box(lesion)
     assert (y1 - y0, x1 - x0) == (12, 12) and (y0, x1) == (0, 100)  # at least 12 px, shifted inside
+    middle = np.zeros((100, 100), bool)
+    middle[40:48, 40:42] = True  # 8 px: small; the square is twice that, centred on it
+    assert zoom_box(middle) == (36, 52, 33, 49)
     big = np.zeros((100, 100), bool)
-    big[10:30, 10:14] = True  # 20 px tall: 20 % of the frame, not small
+    big[10:20, 10:14] = True  # 10 px tall: 10 % of the frame, not small
     assert zoom_box(big) is None
 
 
@@ -224,3 +231,30 @@ def test_dice_chart_bars_start_at_zero_and_a_zero_score_stays_visible(tmp_path):
     blue = np.round(255 * np.array(to_rgb(ROLE_STYLES["test"][0]))).astype(int)
     patch = rgb[row - 2 : row + 3, col - 1 : col + 3].reshape(-1, 3)
     assert (np.abs(patch - blue).max(axis=1) <= 40).any()
+
+
+def test_learning_curves_draw_the_history_and_mark_the_best_epoch():
+    history = [
+        {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "dice_mean": d, "dice_median": d - 0.1, "lr": 0.01 / e}
+        for e, d in [(1, 0.2), (2, 0.6), (3, 0.5), (4, 0.6)]
+    ]
+    assert best_epoch(history)["epoch"] == 2  # the first of equal means: best_model.pt is not replaced on a tie
+    fig = plot_learning_curves(history)
+    loss_ax, dice_ax, lr_ax = fig.axes
+    drawn = {line.get_label(): list(line.get_ydata()) for ax in fig.axes for line in ax.get_lines()}
+    assert drawn["training"] == [1, 0.5, 1 / 3, 0.25] and drawn["validation"] == pytest.approx([1.2, 0.6, 0.4, 0.3])
+    assert drawn["mean"] == [0.2, 0.6, 0.5, 0.6] and drawn["median"] == pytest.approx([0.1, 0.5, 0.4, 0.5])
+    assert drawn["lr"] == pytest.approx([0.01, 0.005, 0.01 / 3, 0.0025])
+    for ax in fig.axes:  # the best epoch's dotted line in every panel
+        assert [
+            list(line.get_xdata())
+            for line in ax.get_lines()
+            if line.get_linestyle() == ":" and line.get_label().startswith("_")
+        ] == [[2, 2]]
+    star = next(line for line in dice_ax.get_lines() if line.get_marker() == "*")
+    assert (list(star.get_xdata()), list(star.get_ydata())) == ([2], [0.6]) and "best epoch 2" in star.get_label()
+    assert png_bytes(fig)[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="lack lr"):
+        plot_learning_curves([{k: v for k, v in history[0].items() if k != "lr"}])
+    with pytest.raises(ValueError, match="no validated epoch"):
+        plot_learning_curves([])

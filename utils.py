@@ -775,6 +775,8 @@ def plot_learning_curves(history: list[dict], title: str = "learning curves") ->
     of the epoch), in epoch order. Returns the matplotlib Figure (write it with
     `png_bytes`); raises ValueError for an empty history or a missing key.
     """
+    from matplotlib.ticker import MaxNLocator
+
     if not history:
         raise ValueError("plot_learning_curves: no validated epoch yet")
     missing = [key for key in LEARNING_CURVE_KEYS if any(key not in h for h in history)]
@@ -794,6 +796,7 @@ def plot_learning_curves(history: list[dict], title: str = "learning curves") ->
         for key, name, style in curves:
             ax.plot(epochs, [h[key] for h in history], linestyle=style, marker="o", markersize=3, label=name)
         ax.axvline(best["epoch"], color="0.4", linestyle=":", linewidth=1.2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -70,10 +70,10 @@ def write_thumbnails(
     out_dir: Path,
     overlay_path: Callable[[int], str] | None = None,
 ) -> list[dict]:
-    """Write `thumbnails/<patient>_<k>.png` (k zero-padded to 3 digits) for the slices `strip_slices` picks; return one
-    dict per thumbnail for `write_report`: `slice` (k), `thumbnail` and `overlay` (paths
-    relative to `out_dir`; overlay None when there is no full-size overlay), `truth_pixels`,
-    `pred_pixels` (None without truth).
+    """Write `thumbnails/<patient>_<k>.png` (k zero-padded to 3 digits) for the slices
+    `strip_slices` picks; return one dict per thumbnail for `write_report`: `slice` (k),
+    `thumbnail` and `overlay` (paths relative to `out_dir`; overlay None when there is no
+    full-size overlay), `truth_pixels` (None without truth), `pred_pixels`.
 
     images: (S, H, W, 3) native slices (pre-contrast, FLAIR, post-contrast; FLAIR shown),
     prediction: (S, H, W) bool, truth: (S, H, W) or None, slice_numbers: the S slice numbers
@@ -134,7 +134,10 @@ def _cell(value) -> str:
     undefined value (hd95 of an empty mask: NaN) shows a dash and, like an empty one, sorts last."""
     number = _number(value)
     if number is not None:
-        shown = str(value) if isinstance(value, (int, np.integer)) else f"{number:.3f}"
+        if isinstance(value, (int, np.integer)):
+            shown = str(value)
+        else:  # 3 decimals for scores, 1 for volumes and counts of hundreds or more
+            shown = f"{number:.3f}" if abs(number) < 100 else f"{number:.1f}"
         return f'<td class="num" data-v="{number!r}">{shown}</td>'
     if isinstance(value, float) and math.isnan(value):
         return '<td class="num" data-v="" title="undefined: a mask is empty">–</td>'
@@ -142,14 +145,13 @@ def _cell(value) -> str:
     return f'<td data-v="{html.escape(text.lower())}">{html.escape(text)}</td>'
 
 
-def _strip(row: dict) -> str:
-    """The thumbnail strip of one patient, each linking to its full-size overlay."""
+def _strip(row: dict, width: int) -> str:
+    """The thumbnail strip of one patient (a row of its own under its numbers, `width` columns
+    wide), each thumbnail linking to its full-size overlay."""
     pictures = row.get("pictures") or []
     if not pictures:
-        status = patient_status(row)
-        if status == "failed":
-            return '<td class="strip none">no pictures (failed)</td>'
-        return '<td class="strip none">no slice with truth or prediction</td>'
+        text = "no pictures (failed)" if patient_status(row) == "failed" else "no slice with truth or prediction"
+        return f'<tr class="strip"><td class="none" colspan="{width}">{text}</td></tr>'
     parts = []
     for p in pictures:
         truth = "" if p.get("truth_pixels") is None else f"truth {p['truth_pixels']} px, "
@@ -159,7 +161,7 @@ def _strip(row: dict) -> str:
         )
         target = p.get("overlay") or p["thumbnail"]
         parts.append(f'<a href="{quote(target)}">{image}</a>')
-    return f'<td class="strip">{"".join(parts)}</td>'
+    return f'<tr class="strip"><td colspan="{width}">{"".join(parts)}</td></tr>'
 
 
 def table_columns(rows: Sequence[dict], columns: Sequence[str]) -> list[str]:
@@ -169,31 +171,24 @@ def table_columns(rows: Sequence[dict], columns: Sequence[str]) -> list[str]:
 
 
 def _table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    shown = table_columns(rows, columns)
+    """One <tbody> per patient (what the sort moves): its numbers, then its thumbnail strip."""
+    shown = [name for name in table_columns(rows, columns) if name != "patient"]
     head = ['<th data-col="patient" data-type="text" title="click to sort">patient</th>']
     head.append('<th data-col="status" data-type="text" title="click to sort">status</th>')
     for name in shown:
-        if name == "patient":
-            continue
         kind = "number" if any(_number(r.get(name)) is not None for r in rows) else "text"
-        head.append(
-            f'<th data-col="{html.escape(name)}" data-type="{kind}" title="click to sort">{html.escape(name)}</th>'
-        )
-    head.append("<th>slices with the most truth or prediction (click for full size)</th>")
-    body = []
+        label = html.escape(name).replace("_", "_<wbr>")  # long names may break after "_"
+        head.append(f'<th data-col="{html.escape(name)}" data-type="{kind}" title="click to sort">{label}</th>')
+    groups = []
     for r in rows:
         status = patient_status(r)
         cells = [f'<td data-v="{html.escape(str(r["patient"]).lower())}">{html.escape(str(r["patient"]))}</td>']
         badge = f'<span class="badge {status}" title="{STATUS_HELP[status]}">{status}</span>' if status else ""
         cells.append(f'<td data-v="{status}">{badge}</td>')
-        cells += [_cell(r.get(name)) for name in shown if name != "patient"]
-        cells.append(_strip(r))
-        body.append(f'<tr class="{status}" data-patient="{html.escape(str(r["patient"]))}">{"".join(cells)}</tr>')
-    return (
-        f'<table id="patients"><thead><tr>{"".join(head)}</tr></thead>\n<tbody>\n'
-        + "\n".join(body)
-        + "\n</tbody></table>"
-    )
+        cells += [_cell(r.get(name)) for name in shown]
+        numbers = f'<tr class="{status}" data-patient="{html.escape(str(r["patient"]))}">{"".join(cells)}</tr>'
+        groups.append(f"<tbody>{numbers}{_strip(r, len(head))}</tbody>")
+    return f'<table id="patients"><thead><tr>{"".join(head)}</tr></thead>\n' + "\n".join(groups) + "\n</table>"
 
 
 def _figure_text(value: float | None, digits: int = 4) -> str:
@@ -225,6 +220,10 @@ def _headline(summary: dict) -> str:
         f"{summary.get('empty_truth_patients', 0)} lesion-free",
         f"hd95 undefined (an empty mask) for {summary.get('hd95_undefined_patients', 0)}",
     ]
+    units = summary.get("units") or {}
+    if units:
+        shown = [f"{name} in {units[name]}" for name in ("hd95", "volume") if name in units]
+        counts.append("units: " + ", ".join(shown) + (f" ({units['note']})" if units.get("note") else ""))
     by_role = ", ".join(
         f"{html.escape(role)}: {stats['labelled']} of {stats['count']} scored, Dice mean "
         f"{_figure_text(stats['metrics']['dice']['mean'])}"
@@ -289,17 +288,19 @@ table.small td { padding-right: 1em; }
 #patients th { position: sticky; top: 0; background: #f4f4f4; cursor: pointer; padding: 4px 6px; }
 #patients th[aria-sort="ascending"]::after { content: " \\25B2"; }
 #patients th[aria-sort="descending"]::after { content: " \\25BC"; }
-#patients td { border-top: 1px solid #e4e4e4; padding: 3px 6px; vertical-align: middle; }
+#patients { font-size: 0.9em; }
+#patients tbody { border-top: 1px solid #d0d0d0; }
+#patients td { padding: 3px 6px; vertical-align: middle; }
 #patients td.num { text-align: right; font-variant-numeric: tabular-nums; }
 #patients tr.failed { background: #fde2e2; }
 #patients tr.unlabelled { background: #eef4fb; }
 .badge { border-radius: 3px; padding: 0 4px; font-size: 0.85em; color: white; }
 .badge.failed { background: #b00020; } .badge.unlabelled { background: #0072B2; }
 .badge.lesion-free { background: #555; }
-td.strip { white-space: nowrap; }
-td.strip img { margin-right: 3px; border: 1px solid #ccc; }
+tr.strip td { padding-bottom: 8px; }
+tr.strip img { margin-right: 3px; border: 1px solid #ccc; }
 .badge { white-space: nowrap; }
-td.strip.none { color: #777; font-size: 0.9em; }
+tr.strip td.none { color: #777; font-size: 0.9em; }
 img.chart { max-width: 100%; }
 """
 
@@ -310,15 +311,15 @@ document.querySelectorAll("#patients th[data-col]").forEach(function (th) {
     document.querySelectorAll("#patients th").forEach(function (h) { h.removeAttribute("aria-sort"); });
     th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
     var column = th.cellIndex, numeric = th.dataset.type === "number";
-    var body = document.querySelector("#patients tbody");
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = a.cells[column].dataset.v, y = b.cells[column].dataset.v;
+    var table = document.getElementById("patients");
+    var patients = Array.prototype.slice.call(table.tBodies);  // one <tbody> per patient
+    patients.sort(function (a, b) {
+      var x = a.rows[0].cells[column].dataset.v, y = b.rows[0].cells[column].dataset.v;
       if (x === "" || y === "") { return (x === "") - (y === ""); }  // empty cells last, both ways
       var order = numeric ? parseFloat(x) - parseFloat(y) : x.localeCompare(y);
       return ascending ? order : -order;
     });
-    rows.forEach(function (row) { body.appendChild(row); });
+    patients.forEach(function (patient) { table.appendChild(patient); });
   });
 });
 """
@@ -350,7 +351,8 @@ def render_report(
             _protocol(summary.get("protocol", {})),
             _chart(out_dir, figure_path),
             '<section id="table"><h2>Patients</h2><p>Click a column header to sort (again to reverse). '
-            "Thumbnails: agreement yellow, false positive vermillion, missed sky blue.</p>",
+            "Under each patient: the slices with the most truth or prediction (click one for its full-size "
+            "overlay); agreement yellow, false positive vermillion, missed sky blue.</p>",
             _table(rows, columns),
             "</section>",
             f"<script>{SORT_SCRIPT}</script>",

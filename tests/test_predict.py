@@ -144,7 +144,7 @@ def test_predict_outputs_and_independent_dice(trained_checkpoint, phantom_dir, t
     page = (tmp_path / "report.html").read_text()
     for row in rows:
         patient = patients[row["patient"]]
-        (strip,) = re.findall(rf'data-patient="{row["patient"]}">(.*?)</tr>', page)
+        (strip,) = re.findall(rf'data-patient="{row["patient"]}">(.*?)</tbody>', page)
         kept = patient.slices[1:-1]
         area = [
             int(

@@ -41,9 +41,10 @@ def test_report_shows_headline_protocol_table_and_marks(tmp_path):
     dice = summary["headline"]["metrics"]["dice"]
     assert f"Dice mean <b>{dice['mean']:.4f}</b>, median <b>{dice['median']:.4f}</b> over 2 patient(s)" in text
     assert "WARNING" not in text  # test patients were scored: no bias note
+    assert f"units: hd95 in {summary['units']['hd95']}, volume in {summary['units']['volume']}" in text
     for key in ("checkpoints", "threshold", "hd95_units"):
         assert f"<th>{key}</th>" in text
-    body = text[text.index("<tbody>") : text.index("</tbody>")]
+    body = text[text.index("<tbody>") : text.rindex("</tbody>")]
     marks = {patient: status for status, patient in re.findall(r'<tr class="([^"]*)" data-patient="([^"]+)">', body)}
     assert marks == {"P_lesion": "", "P_free": "lesion-free", "P_zero": "", "P_unlabelled": "unlabelled"} | {
         "P_failed": "failed"
@@ -132,7 +133,7 @@ def open_offline(browser, page_path: Path):
 
 
 def column(page, index: int) -> list[str]:
-    return page.eval_on_selector_all("#patients tbody tr", f"rows => rows.map(r => r.cells[{index}].dataset.v)")
+    return page.eval_on_selector_all("#patients tr[data-patient]", f"rows => rows.map(r => r.cells[{index}].dataset.v)")
 
 
 def header_index(page, name: str) -> int:
@@ -146,7 +147,7 @@ def test_report_of_a_phantom_run_in_chromium(browser, trained_checkpoint, phanto
     with (out / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     page, requests = open_offline(browser, out / "report.html")
-    shown = page.eval_on_selector_all("#patients tbody tr", "rows => rows.map(r => r.dataset.patient)")
+    shown = page.eval_on_selector_all("#patients tr[data-patient]", "rows => rows.map(r => r.dataset.patient)")
     assert sorted(shown) == sorted(r["patient"] for r in rows) and len(rows) == 3  # the validation patients
 
     page.click('#patients th[data-col="dice"]')
@@ -154,11 +155,11 @@ def test_report_of_a_phantom_run_in_chromium(browser, trained_checkpoint, phanto
     assert dice == sorted(float(r["dice"]) for r in rows)
     page.click('#patients th[data-col="patient"]')
     page.click('#patients th[data-col="patient"]')  # twice: descending
-    assert page.eval_on_selector_all("#patients tbody tr", "rows => rows.map(r => r.dataset.patient)") == sorted(
-        shown, reverse=True
-    )
-    pictures = page.eval_on_selector_all("#patients td.strip img", "images => images.map(i => i.naturalWidth)")
-    assert pictures and all(width > 0 for width in pictures[:3])  # thumbnails load (the first rows are in view)
+    assert page.eval_on_selector_all(
+        "#patients tr[data-patient]", "rows => rows.map(r => r.dataset.patient)"
+    ) == sorted(shown, reverse=True)
+    page.locator("#patients tr.strip img").first.scroll_into_view_if_needed()  # lazy: loaded once in view
+    page.wait_for_function("() => document.querySelector('#patients tr.strip img').naturalWidth > 0", timeout=5000)
     assert all(url.startswith("file:") for url in requests) and any("thumbnails/" in url for url in requests)
     page.close()
 
@@ -189,7 +190,7 @@ def test_a_110_patient_report_is_small_and_opens_fast(browser, tmp_path):
     start = time.perf_counter()
     page, requests = open_offline(browser, page_path)
     seconds = time.perf_counter() - start
-    assert page.eval_on_selector_all("#patients tbody tr", "rows => rows.length") == 110
+    assert page.eval_on_selector_all("#patients tr[data-patient]", "rows => rows.length") == 110
     assert seconds < 2.0, f"{seconds:.2f} s to the load event"
     assert all(url.startswith("file:") for url in requests)
     page.close()

@@ -245,11 +245,16 @@ def add_recipe_flags(add: Callable[..., None]) -> None:
 
 def add_runtime_flags(add: Callable[..., None]) -> None:
     """Flags that say where and how to run: they may change when a run is resumed."""
-    add("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json")
+    add("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json, learning_curves.png")
     add("--log-dir", default="./tb_logs", help="TensorBoard: one sub-folder per run")
     add("--no-cache", action="store_true", help="preprocess in memory, write no cache")
     add("--vis-frequency", type=int, default=10, help="validation overlays every N epochs (0: never)")
     add("--n-vis-images", type=int, default=200, help="at most this many overlays each time")
+    add(
+        "--no-learning-curves",
+        action="store_true",
+        help="do not draw learning_curves.png each epoch (the checkpoints keep the history it is drawn from)",
+    )
     add("--compile", action="store_true", help="torch.compile the model")
     add(
         "--deterministic",
@@ -879,7 +884,8 @@ def print_start(run: Run, resume_path: Path | None) -> None:
             f"validation: {lesion_free} of {len(run.val_volumes)} patients are lesion-free; each scores Dice 1 "
             "(nothing predicted) or 0, so the mean can jump between epochs (the median is steadier)"
         )
-    print(f"TensorBoard: {Path(args.log_dir) / run.log_run}; after each epoch: {learning_curves_path(args)}")
+    curves = "" if args.no_learning_curves else f"; after each epoch: {learning_curves_path(args)}"
+    print(f"TensorBoard: {Path(args.log_dir) / run.log_run}{curves}")
     if resume_path is not None:
         print(f"resumed from {resume_path} after epoch {run.start_epoch - 1} (best Dice {run.best_dice:.4f})")
     elif args.resume == "auto":
@@ -972,8 +978,9 @@ def validate_and_save(run: Run, epoch: int, train_stats: dict) -> None:
     save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "last.pt")
     if is_best:
         save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "best_model.pt")
-    curves = plot_learning_curves(run.curves, f"{Path(args.checkpoint_dir).name} ({args.loss} loss)")
-    atomic_write_bytes(png_bytes(curves), Path(args.checkpoint_dir) / LEARNING_CURVES)  # never half a picture
+    if not args.no_learning_curves:
+        curves = plot_learning_curves(run.curves, f"{Path(args.checkpoint_dir).name} ({args.loss} loss)")
+        atomic_write_bytes(png_bytes(curves), Path(args.checkpoint_dir) / LEARNING_CURVES)  # never half a picture
     scalars = {"train/loss": train_stats["loss"], "val/loss": val["loss"], "val/dice_mean": val["dice_mean"]}
     scalars |= {"val/dice_median": val["dice_median"], "lr": lr, "time/epoch_s": train_stats["seconds"]}
     scalars |= {"time/val_s": val_seconds, "time/slices_per_s": train_stats["slices_per_s"]}
@@ -1141,7 +1148,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nstopped after epoch {result['stopped_after']} of {args.epochs}; continue with:")
         print(f"  {continue_command(argv, runtime.world_size)}")
     if runtime.is_main and (args.demo or args.fold == "all") and result["stopped_after"] is None:
-        if args.demo:
+        if args.demo and not args.no_learning_curves:
             print(f"\nlearning curves: {learning_curves_path(args)}")
         print(f"\nnext: {predict_command(args)}")
     return result

@@ -39,7 +39,7 @@ def make_checkpoint(path, split, seed, image_size=32, **preprocessing):
 
 
 def run_predict(checkpoints, data_dir, out, *extra):
-    return predict_run(checkpoints, data_dir, out, "--no-cache", "--no-overlays", *extra)
+    return predict_run(checkpoints, data_dir, out, "--no-cache", "--no-overlays", "--no-report", *extra)
 
 
 def read_metrics(out):
@@ -233,7 +233,7 @@ def test_a_failing_patient_keeps_the_others_and_the_summary(small_phantom, tmp_p
     broken.write_bytes(b"not a tiff")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        run_predict([checkpoint], small_phantom, out)
+        predict_run([checkpoint], small_phantom, out, "--no-cache", "--no-overlays")  # with report.html
     message = str(exit_info.value.code)
     assert "1 patient(s) failed" in message and patients[-1].patient_id in message and broken.name in message
     rows = read_metrics(out)

@@ -188,6 +188,7 @@ def test_resume_matches_uninterrupted_run(phantom_dir, tmp_path, capsys):
         for name in ("full", "split")
     }
     assert [h["epoch"] for h in history["split"]] == [1, 2, 3]
+    assert not (tmp_path / "split" / "ckpt" / "learning_curves.png").exists()  # --no-learning-curves (TINY_TRAIN)
     assert all(a == pytest.approx(b) for a, b in zip(history["split"], history["full"], strict=True))
     # resuming the finished run trains nothing and says so
     capsys.readouterr()

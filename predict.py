@@ -632,9 +632,10 @@ def check_image_sizes(models: Sequence[LoadedModel]) -> None:
         )
 
 
-def postprocessing_line(models: Sequence[LoadedModel], requested: str, mode: str) -> str:
-    """The printed line that says which post-processing the masks get (and a warning when an
-    average of checkpoints that chose differently falls back to lcc)."""
+def postprocessing_line(models: Sequence[LoadedModel], requested: str, mode: str, averaged: bool) -> str:
+    """The printed line that says which post-processing the masks get, and a warning when
+    some patient is predicted by an average of checkpoints (`averaged`) that chose
+    differently, so that the average falls back to lcc."""
     if requested != "checkpoint":
         return f"post-processing: {requested} (--postprocess {requested}, for every checkpoint)"
     alone = sorted({postprocessing_name(m.postprocessing) for m in models})
@@ -642,7 +643,7 @@ def postprocessing_line(models: Sequence[LoadedModel], requested: str, mode: str
     if mode == "folds" and len(alone) > 1:
         line = f"post-processing: each fold's own choice for its test patients ({', '.join(alone)})"
     _, warning = postprocessing_for(models, requested)
-    if mode != "single" and warning:
+    if averaged and warning:
         line += f"\nWARNING: {warning}" + (" (the patients that are no fold's test patient)" if mode == "folds" else "")
     return line
 
@@ -709,7 +710,8 @@ def run(args: argparse.Namespace) -> dict:
         f"{len(patients)} patient(s) ({' '.join(args.patients)}), {len(models)} checkpoint(s) ({mode}), "
         f"device {device}, backend {args.backend}"
     )
-    print(postprocessing_line(models, args.postprocess, mode))
+    averaged = any(len(assign(p.patient_id, models, folds)[0]) > 1 for p in patients)
+    print(postprocessing_line(models, args.postprocess, mode, averaged))
 
     table = out_dir / "metrics.csv"
     start_table(table)

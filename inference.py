@@ -550,8 +550,7 @@ def score_postprocessing(
     amp = autocast_dtype(device)
     scores = {}
     for patient in patients:
-        cache = None if patient.nifti is not None else cache_dir  # the cache key knows TIFF files only
-        volume = load_volume(patient, loaded.image_size, cache, loaded.norm_region)
+        volume = load_volume(patient, loaded.image_size, cache_dir, loaded.norm_region)
         probs = predict_volume(loaded.model, volume.images, device, batch_size, False, amp, loaded.context_slices)
         native = restore_geometry(probs, volume.geometry, mode="bilinear")  # (S, size, size) -> (S, H, W)
         _, truth = read_volume(patient)

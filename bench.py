@@ -1044,7 +1044,9 @@ POSTPROCESSING_ABOUT = (
 
 
 def add_postprocessing_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--phantoms", nargs="+", choices=tuple(PHANTOM_LESIONS), default=["hard", "easy"])
+    parser.add_argument(
+        "--phantoms", nargs="+", choices=tuple(PHANTOM_LESIONS), default=["hard", "easy"], help="phantoms to train on"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
     parser.add_argument("--patients", type=int, default=30, help="training + validation patients per phantom")
     parser.add_argument("--test-patients", type=int, default=16, help="unseen test patients per phantom")
@@ -1091,6 +1093,9 @@ def get_args_parser() -> argparse.ArgumentParser:
             shared_flags("--device", device="passed to train.py and predict.py; default: cuda when available")
         ],
         "report": [],
+        "postprocessing": [
+            shared_flags("--device", device="for training and the test scores; default: cuda when available")
+        ],
     }
     for name, about, add_flags in (
         ("speed", "time preprocessing, augmentation, training and inference on a phantom", add_speed_flags),

@@ -1002,8 +1002,8 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
             run_epoch(run, epoch)
     finally:
         run.logger.close()
-    if runtime.is_main and last == args.epochs:
-        ensure_postprocessing_choice(args, runtime.device)
+    if last == args.epochs:  # rank 0 chooses; the others wait for it (or for its error)
+        on_rank_zero(runtime, lambda: ensure_postprocessing_choice(args, runtime.device))
     return {
         "history": run.history,
         "best_dice": run.best_dice,
@@ -1182,7 +1182,8 @@ def train_folds(args: argparse.Namespace, runtime: Runtime) -> dict:
         if fold in finished:
             if runtime.is_main:
                 print(f"fold {fold}: {finished[fold]}")
-                ensure_postprocessing_choice(one, runtime.device)  # a fold finished before the choice existed
+            # a fold finished before the choice existed chooses now (rank 0; the others wait for it)
+            on_rank_zero(runtime, lambda one=one: ensure_postprocessing_choice(one, runtime.device))
             results.append(None)
             continue
         try:

@@ -133,7 +133,8 @@ def unet_segmentation(
 
 class SegmentationPipeline:
     """Raw volume in, native-size masks out: the preprocessing, batched inference,
-    threshold and 3-D largest component that predict.py uses."""
+    threshold and 3-D component filter that predict.py uses (`postprocessing`, a record of
+    `inference.POSTPROCESSING_CANDIDATES`; None: the largest component, or all with `lcc=False`)."""
 
     def __init__(
         self,
@@ -145,8 +146,14 @@ class SegmentationPipeline:
         tta: bool = False,
         batch_size: int = 32,
         norm_region: str = "crop",
+        postprocessing: dict | None = None,
     ):
         self._modules = repo_modules()
+        inference = self._modules["inference"]
+        if postprocessing is None:
+            postprocessing = dict(inference.LCC if lcc else inference.NO_FILTER)
+        self.postprocessing = inference.check_postprocessing(postprocessing, "postprocessing")
+        lcc = self.postprocessing == inference.LCC
         self.norm_region = norm_region  # where training took the normalisation statistics
         self.context_slices = self._modules["inference"].context_slices_of(
             getattr(model, "config", {}).get("in_channels", 3), "model"
@@ -175,21 +182,27 @@ class SegmentationPipeline:
         probs = inference.predict_volume(
             self.model, images, self.device, self.batch_size, self.tta, amp, self.context_slices
         )
-        return inference.to_native(probs, geometry, self.threshold, self.lcc)
+        return inference.to_native(probs, geometry, self.threshold, postprocessing=self.postprocessing)
 
 
 def segmentation_pipeline(
     weights_path: str | Path,
     device: str | torch.device | None = None,
     threshold: float = 0.5,
-    lcc: bool = True,
+    lcc: bool | None = None,
     tta: bool = False,
     image_size: int | None = None,
     batch_size: int = 32,
 ) -> SegmentationPipeline:
     """A callable that segments one patient's raw volume: (S, H, W, 3) -> masks uint8 0/1
     (S, H, W) and probabilities float32 (S, H, W) on the input grid, with the preprocessing,
-    batched inference, threshold and 3-D largest component that predict.py uses.
+    batched inference, threshold and 3-D component filter that predict.py uses.
+
+    `lcc`: None (default) uses the post-processing saved in the checkpoint (chosen on its
+    validation patients by train.py; the largest component for a checkpoint without the
+    record and for a bare state_dict), as `predict.py --postprocess checkpoint` does; True
+    keeps the largest component only, False every component. The pipeline's
+    `postprocessing` attribute says which it applies.
 
     `device`: None picks cuda:0 when available, else cpu; an unavailable CUDA device raises
     `utils.UsageError` (a ValueError). The image size and normalisation region come from a
@@ -220,4 +233,10 @@ def segmentation_pipeline(
             stacklevel=2,
         )
     region = preprocessing.get("norm_region", "crop")
-    return SegmentationPipeline(model, int(image_size), device, threshold, lcc, tta, batch_size, region)
+    if lcc is None:
+        record = inference.postprocessing_of(checkpoint, weights_path) if trained else dict(inference.LCC)
+    else:
+        record = dict(inference.LCC if lcc else inference.NO_FILTER)
+    return SegmentationPipeline(
+        model, int(image_size), device, threshold, record == inference.LCC, tta, batch_size, region, record
+    )

@@ -8,6 +8,10 @@ the torch.hub pipeline, export.py and bench.py share.
   `build_model` rebuilds the network from it, `load_model` does all of it for a file.
 - Inference: `predict_volume` (batched forward pass), `binarize` and `to_native` (post-processing
   in the native grid), `autocast_dtype` (mixed precision), `resolve_backend` (torch or onnxruntime).
+- The post-processing choice: the candidates (`POSTPROCESSING_CANDIDATES`: none, the largest
+  component, components of at least a share of the largest), `postprocess`, the Dice of every
+  candidate on one forward pass (`candidate_dice`, `score_postprocessing`), the choice
+  (`choose_postprocessing`) and its record in a checkpoint (`save_postprocessing_choice`).
 """
 
 from __future__ import annotations
@@ -16,21 +20,23 @@ import io
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from dataset import stack_context
+from dataset import DataError, Patient, load_volume, read_volume, stack_context
 from network import UNetModel
 from utils import (
     NORM_REGIONS,
     Geometry,
     UsageError,
     atomic_write_bytes,
+    dice_score,
     largest_connected_component,
     preprocessing_config,
     restore_geometry,
@@ -300,6 +306,9 @@ class LoadedModel:
     split: dict | None
     norm_region: str = "crop"  # where the normalisation statistics came from in training
     context_slices: int = 0  # neighbouring slices on each side fed as channels (2.5-D)
+    # the checkpoint's `postprocessing` record, or the seed's largest component when it has none
+    postprocessing: dict = field(default_factory=lambda: dict(LCC))
+    postprocessing_chosen: bool = False  # True when the record came from the checkpoint
 
 
 DEMO_CHECKPOINT = Path("demo_checkpoints") / "best_model.pt"  # where `train.py --demo` saves its model
@@ -328,7 +337,9 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     model = build_model(checkpoint, path).to(device).to(memory_format=torch.channels_last)
     context = context_slices_of(model.config["in_channels"], path)
     size, region = int(preprocessing["image_size"]), preprocessing.get("norm_region", "crop")
-    return LoadedModel(Path(path), model, size, checkpoint.get("split"), region, context)
+    record = postprocessing_of(checkpoint, path)
+    chosen = "postprocessing" in checkpoint
+    return LoadedModel(Path(path), model, size, checkpoint.get("split"), region, context, record, chosen)
 
 
 # ------------------------------------------------------------------------- running it
@@ -382,21 +393,184 @@ def predict_volume(
     return torch.cat(out).numpy() if out else np.zeros((0, *images.shape[-2:]), np.float32)
 
 
-def binarize(probabilities: np.ndarray, threshold: float = 0.5, lcc: bool = True) -> np.ndarray:
-    """Threshold, then keep the 3-D largest connected component (unless `lcc` is False)."""
-    mask = probabilities >= threshold
-    return largest_connected_component(mask) if lcc else mask
+def binarize(
+    probabilities: np.ndarray, threshold: float = 0.5, lcc: bool = True, postprocessing: Mapping | None = None
+) -> np.ndarray:
+    """Threshold, then filter the 3-D connected components: bool (S, H, W) from float
+    probabilities (S, H, W). `postprocessing` is a record of POSTPROCESSING_CANDIDATES (see
+    `postprocess`); without it, the largest component (`lcc` True, the seed's) or all of them."""
+    record = postprocessing if postprocessing is not None else (LCC if lcc else NO_FILTER)
+    return postprocess(probabilities >= threshold, record)
 
 
 def to_native(
-    probabilities: np.ndarray, geometry: Geometry, threshold: float = 0.5, lcc: bool = True
+    probabilities: np.ndarray,
+    geometry: Geometry,
+    threshold: float = 0.5,
+    lcc: bool = True,
+    postprocessing: Mapping | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Post-processing in native space: resample the model-grid probabilities (S, size, size)
-    onto the native grid (bilinear, `utils.restore_geometry`), then threshold and keep the
-    3-D largest component there. Returns uint8 0/1 masks and float32 probabilities
-    (S, H, W), so the written mask is exactly the thresholded probability map."""
+    onto the native grid (bilinear, `utils.restore_geometry`), then threshold and filter the
+    3-D components there (`binarize`: `postprocessing`, else the largest component unless
+    `lcc` is False). Returns uint8 0/1 masks and float32 probabilities (S, H, W), so the
+    written mask is exactly the post-processed thresholded probability map."""
     native_probs = restore_geometry(probabilities, geometry, mode="bilinear")  # (S, size, size) -> (S, H, W)
-    return binarize(native_probs, threshold, lcc).astype(np.uint8), native_probs
+    return binarize(native_probs, threshold, lcc, postprocessing).astype(np.uint8), native_probs
+
+
+# ------------------------------------------------------------------ the post-processing choice
+# nnU-Net decides its post-processing from cross-validation (Isensee et al. 2021, Nature
+# Methods 18:203-211, `determine_postprocessing`: keep the largest component only where it
+# improves the validation Dice). Here a run's validation patients choose among these
+# candidates, applied to the thresholded mask on the native grid. Their order is the tie
+# rule: an equal mean Dice goes to the earlier candidate, the seed's largest component first,
+# then the candidates that remove the most, and no filtering last.
+
+LCC = {"method": "lcc"}  # the seed's: keep the largest 3-D component; a checkpoint without a record gets it
+NO_FILTER = {"method": "none"}
+MIN_SHARES = (0.5, 0.25, 0.1, 0.05)  # remove components smaller than this share of the largest
+POSTPROCESSING_CANDIDATES: tuple[dict, ...] = (
+    LCC,
+    *({"method": "min_share", "share": share} for share in MIN_SHARES),
+    NO_FILTER,
+)
+TIE_TOLERANCE = 1e-9  # mean Dice closer than this counts as a tie
+
+
+def check_postprocessing(record: Any, source: str | Path = "checkpoint") -> dict:
+    """A copy of a valid post-processing record: {"method": "none"}, {"method": "lcc"} or
+    {"method": "min_share", "share": s} with s in (0, 1]. Raises CheckpointError naming
+    `source` for anything else."""
+    if not isinstance(record, Mapping) or record.get("method") not in ("none", "lcc", "min_share"):
+        raise CheckpointError(
+            f"{source}: 'postprocessing' must be {{'method': 'none' | 'lcc' | 'min_share', ...}}, got {record!r}"
+        )
+    expected = {"method", "share"} if record["method"] == "min_share" else {"method"}
+    share = record.get("share", 1.0)
+    if set(record) != expected or isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise CheckpointError(
+            f"{source}: 'postprocessing' {dict(record)!r}: 'min_share' takes one 'share' in (0, 1], "
+            "'none' and 'lcc' take nothing else"
+        )
+    return dict(record)
+
+
+def postprocessing_of(checkpoint: Mapping, source: str | Path = "checkpoint") -> dict:
+    """The checkpoint's `postprocessing` record (checked), or LCC when it has none (a
+    checkpoint written before the choice existed, or a run stopped before its last epoch)."""
+    record = checkpoint.get("postprocessing")
+    return dict(LCC) if record is None else check_postprocessing(record, source)
+
+
+def postprocessing_name(record: Mapping) -> str:
+    """A candidate's short name for tables and summary.json: `none`, `lcc`, `min_share 10%`."""
+    if record["method"] == "min_share":
+        return f"min_share {100 * record['share']:g}%"
+    return str(record["method"])
+
+
+def keep_components(mask: np.ndarray, min_share: float) -> np.ndarray:
+    """The 3-D connected components of `mask` with at least `min_share` (0, 1] of the voxels
+    of the largest one, as bool of the same shape. Full connectivity (26 neighbours in 3-D),
+    as `utils.largest_connected_component`; an empty mask is returned empty."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask
+    labels, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = sizes >= min_share * sizes.max()
+    keep[0] = False
+    return keep[labels]
+
+
+def postprocess(mask: np.ndarray, record: Mapping) -> np.ndarray:
+    """Apply a post-processing record (`check_postprocessing`) to a binary mask (S, H, W):
+    bool of the same shape. `lcc` is exactly `utils.largest_connected_component`."""
+    method = record["method"]
+    if method == "lcc":
+        return largest_connected_component(mask)
+    if method == "min_share":
+        return keep_components(mask, float(record["share"]))
+    if method == "none":
+        return np.asarray(mask, dtype=bool)
+    raise ValueError(f"unknown post-processing method {method!r}")
+
+
+def candidate_dice(
+    probabilities: np.ndarray,
+    truth: np.ndarray,
+    threshold: float = 0.5,
+    candidates: Sequence[Mapping] = POSTPROCESSING_CANDIDATES,
+) -> dict[str, float]:
+    """Dice (utils.dice_score) of each candidate applied to the same probabilities
+    (S, H, W) float against `truth` (S, H, W) bool, both on the same grid; keyed by
+    `postprocessing_name`."""
+    mask = np.asarray(probabilities) >= threshold
+    return {postprocessing_name(c): dice_score(postprocess(mask, c), truth) for c in candidates}
+
+
+def choose_postprocessing(
+    scores: Mapping[str, Mapping[str, float]], candidates: Sequence[Mapping] = POSTPROCESSING_CANDIDATES
+) -> tuple[dict, list[dict]]:
+    """The candidate with the best mean Dice over the patients of `scores` (patient id ->
+    candidate name -> Dice, e.g. from `score_postprocessing` on validation patients). Ties
+    (within TIE_TOLERANCE) go to the earlier candidate of `candidates`: the largest component
+    first. Returns (the chosen record, the table: one dict per candidate with `candidate`,
+    `record`, `mean`, `median`, in `candidates` order). Raises ValueError without patients."""
+    if not scores:
+        raise ValueError("choosing the post-processing needs at least one scored patient")
+    table = []
+    for candidate in candidates:
+        name = postprocessing_name(candidate)
+        values = np.array([patient[name] for patient in scores.values()], dtype=float)
+        table.append(
+            {
+                "candidate": name,
+                "record": dict(candidate),
+                "mean": float(values.mean()),
+                "median": float(np.median(values)),
+            }
+        )
+    best = max(row["mean"] for row in table)
+    chosen = next(row for row in table if row["mean"] >= best - TIE_TOLERANCE)
+    return dict(chosen["record"]), table
+
+
+def score_postprocessing(
+    loaded: LoadedModel,
+    patients: Sequence[Patient],
+    device: torch.device,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    threshold: float = 0.5,
+) -> dict[str, dict[str, float]]:
+    """Patient id -> candidate name -> Dice on the native grid, as predict.py scores it: one
+    forward pass per patient (no TTA, autocast as predict.py), probabilities resampled to the
+    native grid, every candidate applied to the same thresholded map, against the patient's
+    native masks. Reads only `patients`. Raises DataError for a patient without masks."""
+    amp = autocast_dtype(device)
+    scores = {}
+    for patient in patients:
+        volume = load_volume(patient, loaded.image_size, cache_dir, loaded.norm_region)
+        probs = predict_volume(loaded.model, volume.images, device, batch_size, False, amp, loaded.context_slices)
+        native = restore_geometry(probs, volume.geometry, mode="bilinear")  # (S, size, size) -> (S, H, W)
+        _, truth = read_volume(patient)
+        if truth is None:
+            raise DataError(f"patient {patient.patient_id}: has no masks; the post-processing choice needs them")
+        scores[patient.patient_id] = candidate_dice(native, truth, threshold)
+    return scores
+
+
+def save_postprocessing_choice(path: str | Path, record: Mapping, selection: Mapping) -> None:
+    """Write `record` (checked) as the checkpoint's `postprocessing` and `selection` (plain
+    data: how it was chosen) as `postprocessing_selection` into the training checkpoint at
+    `path`, atomically (`save_checkpoint`): a crash leaves the old file. Raises CheckpointError."""
+    checkpoint = require_training_checkpoint(load_checkpoint(path), path)
+    checkpoint["postprocessing"] = check_postprocessing(record, path)
+    checkpoint["postprocessing_selection"] = dict(selection)
+    save_checkpoint(checkpoint, path)
 
 
 BACKENDS = ("torch", "onnxruntime")

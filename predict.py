@@ -49,11 +49,14 @@ from dataset import (
 from export import with_onnxruntime
 from inference import (
     BACKENDS,
+    LCC,
+    NO_FILTER,
     CheckpointError,
     LoadedModel,
     autocast_dtype,
     load_model,
     missing_checkpoint,
+    postprocessing_name,
     predict_volume,
     resolve_backend,
     to_native,
@@ -402,7 +405,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
-    p.add_argument("--no-lcc", action="store_true", help="keep every component, not only the largest")
+    p.add_argument(
+        "--postprocess",
+        choices=POSTPROCESS_CHOICES,
+        default=None,
+        help="component filtering after the threshold: checkpoint = the choice saved in each checkpoint (made on "
+        "its validation patients; lcc for a checkpoint without one), lcc = keep the largest component only, "
+        "none = keep every component; default: checkpoint",
+    )
+    p.add_argument("--no-lcc", action="store_true", help="the same as --postprocess none")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
@@ -471,6 +482,9 @@ def select_requested(patients: list[Patient], selection: list[str], wanted: list
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    if args.no_lcc and args.postprocess not in (None, "none"):
+        raise UsageError(f"--no-lcc is --postprocess none; it contradicts --postprocess {args.postprocess}: pass one")
+    args.postprocess = "none" if args.no_lcc else (args.postprocess or "checkpoint")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
     if not 0 < args.threshold < 1:
@@ -509,8 +523,53 @@ def predict_patient(
         ],
         axis=0,
     )
-    native_mask, native_probs = to_native(probs, volume.geometry, args.threshold, not args.no_lcc)
+    record, _ = postprocessing_for(models, args.postprocess)
+    native_mask, native_probs = to_native(probs, volume.geometry, args.threshold, postprocessing=record)
     return native_mask.astype(bool), native_probs
+
+
+POSTPROCESS_CHOICES = ("checkpoint", "lcc", "none")
+
+
+def postprocessing_for(models: Sequence[LoadedModel], requested: str) -> tuple[dict, str | None]:
+    """The post-processing record for a prediction by `models` (one model, or an ensemble
+    averaging them) under --postprocess `requested`, and a warning when it had to give up
+    the checkpoints' choice. `lcc` / `none` override every checkpoint; `checkpoint` is the
+    models' saved choice (LoadedModel.postprocessing: lcc without a record) when they all
+    agree, else lcc, the seed's default (an averaged map has no choice of its own)."""
+    if requested != "checkpoint":
+        return dict(LCC if requested == "lcc" else NO_FILTER), None
+    records = {postprocessing_name(m.postprocessing): m.postprocessing for m in models}
+    if len(records) == 1:
+        return dict(next(iter(records.values()))), None
+    named = ", ".join(f"{m.path}: {postprocessing_name(m.postprocessing)}" for m in models)
+    return dict(LCC), f"the averaged checkpoints chose different post-processing ({named}); their average gets lcc"
+
+
+def postprocessing_protocol(models: Sequence[LoadedModel], requested: str, folds: bool) -> dict:
+    """summary.json's record of the post-processing: what was requested, what each checkpoint
+    saved (`saved`, None without a record) and used when it predicts alone, and what an
+    average of the checkpoints (an ensemble, or the non-test patients of folds) used."""
+    used = {str(m.path): postprocessing_name(postprocessing_for([m], requested)[0]) for m in models}
+    protocol = {
+        "requested": requested,
+        "saved": {
+            str(m.path): postprocessing_name(m.postprocessing) if m.postprocessing_chosen else None for m in models
+        },
+        "used_alone": used,
+        "chosen_on": "each checkpoint's validation patients (train.py), native grid, threshold 0.5, no TTA",
+    }
+    if len(models) > 1:
+        record, warning = postprocessing_for(models, requested)
+        protocol["used_averaged"] = postprocessing_name(record)
+        protocol["averaged_note"] = warning
+        protocol["applies_to"] = (
+            "folds: a test patient gets its own fold's post-processing (used_alone); any other patient is "
+            "predicted by the average of all folds (used_averaged)"
+            if folds
+            else "ensemble: every patient is predicted by the average of the checkpoints (used_averaged)"
+        )
+    return protocol
 
 
 def process_patient(
@@ -587,6 +646,22 @@ def check_image_sizes(models: Sequence[LoadedModel]) -> None:
         )
 
 
+def postprocessing_line(models: Sequence[LoadedModel], requested: str, mode: str, averaged: bool) -> str:
+    """The printed line that says which post-processing the masks get, and a warning when
+    some patient is predicted by an average of checkpoints (`averaged`) that chose
+    differently, so that the average falls back to lcc."""
+    if requested != "checkpoint":
+        return f"post-processing: {requested} (--postprocess {requested}, for every checkpoint)"
+    alone = sorted({postprocessing_name(m.postprocessing) for m in models})
+    line = f"post-processing: {', '.join(alone)} (the checkpoint's choice; lcc where a checkpoint has none)"
+    if mode == "folds" and len(alone) > 1:
+        line = f"post-processing: each fold's own choice for its test patients ({', '.join(alone)})"
+    _, warning = postprocessing_for(models, requested)
+    if averaged and warning:
+        line += f"\nWARNING: {warning}" + (" (the patients that are no fold's test patient)" if mode == "folds" else "")
+    return line
+
+
 def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode: str, seconds: float) -> dict:
     """What was scored how: checkpoints, their splits, post-processing and metric conventions."""
     return {
@@ -597,10 +672,13 @@ def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode:
         "headline": "pooled over test and unseen patients only",
         "splits": [m.split for m in models],
         "threshold": args.threshold,
-        "lcc": not args.no_lcc,
+        "lcc": args.postprocess == "lcc" or (args.postprocess == "checkpoint" and all_lcc(models)),
         "tta": args.tta,
         "backend": args.backend,
-        "post_processing": "probabilities resampled to the native grid (bilinear), then threshold, then 3-D LCC",
+        "post_processing": "probabilities resampled to the native grid (bilinear), then threshold, then the 3-D "
+        "component filter of `postprocessing` (lcc: largest only; min_share s: components of at least s of the "
+        "largest; none: all)",
+        "postprocessing": postprocessing_protocol(models, args.postprocess, mode == "folds"),
         "space": "native (input TIFF or NIfTI grid), first/last slice of each patient excluded",
         "hd95": "MONAI: 6-neighbour surface, max of the two directed 95th percentiles, NaN if a mask is empty",
         "hd95_units": "mm where the voxel spacing is known (NIfTI header, or --spacing for TIFF), else voxels "
@@ -614,6 +692,11 @@ def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode:
         "min_lesion_volume": args.min_lesion_volume,
         "seconds": round(seconds, 2),
     }
+
+
+def all_lcc(models: Sequence[LoadedModel]) -> bool:
+    """Whether every checkpoint's post-processing is the largest component (the seed's)."""
+    return all(m.postprocessing == LCC for m in models)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -641,6 +724,8 @@ def run(args: argparse.Namespace) -> dict:
         f"{len(patients)} patient(s) ({' '.join(args.patients)}), {len(models)} checkpoint(s) ({mode}), "
         f"device {device}, backend {args.backend}"
     )
+    averaged = any(len(assign(p.patient_id, models, folds)[0]) > 1 for p in patients)
+    print(postprocessing_line(models, args.postprocess, mode, averaged))
 
     table = out_dir / "metrics.csv"
     start_table(table)

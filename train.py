@@ -4,11 +4,15 @@ python train.py --data-dir kaggle_3m                 # one GPU (or the CPU)
 torchrun --nproc_per_node=4 train.py --data-dir ...  # DistributedDataParallel
 python train.py --demo                               # phantom data, about 3 min on a CPU
 python train.py --folds 5 --fold all --checkpoint-dir cv  # cross-validation: cv/fold0/ ... cv/fold4/
+python train.py --choose-postprocessing checkpoints/best_model.pt --data-dir kaggle_3m
 
 Writes best_model.pt, last.pt, args.json and learning_curves.png (losses, validation Dice,
 learning rate; rewritten after every epoch) to --checkpoint-dir and TensorBoard curves to
 a sub-folder of --log-dir per run (<date>-<time>-<checkpoint folder name>). A folder that
-already holds a run is continued with --resume auto or replaced with --overwrite.
+already holds a run is continued with --resume auto or replaced with --overwrite. At the end
+of the last epoch, best_model.pt's validation patients choose its post-processing (none, the
+largest component, or components of at least 5-50 % of the largest; nnU-Net's rule), saved
+in best_model.pt and args.json as `postprocessing` for predict.py and the hub pipeline.
 """
 
 from __future__ import annotations
@@ -57,12 +61,17 @@ from inference import (
     amp_name,
     autocast_dtype,
     binarize,
+    choose_postprocessing,
     context_slices_of,
     load_checkpoint,
+    load_model,
     make_checkpoint,
+    postprocessing_name,
     predict_volume,
     require_training_checkpoint,
     save_checkpoint,
+    save_postprocessing_choice,
+    score_postprocessing,
 )
 from losses import LOSSES, build_loss
 from network import UNetModel, count_parameters
@@ -276,6 +285,13 @@ def add_runtime_flags(add: Callable[..., None]) -> None:
         help="start a new run in a --checkpoint-dir that holds one (deletes its last.pt and best_model.pt)",
     )
     add("--stop-after-epoch", type=int, default=None, help="exit after this epoch, to split a run over jobs")
+    add(
+        "--choose-postprocessing",
+        default=None,
+        metavar="CKPT",
+        help="train nothing: choose the post-processing of an existing checkpoint on its validation patients "
+        "(found in --data-dir) and save it there and in args.json beside it, as a finished run does",
+    )
     add(
         "--demo",
         action="store_true",
@@ -1003,6 +1019,8 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
             run_epoch(run, epoch)
     finally:
         run.logger.close()
+    if last == args.epochs:  # rank 0 chooses; the others wait for it (or for its error)
+        on_rank_zero(runtime, lambda: ensure_postprocessing_choice(args, runtime.device))
     return {
         "history": run.history,
         "best_dice": run.best_dice,
@@ -1010,6 +1028,104 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
         "raw_model": run.raw_model,
         "stopped_after": run.history[-1]["epoch"] if run.history and last < args.epochs else None,
     }
+
+
+# ------------------------------------------------------------------- post-processing choice
+
+
+def ensure_postprocessing_choice(args: argparse.Namespace, device: torch.device) -> dict | None:
+    """At the end of a finished run: choose best_model.pt's post-processing unless it holds a
+    choice already (a best_model.pt written in this run never does). None when there is no
+    best_model.pt."""
+    path = Path(args.checkpoint_dir) / "best_model.pt"
+    if not path.is_file():
+        return None
+    if "postprocessing" in load_checkpoint(path):
+        return None
+    cache_dir = None if args.no_cache else args.cache_dir
+    return record_postprocessing_choice(path, args.data_dir, device, cache_dir, args.batch_size * 2)
+
+
+def record_postprocessing_choice(
+    path: str | Path, data_dir: str | Path, device: torch.device, cache_dir: str | Path | None, batch_size: int = 32
+) -> dict:
+    """Choose the post-processing of the checkpoint at `path` on its validation patients only
+    (read from `data_dir`; no other patient is read): the Dice of every candidate of
+    `inference.POSTPROCESSING_CANDIDATES` on the native grid, one forward pass per patient
+    (`inference.score_postprocessing`), the best mean wins, ties go to the largest component
+    (`inference.choose_postprocessing`). Prints the table, saves the record in the checkpoint
+    (atomically) and in args.json beside it, and returns the selection record. Raises
+    CheckpointError (no split, no validation patient) or DataError (patients missing)."""
+    path = Path(path)
+    loaded = load_model(path, device)
+    val_ids = list((loaded.split or {}).get("val") or [])
+    if not val_ids:
+        raise CheckpointError(f"{path}: has no validation patients in its split; the post-processing choice needs them")
+    found = {p.patient_id: p for p in discover_inputs(data_dir)}
+    missing = [i for i in val_ids if i not in found]
+    if missing:
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(
+            f"{path}: {len(missing)} of its {len(val_ids)} validation patients are not in --data-dir {data_dir} "
+            f"({listed}); pass the data folder the run was trained on"
+        )
+    scores = score_postprocessing(loaded, [found[i] for i in val_ids], device, cache_dir, batch_size)
+    record, table = choose_postprocessing(scores)
+    epoch = load_checkpoint(path).get("epoch")
+    selection = {
+        "chosen": postprocessing_name(record),
+        "role": "val",
+        "patients": val_ids,
+        "epoch": epoch,
+        "grid": "native (as predict.py scores)",
+        "threshold": 0.5,
+        "rule": "best mean Dice over the validation patients; ties go to lcc (nnU-Net's determine_postprocessing)",
+        "table": table,
+        "dice": scores,
+    }
+    save_postprocessing_choice(path, record, selection)
+    saved_in = [path.name]
+    args_json = path.parent / "args.json"
+    if args_json.is_file():
+        try:
+            config = json.loads(args_json.read_text())
+        except (OSError, ValueError) as error:
+            print(f"note: {args_json} is not readable JSON ({error}); the choice is saved in {path.name} only")
+        else:
+            config |= {"postprocessing": record, "postprocessing_selection": selection}
+            atomic_write_bytes(json.dumps(config, indent=2).encode(), args_json)
+            saved_in.append(args_json.name)
+    print_postprocessing_table(path, selection, " and ".join(saved_in))
+    return selection
+
+
+def print_postprocessing_table(path: Path, selection: dict, saved_in: str) -> None:
+    """The validation table of the choice: candidate, mean and median Dice, the chosen one marked."""
+    count = len(selection["patients"])
+    print(
+        f"\npost-processing of {path} (epoch {selection['epoch']}), chosen on its {count} validation patient(s), "
+        "native grid, threshold 0.5:"
+    )
+    print(f"  {'candidate':<16}{'Dice mean':>10}{'median':>9}")
+    for row in selection["table"]:
+        mark = "  <- chosen" if row["candidate"] == selection["chosen"] else ""
+        print(f"  {row['candidate']:<16}{row['mean']:>10.4f}{row['median']:>9.4f}{mark}")
+    print(f"chosen: {selection['chosen']} (best mean; ties go to lcc), saved in {saved_in}", flush=True)
+
+
+def choose_command(args: argparse.Namespace) -> dict:
+    """`train.py --choose-postprocessing CKPT`: the choice for an existing checkpoint, no training."""
+    for name in ("resume", "overwrite", "fold", "stop_after_epoch"):
+        if getattr(args, name) not in (None, False):
+            raise UsageError(
+                f"--choose-postprocessing trains nothing; drop {flag_text(name, getattr(args, name))} "
+                "(it takes --data-dir, --device, --cache-dir, --no-cache and --batch-size)"
+            )
+    if not Path(args.choose_postprocessing).exists():
+        raise CheckpointError(f"--choose-postprocessing {args.choose_postprocessing}: checkpoint not found")
+    device = resolve_device(args.device)
+    cache_dir = None if args.no_cache else ensure_writable_dir(args.cache_dir, "--cache-dir")
+    return record_postprocessing_choice(args.choose_postprocessing, args.data_dir, device, cache_dir, args.batch_size)
 
 
 # ------------------------------------------------------------------------ --fold all
@@ -1083,6 +1199,8 @@ def train_folds(args: argparse.Namespace, runtime: Runtime) -> dict:
         if fold in finished:
             if runtime.is_main:
                 print(f"fold {fold}: {finished[fold]}")
+            # a fold finished before the choice existed chooses now (rank 0; the others wait for it)
+            on_rank_zero(runtime, lambda one=one: ensure_postprocessing_choice(one, runtime.device))
             results.append(None)
             continue
         try:
@@ -1124,6 +1242,11 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     one_line_warnings()
+    if args.choose_postprocessing is not None:
+        try:
+            return choose_command(args)
+        except (DataError, CheckpointError, UsageError) as error:
+            sys.exit(f"error: {error}")
     try:
         validate_args(args)
         runtime = setup_runtime(args)

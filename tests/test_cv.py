@@ -74,7 +74,10 @@ def test_fold_all_trains_every_fold_and_predict_pools_them(phantom_dir, tmp_path
         assert not set(split["val"]) & tests[i] and not set(split["train"]) & tests[i]
         assert not set(split["val"]) & set(split["train"]) and len(split["val"]) == 2
         assert (cv / f"fold{i}" / "last.pt").is_file() and (cv / f"fold{i}" / "args.json").is_file()
+        choice = torch.load(paths[i], weights_only=True)["postprocessing_selection"]  # each fold on its own val
+        assert choice["patients"] == split["val"] and set(choice["dice"]) == set(split["val"])
     assert [r["split"] for r in result["folds"]] == splits
+    assert out.count("post-processing of ") == 3
     assert len({p.name for p in (tmp_path / "tb").iterdir()}) == 3  # a TensorBoard sub-folder per fold
     assert out.count("=== fold ") == 3 and "patients: 3 train (" in out
 
@@ -97,6 +100,9 @@ def test_fold_all_resume_auto_skips_finished_folds_and_continues_the_others(phan
     cv = tmp_path / "ckpt"
     stopped = train.main([*args, "--stop-after-epoch", "1"])
     assert [r["history"][-1]["epoch"] for r in stopped["folds"]] == [1, 1, 1]
+    assert not any(  # a stopped run has not chosen yet: its best_model.pt may still change
+        "postprocessing" in torch.load(cv / f"fold{i}" / "best_model.pt", weights_only=True) for i in range(3)
+    )
     command = shlex.split(capsys.readouterr().out.split("continue with:")[1].strip())
     assert (
         "--fold" in command and command[command.index("--fold") + 1] == "all" and command[-2:] == ["--resume", "auto"]
@@ -119,6 +125,7 @@ def test_fold_all_resume_auto_skips_finished_folds_and_continues_the_others(phan
     resumed = train.main(command[2:])
     out = capsys.readouterr().out
     assert resumed["folds"][0] is None and "fold 0: finished earlier (epoch 2 of 2" in out
+    assert all("postprocessing" in torch.load(cv / f"fold{i}" / "best_model.pt", weights_only=True) for i in range(3))
     assert [[h["epoch"] for h in r["history"]] for r in resumed["folds"][1:]] == [[2], [2]]
     assert (cv / "fold0" / "last.pt").read_bytes() == fold0
     again = train.main(command[2:])

@@ -411,6 +411,9 @@ def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir,
     assert checkpoint["epoch"] == 2 and checkpoint["args"]["world_size"] == 2
     assert not [k for k in checkpoint["model"] if k.startswith("module.")]
     assert sum(line.startswith("2/2 ") for line in result.stdout.splitlines()) == 1, "rank 0 alone prints"
+    # rank 0 alone chooses the post-processing after the last epoch; the other rank waits for it
+    assert result.stdout.count("post-processing of ") == 1
+    assert "postprocessing" in torch.load(tmp_path / "ckpt" / "best_model.pt", weights_only=True)
 
     # each validation patient is validated by exactly one rank, and both ranks share the work
     volumes = load_volumes(select_patients(discover_patients(phantom_dir), checkpoint["split"]["val"]), 32, None)

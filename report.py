@@ -236,7 +236,25 @@ def _headline(summary: dict) -> str:
     )
 
 
+def _postprocessing_text(record: dict) -> list[str]:
+    """predict.py's `protocol.postprocessing` as lines: what each checkpoint's masks got (and
+    what it saved), and what an average of the checkpoints got."""
+    saved = record.get("saved", {})
+    lines = [f"--postprocess {record.get('requested', '?')}"]
+    for path, used in record.get("used_alone", {}).items():
+        choice = saved.get(path)
+        source = f"saved choice, made on its validation patients: {choice}" if choice else "no saved choice"
+        lines.append(f"{path}: {used} ({source})")
+    if "used_averaged" in record:
+        lines.append(f"an average of the checkpoints: {record['used_averaged']}")
+    if record.get("averaged_note"):
+        lines.append(f"note: {record['averaged_note']}")
+    return lines
+
+
 def _protocol_value(key: str, value) -> str:
+    if key == "postprocessing" and isinstance(value, dict):
+        return "<br>".join(html.escape(line) for line in _postprocessing_text(value))
     if key == "splits":
         parts = []
         for i, split in enumerate(value or []):

@@ -223,6 +223,8 @@ def test_predict_applies_the_saved_choice_and_lcc_restores_the_seed(hand_made, t
     np.testing.assert_array_equal(predicted(tmp_path / "chosen"), BIG | SMALL)  # both lesions kept
     assert chosen["protocol"]["postprocessing"]["used_alone"] == {str(path): "min_share 25%"}
     assert chosen["metrics"]["dice"]["mean"] == 1.0 and not chosen["protocol"]["lcc"]
+    page = (tmp_path / "chosen" / "report.html").read_text()  # the report names it per checkpoint
+    assert f"{path}: min_share 25% (saved choice, made on its validation patients: min_share 25%)" in page
 
     overridden = run_predict(path, data, tmp_path / "lcc", "--postprocess", "lcc")
     assert (tmp_path / "lcc" / "metrics.csv").read_text() == (tmp_path / "seed" / "metrics.csv").read_text()

@@ -1255,6 +1255,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with determinism(args.deterministic, runtime.device):
             result = train_folds(args, runtime) if args.fold == "all" else train(args, runtime)
+            if runtime.distributed:  # leave together: a rank tearing down gloo while a peer still talks aborts it
+                dist.barrier()
     except FollowRankZero:
         sys.exit(1)
     except (DataError, CheckpointError, UsageError, TrainingDiverged) as error:

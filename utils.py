@@ -1003,6 +1003,16 @@ def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
     return device
 
 
+def _check_files_can_be_written(folder: Path, flag: str, path: Path) -> None:
+    """Create and delete a temp file in the existing `folder`; UsageError naming `flag` and
+    `path` (the folder asked for, `folder` or below it) when that fails."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: folder is not writable ({error.strerror or error})") from error
+
+
 def check_writable_dir(path: str | Path, flag: str) -> Path:
     """Check, without creating anything, that `ensure_writable_dir(path, flag)` would succeed:
     `path` is a writable folder, or the nearest existing folder above it is writable. Lets a
@@ -1018,11 +1028,7 @@ def check_writable_dir(path: str | Path, flag: str) -> Path:
             if existing == path
             else f"{flag} {path}: cannot create the folder ({existing} is a file)"
         )
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UsageError(f"{flag} {path}: folder is not writable ({error.strerror or error})") from error
+    _check_files_can_be_written(existing, flag, path)
     return path
 
 
@@ -1040,9 +1046,5 @@ def ensure_writable_dir(path: str | Path, flag: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"{flag} {path}: cannot create the folder ({error.strerror or error})") from error
-    try:
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise UsageError(f"{flag} {path}: folder is not writable ({error.strerror or error})") from error
+    _check_files_can_be_written(path, flag, path)
     return path

@@ -97,3 +97,7 @@ def test_checkpoint_of_another_format_version_is_refused(trained_checkpoint, tmp
     torch.save(checkpoint, path)
     with pytest.raises(inference.CheckpointError, match=r"future\.pt: checkpoint format version 99, this code reads"):
         inference.load_model(path, torch.device("cpu"))
+    with pytest.raises(inference.CheckpointError, match=r"format version 99.*; predict with the code version"):
+        inference.load_model(path, torch.device("cpu"))
+    with pytest.raises(inference.CheckpointError, match=r"format version 99.*; resume it with the code version"):
+        inference.require_training_checkpoint(checkpoint, path, resume=True)

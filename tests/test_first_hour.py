@@ -12,7 +12,6 @@ from conftest import ROOT, tiny_train_args
 import bench
 import dataset
 import export
-import inference
 import predict
 import train
 from dataset import DataError, discover_inputs, discover_patients
@@ -202,17 +201,6 @@ def test_more_refusals_leave_no_folders_and_say_what_is_wrong(tmp_path, small_ph
     with pytest.raises(SystemExit, match="cannot read TIFF"):
         train.main(["--data-dir", str(small_phantom), "--epochs", "1", "--val-patients", "1", "--no-cache"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kaggle_3m"]  # no checkpoints/, tb_logs/, newdir/
-
-
-def test_resuming_another_format_version_says_resume(trained_checkpoint, tmp_path):
-    checkpoint = torch.load(trained_checkpoint, weights_only=True)
-    checkpoint["format_version"] = 99
-    path = tmp_path / "v99.pt"
-    torch.save(checkpoint, path)
-    with pytest.raises(inference.CheckpointError, match=r"format version 99.*; resume it with the code version"):
-        inference.require_training_checkpoint(checkpoint, path, resume=True)
-    with pytest.raises(inference.CheckpointError, match=r"format version 99.*; predict with the code version"):
-        inference.load_model(path, torch.device("cpu"))
 
 
 def test_hub_pipeline_refuses_an_image_size_the_unet_cannot_take(trained_checkpoint):

@@ -1,5 +1,8 @@
 """Batched, on-device training augmentation: random isotropic scale, rotation and
-horizontal flip composed into one affine transform and applied with one resampling."""
+horizontal flip composed into one affine transform and applied with one resampling.
+
+Training draws a whole epoch's parameters at once (`BatchAugmentation.epoch_matrices`) and
+copies them to the device in one transfer, so the step loop never waits for the host."""
 
 from __future__ import annotations
 
@@ -61,10 +64,25 @@ class BatchAugmentation:
         return self.scale == 0 and self.angle == 0 and self.flip_prob == 0
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch with freshly drawn parameters (a host-to-device copy per call; the
+        training loop uses `epoch_matrices` instead)."""
         if self.is_identity:
             return images, masks
         params = random_affine_parameters(images.shape[0], self.scale, self.angle, self.flip_prob, self.generator)
         return apply_affine(images, masks, affine_matrices(params))
+
+    def epoch_matrices(self, steps: int, batch: int, device: torch.device) -> torch.Tensor | None:
+        """The affine matrices of `steps` batches of `batch` samples, float32
+        (steps, batch, 2, 3) on `device`: drawn on the host in one go and copied once (from
+        pinned memory, without blocking, on CUDA), so that `apply_affine(images, masks,
+        matrices[step])` in the step loop needs no host sync. None for the identity."""
+        if self.is_identity:
+            return None
+        params = random_affine_parameters(steps * batch, self.scale, self.angle, self.flip_prob, self.generator)
+        matrices = affine_matrices(params).view(steps, batch, 2, 3)
+        if device.type == "cuda":
+            matrices = matrices.pin_memory()
+        return matrices.to(device, non_blocking=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}

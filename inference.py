@@ -1,13 +1,15 @@
 """A checkpoint in, masks out: the one implementation that training validation, predict.py,
 the torch.hub pipeline, export.py and bench.py share.
 
-- The checkpoint format: `make_checkpoint` writes the dict, `save_checkpoint` /
-  `load_checkpoint` put it on disk and read it back (weights_only=True), `require_training_checkpoint`
-  says whether it is one of ours, `CHECKPOINT_FORMAT_VERSION` is its version.
+- The checkpoint format: `training_state` copies an epoch's state to the host,
+  `make_checkpoint` writes the dict, `save_checkpoint` / `load_checkpoint` put it on disk and
+  read it back (weights_only=True), `require_training_checkpoint` says whether it is one of
+  ours, `CHECKPOINT_FORMAT_VERSION` is its version.
 - The model from a checkpoint: `ModelConfig` is the record saved beside the weights,
   `build_model` rebuilds the network from it, `load_model` does all of it for a file.
-- Inference: `predict_volume` (batched forward pass), `binarize` and `to_native` (post-processing
-  in the native grid), `autocast_dtype` (mixed precision), `resolve_backend` (torch or onnxruntime).
+- Inference: `predict_probabilities` / `predict_volume` (batched forward pass, on the device
+  / as a host array), `binarize` and `to_native` (post-processing in the native grid),
+  `autocast_dtype` (mixed precision), `resolve_backend` (torch or onnxruntime).
 - The post-processing choice: the candidates (`POSTPROCESSING_CANDIDATES`: none, the largest
   component, components of at least a share of the largest), `postprocess`, the Dice of every
   candidate on one forward pass (`candidate_dice`, `score_postprocessing`), the choice
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from background import host_copy
 from dataset import DataError, Patient, load_volume, read_volume, stack_context
 from network import UNetModel
 from utils import (
@@ -98,36 +101,56 @@ def model_config_of(model: UNetModel) -> ModelConfig:
 # ------------------------------------------------------------------ the checkpoint format
 
 
-def make_checkpoint(
+def training_state(
     raw_model: UNetModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    rng: dict,
+) -> dict[str, Any]:
+    """A host copy of everything an epoch changes (`background.host_copy`: CPU tensors that
+    share no memory with the live ones), taken on the training thread at the end of an epoch
+    so that another thread can write it while training goes on: the unwrapped model's
+    state_dict and `model_config` record, the optimiser, schedule and scaler states, `rng`."""
+    return host_copy(
+        {
+            "model": raw_model.state_dict(),
+            "model_config": model_config_of(raw_model).record(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng,
+        }
+    )
+
+
+def make_checkpoint(
+    state: Mapping[str, Any],
     split: dict,
     epoch: int,
     best_dice: float,
     config: dict,
     log_run: str,
-    rng: dict,
     history: list[dict] | None = None,
 ) -> dict[str, Any]:
     """The one writer of the checkpoint dict (docs/design.md, "Checkpoint"): the weights of the
-    unwrapped model, its `model_config` record, the preprocessing it was trained with, the
-    split, and everything to resume (optimiser, schedule, scaler, RNG state `rng`, the run's
-    `config`, its TensorBoard sub-folder `log_run`, and `history`: one plain dict of floats
-    per validated epoch so far, which learning_curves.png draws and a resumed run continues)."""
+    unwrapped model and its `model_config` record (from `state`, a `training_state`), the
+    preprocessing it was trained with, the split, and everything to resume (optimiser,
+    schedule, scaler and RNG state from `state`, the run's `config`, its TensorBoard
+    sub-folder `log_run`, and `history`: one plain dict of floats per validated epoch so far,
+    which learning_curves.png draws and a resumed run continues)."""
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model": raw_model.state_dict(),
-        "model_config": model_config_of(raw_model).record(),
+        "model": state["model"],
+        "model_config": state["model_config"],
         "preprocessing": preprocessing_config(config["image_size"], config.get("norm_region", "crop")),
         "split": split,
         "epoch": epoch,
         "best_dice": best_dice,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng,
+        "optimizer": state["optimizer"],
+        "scheduler": state["scheduler"],
+        "scaler": state["scaler"],
+        "rng": state["rng"],
         "args": config,
         "log_run": log_run,
         "history": list(history or []),
@@ -364,7 +387,7 @@ def amp_name(dtype: torch.dtype | None) -> str:
 
 
 @torch.inference_mode()
-def predict_volume(
+def predict_probabilities(
     model: torch.nn.Module,
     images: np.ndarray | torch.Tensor,
     device: torch.device | str = "cpu",
@@ -372,8 +395,10 @@ def predict_volume(
     tta: bool = False,
     amp_dtype: torch.dtype | None = None,
     context_slices: int = 0,
-) -> np.ndarray:
-    """Probabilities (S, H, W) float32 for a preprocessed volume (S, 3, H, W), in batches.
+) -> torch.Tensor:
+    """Probabilities (S, H, W) float32 on `device` for a preprocessed volume (S, 3, H, W)
+    (a host array, or a tensor that may already be on `device`), in batches of `batch_size`
+    slices, with no host sync: training's validation keeps them on the device.
     With `tta` the prediction is averaged with that of the horizontally flipped input.
     `context_slices` C > 0 (a 2.5-D model, `context_slices_of`): each slice is fed with its
     C neighbours on each side as channels, (S, 3, H, W) -> (S, 3 (2C+1), H, W), as in training."""
@@ -389,8 +414,23 @@ def predict_volume(
             probs = model(batch)  # (B, 3 (2C+1), H, W) -> (B, 1, H, W)
             if tta:
                 probs = (probs + model(batch.flip(-1)).flip(-1)) / 2
-        out.append(probs[:, 0].float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, *images.shape[-2:]), np.float32)
+        out.append(probs[:, 0].float())
+    return torch.cat(out) if out else torch.zeros((0, *images.shape[-2:]), device=device)
+
+
+def predict_volume(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    tta: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    context_slices: int = 0,
+) -> np.ndarray:
+    """`predict_probabilities` as a host array: float32 (S, H, W) for a preprocessed volume
+    (S, 3, H, W); the arguments are the same."""
+    probs = predict_probabilities(model, images, device, batch_size, tta, amp_dtype, context_slices)
+    return probs.cpu().numpy()
 
 
 def binarize(

@@ -37,7 +37,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from augmentations import BatchAugmentation
+from augmentations import BatchAugmentation, apply_affine
+from background import BackgroundWorker
 from dataset import (
     PLACEMENTS,
     SAMPLING_SCHEMES,
@@ -60,18 +61,18 @@ from inference import (
     CheckpointError,
     amp_name,
     autocast_dtype,
-    binarize,
     choose_postprocessing,
     context_slices_of,
     load_checkpoint,
     load_model,
     make_checkpoint,
     postprocessing_name,
-    predict_volume,
+    predict_probabilities,
     require_training_checkpoint,
     save_checkpoint,
     save_postprocessing_choice,
     score_postprocessing,
+    training_state,
 )
 from losses import LOSSES, build_loss
 from network import UNetModel, count_parameters
@@ -85,13 +86,14 @@ from utils import (
     check_writable_dir,
     dice_score,
     ensure_writable_dir,
+    largest_connected_component,
     one_line_warnings,
-    overlay,
     plot_learning_curves,
     png_bytes,
     resolve_device,
     seed_everything,
     shared_flags,
+    thumbnail,
 )
 
 # The recommended recipe (docs/ablation.md): soft Dice + BCE was the one candidate that won
@@ -278,6 +280,17 @@ def add_runtime_flags(add: Callable[..., None]) -> None:
         "the cache; auto: device if it fits in GPU memory (always on CPU)",
     )
     add("--log-interval", type=int, default=20, help="steps between progress-bar loss updates")
+    add(
+        "--val-interval",
+        type=int,
+        default=1,
+        help="validate (and choose best_model.pt) every N epochs and after the last; last.pt is saved every epoch",
+    )
+    add(
+        "--no-background",
+        action="store_true",
+        help="validate, save and draw on the training thread instead of overlapping the next epoch (slower)",
+    )
     add("--resume", default=None, help="'auto' (last.pt in --checkpoint-dir, if any) or a checkpoint path")
     add(
         "--overwrite",
@@ -310,7 +323,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject invalid values before any work starts."""
-    positive = ["epochs", "batch_size", "image_size", "val_patients", "base_filters", "log_interval"]
+    positive = ["epochs", "batch_size", "image_size", "val_patients", "base_filters", "log_interval", "val_interval"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
@@ -497,8 +510,10 @@ def train_one_epoch(
     start = time.perf_counter()
     hide = None if progress and runtime.is_main else True  # None: tqdm hides the bar when stderr is no terminal
     bar = tqdm(total=steps, desc=desc or f"epoch {epoch}", unit="step", disable=hide, leave=False)
+    matrices = augment.epoch_matrices(steps, batch_size, runtime.device)  # one host-to-device copy per epoch
     for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator), start=1):
-        images, masks = augment(images, masks)  # on the device, whole batch at once
+        if matrices is not None:
+            images, masks = apply_affine(images, masks, matrices[step - 1])  # on the device, whole batch at once
         images = images.contiguous(memory_format=torch.channels_last)
         device_type, amp_dtype = runtime.device.type, runtime.amp_dtype
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -506,11 +521,11 @@ def train_one_epoch(
         loss = criterion(logits, masks)  # float32, sigmoid inside
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # fp16 only: the scaler reads its inf check on the host, a sync per step
         scaler.update()
         loss_sum += loss.detach()
         if step % log_interval == 0 or step == steps:
-            mean_loss = mean_over_ranks(loss_sum, runtime).item() / step  # the only host sync
+            mean_loss = mean_over_ranks(loss_sum, runtime).item() / step  # the only host sync (bf16, fp32)
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(f"the training loss became {mean_loss} at epoch {epoch}, step {step}")
             rate = step * batch_size * runtime.world_size / (time.perf_counter() - start)
@@ -530,6 +545,102 @@ def sync_buffers(model: nn.Module, runtime: Runtime) -> None:
             dist.broadcast(buffer, src=0)
 
 
+@dataclass
+class ValidationVolume:
+    """A validation patient for `validation_masks`: its preprocessed images (S, 3, H, W) and
+    masks (S, H, W), as tensors kept on the training device between epochs when the
+    training set is there too (`validation_inputs`), else as the host arrays."""
+
+    patient_id: str
+    images: torch.Tensor | np.ndarray
+    masks: torch.Tensor
+
+
+def validation_inputs(volumes: list[Volume], device: torch.device, placement: str) -> list[ValidationVolume]:
+    """The validation volumes, copied to `device` once for the whole run when `placement` is
+    "device" (CUDA: no copy from the disk cache each epoch), else read from the host."""
+    on_device = placement == "device"
+    inputs = []
+    for volume in volumes:
+        images = torch.from_numpy(np.array(volume.images)).to(device) if on_device else volume.images
+        masks = torch.from_numpy(np.array(volume.masks)).to(device if on_device else "cpu")
+        inputs.append(ValidationVolume(volume.patient_id, images, masks))
+    return inputs
+
+
+@torch.no_grad()
+def validation_masks(
+    model: nn.Module,
+    volumes: list[ValidationVolume],
+    runtime: Runtime,
+    batch_size: int,
+    criterion: nn.Module,
+) -> list[dict]:
+    """The device part of validation for this rank's share of the patients (every
+    world_size-th): per patient the loss (`criterion` on the probabilities, averaged over
+    slices) and the thresholded mask (probability >= 0.5), computed on the device; only the
+    mask (bool (S, H, W)) and the loss come to the host, one transfer each per patient.
+    `score_patients` does the rest (the 3-D component step and Dice) on the host."""
+    context = context_slices_of(model.config["in_channels"], "model")
+    parts = []
+    for volume in volumes[runtime.rank :: runtime.world_size]:
+        amp = runtime.amp_dtype
+        probs = predict_probabilities(
+            model, volume.images, runtime.device, batch_size, amp_dtype=amp, context_slices=context
+        )
+        truth = volume.masks.to(probs.device)
+        loss = criterion(probs[:, None], truth[:, None].float())
+        parts.append({"patient": volume.patient_id, "loss": loss, "slices": len(probs), "mask": probs >= 0.5})
+    return [{**part, "loss": part["loss"].item(), "mask": part["mask"].cpu().numpy()} for part in parts]
+
+
+def score_patients(parts: list[dict], truths: dict[str, np.ndarray], lcc: bool, keep_predictions: bool) -> list[dict]:
+    """The host part of validation: each patient's thresholded mask after the 3-D largest
+    connected component step (`lcc`; all components otherwise) and its Dice with the truth
+    (`truths`: patient -> (S, H, W) mask), in preprocessed space. The mask is kept only with
+    `keep_predictions` (for overlays)."""
+    scored = []
+    for part in parts:
+        prediction = largest_connected_component(part["mask"]) if lcc else part["mask"]
+        dice = dice_score(prediction, truths[part["patient"]])
+        kept = prediction if keep_predictions else None
+        scored.append(
+            {
+                "patient": part["patient"],
+                "loss": part["loss"],
+                "slices": part["slices"],
+                "dice": dice,
+                "prediction": kept,
+            }
+        )
+    return scored
+
+
+def gather_over_ranks(results: list[dict], runtime: Runtime) -> list[dict]:
+    """Every rank's per-patient results on every rank (a collective: the training thread
+    calls it, never the background worker)."""
+    if not runtime.distributed:
+        return results
+    gathered: list = [None] * runtime.world_size
+    dist.all_gather_object(gathered, results)
+    return [r for part in gathered for r in part]
+
+
+def summarize_validation(results: list[dict]) -> dict:
+    """Loss (slice-weighted mean), Dice mean and median over patients, per-patient Dice and
+    the kept predictions, from `score_patients`' records of all ranks."""
+    results = sorted(results, key=lambda r: r["patient"])
+    dice = np.array([r["dice"] for r in results])
+    slices = sum(r["slices"] for r in results)
+    return {
+        "loss": sum(r["loss"] * r["slices"] for r in results) / slices,
+        "dice_mean": float(dice.mean()),
+        "dice_median": float(np.median(dice)),
+        "dice": {r["patient"]: r["dice"] for r in results},
+        "predictions": {r["patient"]: r["prediction"] for r in results if r["prediction"] is not None},
+    }
+
+
 def evaluate(
     model: nn.Module,
     volumes: list[Volume],
@@ -539,49 +650,24 @@ def evaluate(
     keep_predictions: bool = False,
     criterion: nn.Module | None = None,
 ) -> dict:
-    """Per-patient validation with the shared volume inference (float32 probabilities; a
-    2.5-D `UNetModel` gets its context slices stacked as in training):
-    the loss (`criterion` on probabilities, default soft Dice) averaged over slices, Dice of
-    each whole volume (threshold 0.5, 3-D LCC) in preprocessed space; mean and median over
-    patients. Each rank validates every world_size-th patient; results are gathered. Under
-    DDP call `sync_buffers` first, so that every rank scores the same model."""
+    """Per-patient validation in one call, on the calling thread, as the epoch loop does it
+    in parts (`validation_masks` on the device, `score_patients` on the host): the loss
+    (`criterion` on probabilities, default soft Dice) averaged over slices, Dice of each
+    whole volume (threshold 0.5, 3-D LCC) in preprocessed space; mean and median over
+    patients (a 2.5-D `UNetModel` gets its context slices stacked as in training). Each rank
+    validates every world_size-th patient; results are gathered. Under DDP call
+    `sync_buffers` first, so that every rank scores the same model."""
     criterion = criterion or build_loss("dice", from_logits=False)
-    context = context_slices_of(model.config["in_channels"], "model")
-    local = []
-    for volume in volumes[runtime.rank :: runtime.world_size]:
-        amp = runtime.amp_dtype
-        probs = predict_volume(model, volume.images, runtime.device, batch_size, amp_dtype=amp, context_slices=context)
-        truth = np.array(volume.masks)  # a writable copy of the memory map
-        loss = criterion(torch.from_numpy(probs)[:, None], torch.from_numpy(truth)[:, None].float()).item()
-        prediction = binarize(probs, 0.5, lcc)
-        local.append(
-            {
-                "patient": volume.patient_id,
-                "loss": loss,
-                "slices": len(probs),
-                "dice": dice_score(prediction, truth),
-                "prediction": prediction if keep_predictions else None,
-            }
-        )
-    results = local
-    if runtime.distributed:
-        gathered: list = [None] * runtime.world_size
-        dist.all_gather_object(gathered, local)
-        results = [r for part in gathered for r in part]
-    results.sort(key=lambda r: r["patient"])
-    dice = np.array([r["dice"] for r in results])
-    slices = sum(r["slices"] for r in results)
-    return {
-        "loss": sum(r["loss"] * r["slices"] for r in results) / slices,
-        "dice_mean": float(dice.mean()),
-        "dice_median": float(np.median(dice)),
-        "dice": {r["patient"]: r["dice"] for r in results},
-        "predictions": {r["patient"]: r["prediction"] for r in results} if keep_predictions else {},
-    }
+    inputs = validation_inputs(volumes, runtime.device, "host")
+    parts = validation_masks(model, inputs, runtime, batch_size, criterion)
+    truths = {v.patient_id: np.asarray(v.masks) for v in volumes}
+    return summarize_validation(gather_over_ranks(score_patients(parts, truths, lcc, keep_predictions), runtime))
 
 
 def log_overlays(logger: TBLogger, volumes: list[Volume], predictions: dict, limit: int, epoch: int) -> None:
-    """Up to `limit` validation slices with truth or prediction: FLAIR, red prediction, green truth."""
+    """Up to `limit` validation slices with truth or prediction, composed with array
+    operations (`utils.thumbnail` at full size, no matplotlib figure): FLAIR in grey,
+    agreement yellow, prediction only vermillion, truth only sky blue."""
     shown = 0
     for volume in volumes:
         prediction, truth = predictions[volume.patient_id], np.asarray(volume.masks)
@@ -590,7 +676,8 @@ def log_overlays(logger: TBLogger, volumes: list[Volume], predictions: dict, lim
                 return
             flair = np.asarray(volume.images[s, 1], dtype=np.float32)
             k = volume.geometry.slice_numbers[s]
-            logger.image(f"overlay/{volume.patient_id}_{k}", overlay(flair, prediction[s], truth[s]), epoch)
+            picture = thumbnail(flair, prediction[s], truth[s], size=max(flair.shape))
+            logger.image(f"overlay/{volume.patient_id}_{k}", picture, epoch)
             shown += 1
 
 
@@ -776,6 +863,9 @@ class Run:
     history: list[dict] = field(default_factory=list)
     curves: list[dict] = field(default_factory=list)  # every validated epoch, resumed ones too (with lr)
     epoch_seconds: list[float] = field(default_factory=list)  # wall time of each epoch this process ran
+    val_inputs: list[ValidationVolume] = field(default_factory=list)  # on the device with --data-placement device
+    val_truths: dict[str, np.ndarray] = field(default_factory=dict)  # patient -> host mask (S, H, W)
+    worker: BackgroundWorker = field(default_factory=lambda: BackgroundWorker(enabled=False))
 
 
 def agree_on_inputs(args: argparse.Namespace, runtime: Runtime, config: dict) -> tuple[Path | None, dict | None, list]:
@@ -839,6 +929,9 @@ def set_up(args: argparse.Namespace, runtime: Runtime) -> Run:
     )  # fmt: skip
     if resumed is not None:
         restore(run, resumed)
+    run.val_inputs = validation_inputs(val_volumes, runtime.device, placement)
+    run.val_truths = {v.patient_id: np.asarray(v.masks) for v in val_volumes}
+    run.worker = BackgroundWorker(enabled=not args.no_background)
     open_log(run)
     if runtime.is_main:
         atomic_write_bytes(json.dumps(config, indent=2).encode(), Path(args.checkpoint_dir) / "args.json")
@@ -909,20 +1002,27 @@ def print_start(run: Run, resume_path: Path | None) -> None:
     print(EPOCH_HEADER, flush=True)
 
 
-EPOCH_HEADER = "epoch        train loss  val loss  Dice mean  median         lr  slices/s  train+val (s)"
+EPOCH_HEADER = "epoch     train loss val loss Dice mean  median       lr slices/s  step/val/ckpt/pics s  out"
 
 
-def epoch_line(epoch: int, epochs: int, train_stats: dict, val: dict, lr: float, val_seconds: float) -> str:
-    """One row under EPOCH_HEADER (under 100 columns); time is training + validation."""
-    seconds = f"{train_stats['seconds']:.1f}+{val_seconds:.1f}"
-    return (
-        f"{f'{epoch}/{epochs}':<11}{train_stats['loss']:>12.4f}{val['loss']:>10.4f}{val['dice_mean']:>11.4f}"
-        f"{val['dice_median']:>8.4f}{lr:>11.2e}{train_stats['slices_per_s']:>10.0f}{seconds:>16}"
-    )
+def epoch_line(epoch: int, epochs: int, train_stats: dict, val: dict | None, lr: float, seconds: dict) -> str:
+    """One row under EPOCH_HEADER (under 100 columns with "  *best*"). `val` is None for an
+    epoch that --val-interval skips. `seconds`: "step" (training steps), "val", "ckpt",
+    "pics" (the work of each part, on either thread) and "outside" (the training thread's
+    time outside the steps); `out` is that share of the epoch's wall time."""
+    losses = f"{train_stats['loss']:>11.4f}"
+    if val is None:
+        losses += f"{'-':>9}{'-':>10}{'-':>8}"
+    else:
+        losses += f"{val['loss']:>9.4f}{val['dice_mean']:>10.4f}{val['dice_median']:>8.4f}"
+    parts = "/".join(f"{seconds[k]:.{1 if seconds[k] < 99.95 else 0}f}" for k in ("step", "val", "ckpt", "pics"))
+    share = seconds["outside"] / max(seconds["step"] + seconds["outside"], 1e-9)
+    return f"{f'{epoch}/{epochs}':<9}{losses}{lr:>9.1e}{train_stats['slices_per_s']:>9.0f}{parts:>22}{share:>5.0%}"
 
 
 def run_epoch(run: Run, epoch: int) -> None:
-    """Train one epoch on this rank's own random streams, then validate and save."""
+    """Train one epoch on this rank's own random streams, then hand its end (validation,
+    checkpoints, pictures, the epoch line) to `end_epoch`."""
     args, runtime = run.args, run.runtime
     generator = torch.Generator().manual_seed(stream_seed(args.seed, epoch, runtime.rank, 0))
     augment = BatchAugmentation(
@@ -934,7 +1034,7 @@ def run_epoch(run: Run, epoch: int) -> None:
         run.model, run.data, run.optimizer, run.scaler, criterion, augment, runtime,
         run.steps, args.batch_size, generator, epoch, args.log_interval, desc=progress_label(run, epoch),
     )  # fmt: skip
-    validate_and_save(run, epoch, train_stats)
+    end_epoch(run, epoch, train_stats)
     run.epoch_seconds.append(time.perf_counter() - start)
 
 
@@ -960,52 +1060,117 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def validate_and_save(run: Run, epoch: int, train_stats: dict) -> None:
-    """Validate the model every rank now shares, save last.pt (and best_model.pt), log."""
+def is_validation_epoch(args: argparse.Namespace, epoch: int) -> bool:
+    """Every --val-interval-th epoch and the last one (so best_model.pt always exists)."""
+    return epoch % args.val_interval == 0 or epoch == args.epochs
+
+
+@dataclass
+class EpochEnd:
+    """What the training thread hands over at the end of an epoch (host data only)."""
+
+    epoch: int
+    train_stats: dict
+    lr: float
+    state: dict | None  # inference.training_state on rank 0, else None
+    parts: list[dict] | None  # validation_masks (or, under DDP, every rank's scored records); None: not validated
+    scored: bool  # parts are score_patients records already (DDP)
+    visualise: bool
+    seconds: dict  # the training thread's: "val" (device part), "ckpt" (host copy), "outside", "waited"
+
+
+def end_epoch(run: Run, epoch: int, train_stats: dict) -> None:
+    """The training thread's part of an epoch's end: validation on the device (`validation_masks`,
+    on the model every rank shares), the schedule step, a host copy of the training state;
+    the rest (`finish_epoch`) goes to the background worker, which overlaps the next epoch.
+    Under DDP the component step and the gather of the results stay here (a collective)."""
     args, runtime = run.args, run.runtime
-    visualise = args.vis_frequency > 0 and epoch % args.vis_frequency == 0 and args.n_vis_images > 0
-    sync_buffers(run.raw_model, runtime)  # validate exactly the model that rank 0 saves
-    val_start = time.perf_counter()
-    criterion = build_loss(args.loss, from_logits=False)
-    val = evaluate(run.raw_model, run.val_volumes, runtime, args.batch_size * 2, not args.no_lcc, visualise, criterion)
-    val_seconds = time.perf_counter() - val_start
+    start = time.perf_counter()
+    validated = is_validation_epoch(args, epoch)
+    visualise = validated and args.vis_frequency > 0 and epoch % args.vis_frequency == 0 and args.n_vis_images > 0
+    parts, scored = None, runtime.distributed
+    if validated:
+        sync_buffers(run.raw_model, runtime)  # validate exactly the model that rank 0 saves
+        criterion = build_loss(args.loss, from_logits=False)
+        parts = validation_masks(run.raw_model, run.val_inputs, runtime, args.batch_size * 2, criterion)
+        if scored:
+            parts = gather_over_ranks(score_patients(parts, run.val_truths, not args.no_lcc, visualise), runtime)
+    val_seconds = time.perf_counter() - start
     lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
-    is_best = val["dice_mean"] > run.best_dice
-    run.best_dice = max(run.best_dice, val["dice_mean"])
-    record = {"epoch": epoch, "train_loss": train_stats["loss"], "val_loss": val["loss"]}
-    run.history.append({**record, "dice_mean": val["dice_mean"], "dice_median": val["dice_median"]})
-    run.curves.append({**run.history[-1], "lr": lr})
+    copy_start = time.perf_counter()
+    state = None
+    if runtime.is_main:
+        state = training_state(run.raw_model, run.optimizer, run.scheduler, run.scaler, rng_state())
+    seconds = {"val": val_seconds, "ckpt": time.perf_counter() - copy_start}
+    waited = run.worker.make_room()  # while the previous epoch's end still runs
+    seconds["outside"] = time.perf_counter() - start  # this thread outside the steps (in-line: plus finish_epoch)
+    seconds["waited"] = waited
+    handover = EpochEnd(epoch, train_stats, lr, state, parts, scored, visualise, seconds)
+    run.worker.submit(lambda: finish_epoch(run, handover))
+
+
+def finish_epoch(run: Run, end: EpochEnd) -> None:
+    """The rest of an epoch's end, on the background worker (or in line with --no-background):
+    the component step and Dice, the best-epoch rule (best mean validation Dice so far),
+    last.pt and best_model.pt (atomic), learning_curves.png, TensorBoard scalars and
+    overlays, and the epoch line. Only this function changes best_dice, history and curves
+    while the run trains."""
+    args, runtime = run.args, run.runtime
+    begun = time.perf_counter()
+    seconds = {"step": end.train_stats["seconds"], **end.seconds, "pics": 0.0}
+    val, is_best = None, False
+    if end.parts is not None:
+        start = time.perf_counter()
+        results = end.parts if end.scored else score_patients(end.parts, run.val_truths, not args.no_lcc, end.visualise)
+        val = summarize_validation(results)
+        seconds["val"] += time.perf_counter() - start
+        is_best = val["dice_mean"] > run.best_dice
+        run.best_dice = max(run.best_dice, val["dice_mean"])
+        record = {"epoch": end.epoch, "train_loss": end.train_stats["loss"], "val_loss": val["loss"]}
+        run.history.append({**record, "dice_mean": val["dice_mean"], "dice_median": val["dice_median"]})
+        run.curves.append({**run.history[-1], "lr": end.lr})
     if not runtime.is_main:
         return
-    checkpoint = make_checkpoint(
-        run.raw_model,
-        run.optimizer,
-        run.scheduler,
-        run.scaler,
-        run.split,
-        epoch,
-        run.best_dice,
-        run.config,
-        run.log_run,
-        rng_state(),
-        history=run.curves,
-    )
+    start = time.perf_counter()
+    checkpoint = make_checkpoint(end.state, run.split, end.epoch, run.best_dice, run.config, run.log_run, run.curves)
     save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "last.pt")
     if is_best:
         save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "best_model.pt")
-    if not args.no_learning_curves:
+    seconds["ckpt"] += time.perf_counter() - start
+    start = time.perf_counter()
+    if val is not None and not args.no_learning_curves:
         curves = plot_learning_curves(run.curves, f"{Path(args.checkpoint_dir).name} ({args.loss} loss)")
         atomic_write_bytes(png_bytes(curves), Path(args.checkpoint_dir) / LEARNING_CURVES)  # never half a picture
-    scalars = {"train/loss": train_stats["loss"], "val/loss": val["loss"], "val/dice_mean": val["dice_mean"]}
-    scalars |= {"val/dice_median": val["dice_median"], "lr": lr, "time/epoch_s": train_stats["seconds"]}
-    scalars |= {"time/val_s": val_seconds, "time/slices_per_s": train_stats["slices_per_s"]}
-    run.logger.scalars(scalars, epoch)
-    if visualise:
-        log_overlays(run.logger, run.val_volumes, val["predictions"], args.n_vis_images, epoch)
-    print(
-        epoch_line(epoch, args.epochs, train_stats, val, lr, val_seconds) + ("  *best*" if is_best else ""), flush=True
+    if end.visualise:
+        log_overlays(run.logger, run.val_volumes, val["predictions"], args.n_vis_images, end.epoch)
+    seconds["pics"] += time.perf_counter() - start
+    if not run.worker.enabled:  # in line, all of this kept the training thread from training
+        seconds["outside"] += time.perf_counter() - begun
+    log_epoch(run, end, val, seconds)
+    print_line(
+        epoch_line(end.epoch, args.epochs, end.train_stats, val, end.lr, seconds) + ("  *best*" if is_best else "")
     )
+
+
+def log_epoch(run: Run, end: EpochEnd, val: dict | None, seconds: dict) -> None:
+    """TensorBoard scalars of one epoch: losses, Dice, learning rate and where the time went."""
+    scalars = {
+        "train/loss": end.train_stats["loss"],
+        "lr": end.lr,
+        "time/slices_per_s": end.train_stats["slices_per_s"],
+    }
+    if val is not None:
+        scalars |= {"val/loss": val["loss"], "val/dice_mean": val["dice_mean"], "val/dice_median": val["dice_median"]}
+    scalars |= {"time/epoch_s": seconds["step"], "time/val_s": seconds["val"], "time/checkpoint_s": seconds["ckpt"]}
+    scalars |= {"time/pictures_s": seconds["pics"], "time/outside_step_s": seconds["outside"]}
+    run.logger.scalars(scalars, end.epoch)
+
+
+def print_line(line: str) -> None:
+    """Print above the progress bar, from either thread."""
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 def train(args: argparse.Namespace, runtime: Runtime) -> dict:
@@ -1017,6 +1182,11 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
     try:
         for epoch in range(run.start_epoch, last + 1):
             run_epoch(run, epoch)
+    except BaseException:
+        finish_background_work(run, failing=True)
+        raise
+    else:
+        finish_background_work(run, failing=False)
     finally:
         run.logger.close()
     if last == args.epochs:  # rank 0 chooses; the others wait for it (or for its error)
@@ -1026,8 +1196,21 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
         "best_dice": run.best_dice,
         "split": run.split,
         "raw_model": run.raw_model,
-        "stopped_after": run.history[-1]["epoch"] if run.history and last < args.epochs else None,
+        "stopped_after": last if run.start_epoch <= last < args.epochs else None,
     }
+
+
+def finish_background_work(run: Run, failing: bool) -> None:
+    """Wait for the background worker before the run exits, so that every finished epoch's
+    checkpoint is written. When the run is failing already, a worker error is printed, not
+    raised, so the first error is the one the user sees."""
+    if not failing:
+        run.worker.close()
+        return
+    try:
+        run.worker.close()
+    except Exception as exc:  # the training error is raised after this
+        print(f"error: while stopping, an epoch's end also failed: {exc}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------- post-processing choice

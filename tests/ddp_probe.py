@@ -14,18 +14,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train
 
 RANK = int(os.environ.get("RANK", "0"))
-predict_volume, build_loss, evaluate = train.predict_volume, train.build_loss, train.evaluate
+predict_probabilities, build_loss, validation_masks = (
+    train.predict_probabilities, train.build_loss, train.validation_masks
+)
 
 
-def recording_predict_volume(model, images, *args, **kwargs):
+def recording_predict_probabilities(model, images, *args, **kwargs):
     with open(Path(os.environ["PROBE_DIR"]) / f"rank{RANK}.txt", "a") as log:
         log.write(f"{len(images)}\n")
-    return predict_volume(model, images, *args, **kwargs)
+    return predict_probabilities(model, images, *args, **kwargs)
 
 
-def recording_evaluate(model, *args, **kwargs):
+def recording_validation_masks(model, *args, **kwargs):
     torch.save(dict(model.named_buffers()), Path(os.environ["PROBE_DIR"]) / f"buffers{RANK}.pt")
-    return evaluate(model, *args, **kwargs)
+    return validation_masks(model, *args, **kwargs)
 
 
 class NaNAfterFirstStep(torch.nn.Module):
@@ -46,8 +48,8 @@ def probed_build_loss(name, from_logits):
     return loss
 
 
-train.predict_volume, train.build_loss = recording_predict_volume, probed_build_loss
-train.evaluate = recording_evaluate
+train.predict_probabilities, train.build_loss = recording_predict_probabilities, probed_build_loss
+train.validation_masks = recording_validation_masks
 
 if __name__ == "__main__":
     train.main()

@@ -108,15 +108,17 @@ def test_help_keeps_docstring_lines_and_epoch_line_fits(capsys):
         train.main(["--help"])
     lines = capsys.readouterr().out.splitlines()
     assert "python train.py --demo" in [line.split("  #")[0].strip() for line in lines]
-    wide = train.epoch_line(
-        1000, 1000, {"loss": 0.1, "seconds": 86399.9, "slices_per_s": 123456.7}, VAL, 1.234e-4, 9999.9
-    )
+    wide_seconds = {"step": 86399.9, "val": 9999.9, "ckpt": 999.9, "pics": 999.9, "outside": 9999.9}
+    wide = train.epoch_line(1000, 1000, {"loss": 0.1, "slices_per_s": 123456.7}, VAL, 1.234e-4, wide_seconds)
     assert len(wide + "  *best*") <= 100 and len(train.EPOCH_HEADER) <= 100
-    header, row = (
-        train.EPOCH_HEADER,
-        train.epoch_line(3, 30, {"loss": 0.25, "seconds": 1, "slices_per_s": 9}, VAL, 1e-3, 1),
-    )
+    seconds = {"step": 9.0, "val": 0.5, "ckpt": 0.25, "pics": 0.75, "outside": 1.0}
+    header = train.EPOCH_HEADER
+    row = train.epoch_line(3, 30, {"loss": 0.25, "slices_per_s": 9}, VAL, 1e-3, seconds)
+    skipped = train.epoch_line(4, 30, {"loss": 0.25, "slices_per_s": 9}, None, 1e-3, seconds)
     assert header.index("Dice mean") + len("Dice mean") == row.index("0.5000") + len("0.5000")  # columns line up
+    end = header.index("Dice mean") + len("Dice mean")
+    assert skipped[:end].split()[-3:] == ["0.2500", "-", "-"] and skipped[end:].split()[0] == "-"  # not validated
+    assert row.endswith("9.0/0.5/0.2/0.8  10%") and len(row) == len(header) == len(skipped)  # 1 s of 10 outside
 
 
 def test_demo_sets_defaults_but_flags_win():

@@ -1134,9 +1134,9 @@ def finish_epoch(run: Run, end: EpochEnd) -> None:
         return
     start = time.perf_counter()
     checkpoint = make_checkpoint(end.state, run.split, end.epoch, run.best_dice, run.config, run.log_run, run.curves)
-    save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "last.pt")
+    write_checkpoint(checkpoint, Path(args.checkpoint_dir) / "last.pt")
     if is_best:
-        save_checkpoint(checkpoint, Path(args.checkpoint_dir) / "best_model.pt")
+        write_checkpoint(checkpoint, Path(args.checkpoint_dir) / "best_model.pt")
     seconds["ckpt"] += time.perf_counter() - start
     start = time.perf_counter()
     if val is not None and not args.no_learning_curves:
@@ -1151,6 +1151,17 @@ def finish_epoch(run: Run, end: EpochEnd) -> None:
     print_line(
         epoch_line(end.epoch, args.epochs, end.train_stats, val, end.lr, seconds) + ("  *best*" if is_best else "")
     )
+
+
+def write_checkpoint(checkpoint: dict, path: Path) -> None:
+    """`save_checkpoint` (atomic), with a failed write (disk full, folder gone) as one
+    CheckpointError line that says the earlier file is intact."""
+    try:
+        save_checkpoint(checkpoint, path)
+    except OSError as error:
+        raise CheckpointError(
+            f"{path}: the checkpoint could not be written ({error}); the earlier {path.name} is kept"
+        ) from error
 
 
 def log_epoch(run: Run, end: EpochEnd, val: dict | None, seconds: dict) -> None:

@@ -15,9 +15,12 @@ and peak memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
+import io
 import json
+import math
 import os
 import platform
 import re
@@ -227,6 +230,112 @@ def bench_cpu_backends(volumes, base_filters: int, image_size: int, max_slices: 
     return result
 
 
+# The Kaggle LGG set (kaggle_3m): 110 patients, 3,929 slices; a default run validates 10 of them.
+LGG_PATIENTS, LGG_SLICES, DEFAULT_VAL_PATIENTS, DEFAULT_EPOCHS = 110, 3929, 10, 100
+
+
+def timed_training(flags: list[str]) -> dict:
+    """train.py's own `main` in this process (its printed lines swallowed): wall seconds, and
+    the parts of each epoch that `train.finish_epoch` measured ("step", "val", "val_device",
+    "ckpt", "pics", "outside", "waited")."""
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train.main(flags)
+    return {"wall_s": time.perf_counter() - start, "epochs": result["epoch_parts"], "split": result["split"]}
+
+
+def median_part(epochs: list[dict], key: str) -> float:
+    """The median of one part over the epochs after the first (which warms up kernels and caches)."""
+    return float(np.median([e[key] for e in (epochs[1:] or epochs)]))
+
+
+def project_default_run(step_rate: float, parts: dict, val_slices: int, batch_size: int) -> dict:
+    """The wall time of a default run (100 epochs, 16 slices per step, 10 validation patients)
+    on an LGG-sized set, from the measured training-step rate (slices/s) and the measured
+    medians of one epoch's other parts (`parts`, measured with `val_slices` validation
+    slices): the steps of one pass over the training slices, validation scaled by the
+    number of validation slices, the rest as measured; the training thread waits when the
+    worker's share of an epoch (the host part of validation, writing, pictures) outlasts
+    the steps. The pictures part counts 200 overlays every 10th epoch (`--vis-frequency`)."""
+    train_slices = LGG_SLICES * (LGG_PATIENTS - DEFAULT_VAL_PATIENTS) / LGG_PATIENTS
+    step_s = math.ceil(train_slices / batch_size) * batch_size / step_rate
+    scale = LGG_SLICES * DEFAULT_VAL_PATIENTS / LGG_PATIENTS / val_slices
+    outside_s = parts["outside"] - parts["val_device"] + parts["val_device"] * scale
+    worker_s = (parts["val"] - parts["val_device"]) * scale + parts["ckpt_worker"] + parts["pics"]
+    epoch_s = step_s + outside_s + max(0.0, worker_s - step_s)
+    return {
+        "step_s": step_s,
+        "outside_s": outside_s,
+        "worker_s": worker_s,
+        "epoch_s": epoch_s,
+        "outside_share": (epoch_s - step_s) / epoch_s,
+        "run_s": DEFAULT_EPOCHS * epoch_s,
+    }
+
+
+def bench_epochs(device: torch.device, args: argparse.Namespace, step_rate: float, quick: bool, tmp: Path) -> dict:
+    """Whole epochs of train.py, with what surrounds the steps: (1) a run at the benchmark's
+    image size and width, whose epoch parts project a default LGG-sized run
+    (`project_default_run`); (2) the cost of overlays: the same small run (64 px, 16
+    filters, 12 validation patients) drawing no overlays and 200 every epoch, wall time
+    against wall time (the goal on a 2-core CPU: at most 1.3x)."""
+    common = ["--device", str(device), "--no-cache", "--num-workers", "0", "--log-dir", str(tmp / "tb")]
+    data = tmp / "epochs_3m"
+    patients = 4 if quick else 12
+    make_synthetic_dataset(data, patients, seed=2, image_size=args.image_size, slices=(20, 30))
+    val_patients = patients - 2
+    size_flags = ["--image-size", str(args.image_size), "--base-filters", str(args.base_filters)]
+    steps = 2 if quick else 20
+    flags = [
+        *common,
+        "--data-dir",
+        str(data),
+        *size_flags,
+        "--batch-size",
+        str(args.batch_size),
+        "--vis-frequency",
+        "0",
+    ]
+    flags += ["--epochs", "3", "--steps-per-epoch", str(steps), "--val-patients", str(val_patients)]
+    measured = timed_training([*flags, "--checkpoint-dir", str(tmp / "epochs_ckpt")])
+    epochs = measured["epochs"]
+    val_ids = set(measured["split"]["val"])
+    val_slices = sum(len(p.kept) for p in discover_patients(data) if p.patient_id in val_ids)
+    parts = {
+        key: median_part(epochs, key) for key in ("step", "val", "val_device", "ckpt", "ckpt_copy", "pics", "outside")
+    }
+    parts["ckpt_worker"] = parts["ckpt"] - parts["ckpt_copy"]
+    result = {"epoch_parts": parts, "val_slices": val_slices, "steps": steps}
+    result["projection"] = project_default_run(step_rate, parts, val_slices, 16)
+
+    small = tmp / "overlays_3m"
+    make_synthetic_dataset(small, 16, seed=3, image_size=64, slices=(30, 40))
+    small_flags = [
+        *common,
+        "--data-dir",
+        str(small),
+        "--image-size",
+        "64",
+        "--base-filters",
+        "16",
+        "--val-patients",
+        "12",
+    ]
+    small_flags += ["--batch-size", "16", "--epochs", "3", "--steps-per-epoch", "10" if quick else "40"]
+    without = timed_training([*small_flags, "--vis-frequency", "0", "--checkpoint-dir", str(tmp / "plain")])
+    drawn = timed_training(
+        [*small_flags, "--vis-frequency", "1", "--n-vis-images", "200", "--checkpoint-dir", str(tmp / "vis")]
+    )
+    result["overlays"] = {
+        "wall_without_s": without["wall_s"],
+        "wall_with_s": drawn["wall_s"],
+        "ratio": drawn["wall_s"] / without["wall_s"],
+        "pics_s_per_epoch": median_part(drawn["epochs"], "pics"),
+        "outside_share_with": median_part(drawn["epochs"], "outside") / median_part(drawn["epochs"], "step"),
+    }
+    return result
+
+
 def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=256, help="preprocessed slice size")
     parser.add_argument("--base-filters", type=int, default=32, help="U-Net width")
@@ -290,6 +399,7 @@ def speed(args: argparse.Namespace) -> dict:
                 compiled = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, True)
                 results["training"].update({"compiled_slices_per_s": compiled, "compiled_speedup": compiled / plain})
         results["inference"] = bench_inference(volumes, args.base_filters, device)
+        results["epochs"] = bench_epochs(device, args, configured, args.quick, Path(tmp))
         results["cpu_backends"] = bench_cpu_backends(
             volumes, args.base_filters, args.image_size, 32 if args.quick else 128
         )
@@ -344,6 +454,8 @@ def print_table(r: dict) -> None:
         ]
     if "peak_gpu_mib" in r:
         rows.append(("peak GPU memory (MiB)", f"{r['peak_gpu_mib']:.0f}", ""))
+    if "epochs" in r:
+        rows += epoch_rows(r["epochs"])
     print(
         f"\n{r['device']} {r.get('gpu', '')}, torch {r['torch']}, {r['image_size']}x{r['image_size']}, "
         f"{r['base_filters']} filters, batch {r['batch_size']}, {r['threads']} threads"
@@ -351,6 +463,30 @@ def print_table(r: dict) -> None:
     width = max(len(name) for name, _, _ in rows)
     for name, value, note in rows:
         print(f"  {name:<{width}}  {value:>10}  {note}")
+
+
+def epoch_rows(e: dict) -> list[tuple[str, str, str]]:
+    """Rows of the whole-epoch measurements (`bench_epochs`)."""
+    parts, projection, overlays = e["epoch_parts"], e["projection"], e["overlays"]
+    share = parts["outside"] / (parts["step"] + parts["outside"])
+    return [
+        (
+            f"epoch of {e['steps']} steps: step/val/ckpt/pics (s)",
+            "/".join(f"{parts[k]:.2f}" for k in ("step", "val", "ckpt", "pics")),
+            f"{share:.0%} of the wall time outside the step, {e['val_slices']} validation slices",
+        ),
+        (
+            "default 100-epoch run, LGG-sized (min)",
+            f"{projection['run_s'] / 60:.1f}",
+            f"projected: {projection['step_s']:.1f} s steps + {projection['epoch_s'] - projection['step_s']:.1f} s "
+            f"other per epoch ({projection['outside_share']:.0%} outside the step)",
+        ),
+        (
+            "200 overlays every epoch (wall time ratio)",
+            f"{overlays['ratio']:.2f}x",
+            f"{overlays['wall_with_s']:.1f} s against {overlays['wall_without_s']:.1f} s (64 px, 3 epochs)",
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------- ablation

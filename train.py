@@ -866,6 +866,7 @@ class Run:
     val_inputs: list[ValidationVolume] = field(default_factory=list)  # on the device with --data-placement device
     val_truths: dict[str, np.ndarray] = field(default_factory=dict)  # patient -> host mask (S, H, W)
     worker: BackgroundWorker = field(default_factory=lambda: BackgroundWorker(enabled=False))
+    epoch_parts: list[dict] = field(default_factory=list)  # rank 0: finish_epoch's seconds of each epoch
 
 
 def agree_on_inputs(args: argparse.Namespace, runtime: Runtime, config: dict) -> tuple[Path | None, dict | None, list]:
@@ -1102,7 +1103,8 @@ def end_epoch(run: Run, epoch: int, train_stats: dict) -> None:
     state = None
     if runtime.is_main:
         state = training_state(run.raw_model, run.optimizer, run.scheduler, run.scaler, rng_state())
-    seconds = {"val": val_seconds, "ckpt": time.perf_counter() - copy_start}
+    copy_seconds = time.perf_counter() - copy_start
+    seconds = {"val": val_seconds, "val_device": val_seconds, "ckpt": copy_seconds, "ckpt_copy": copy_seconds}
     waited = run.worker.make_room()  # while the previous epoch's end still runs
     seconds["outside"] = time.perf_counter() - start  # this thread outside the steps (in-line: plus finish_epoch)
     seconds["waited"] = waited
@@ -1148,6 +1150,7 @@ def finish_epoch(run: Run, end: EpochEnd) -> None:
     if not run.worker.enabled:  # in line, all of this kept the training thread from training
         seconds["outside"] += time.perf_counter() - begun
     log_epoch(run, end, val, seconds)
+    run.epoch_parts.append({"epoch": end.epoch, **seconds})
     print_line(
         epoch_line(end.epoch, args.epochs, end.train_stats, val, end.lr, seconds) + ("  *best*" if is_best else "")
     )
@@ -1208,6 +1211,8 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
         "split": run.split,
         "raw_model": run.raw_model,
         "stopped_after": last if run.start_epoch <= last < args.epochs else None,
+        "epoch_seconds": run.epoch_seconds,  # wall time of each epoch on the training thread
+        "epoch_parts": run.epoch_parts,  # rank 0: step, val, ckpt, pics, outside, waited seconds per epoch
     }
 
 

@@ -56,14 +56,16 @@ def test_train_and_predict_on_a_nifti_phantom(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in data.iterdir() if p.is_dir()) == []  # NIfTI files only, no TIFF folders
     recipe = [
         "--epochs",
-        "6",
+        "8",
         "--steps-per-epoch",
         "8",
         "--lr",
         "1e-2",
         "--loss",
         "dice+bce",
-    ]  # a model that finds lesions
+        "--seed",
+        "1",
+    ]  # a model that finds lesions (validation Dice mean 0.54 at epoch 8 on this CPU)
     train.main(tiny_train_args(data, tmp_path, *recipe))
     entries = sorted(p.name for p in cache.iterdir())
     ids = sorted(p.name[: -len(".nii.gz")] for p in data.glob("*.nii.gz") if "_mask" not in p.name)

@@ -15,7 +15,9 @@ import train
 
 RANK = int(os.environ.get("RANK", "0"))
 predict_probabilities, build_loss, validation_masks = (
-    train.predict_probabilities, train.build_loss, train.validation_masks
+    train.predict_probabilities,
+    train.build_loss,
+    train.validation_masks,
 )
 
 

@@ -620,6 +620,7 @@ def run_candidate(
     budget: str,
     device: str | None,
     reused_from: Candidate | None = None,
+    backend: str | None = None,
 ) -> AblationRun:
     """Train with `budget` + the candidate's flags (or reuse the checkpoints of `reused_from`,
     training them if absent), then predict the unseen test patients with last.pt and
@@ -635,6 +636,8 @@ def run_candidate(
         return run
     record = work / "results" / f"{candidate.name.replace(' ', '_').replace('/', '-')}_seed{seed}.json"
     key = {"budget": budget, "train": list(candidate.train_flags), "predict": list(candidate.predict_flags)}
+    if backend:
+        key["backend"] = backend
     if record.is_file() and json.loads(record.read_text())["key"] == key:
         saved = json.loads(record.read_text())["result"]
         return AblationRun(candidate, seed, **saved, reused=True, finished=record.stat().st_mtime)
@@ -651,7 +654,8 @@ def run_candidate(
             + ["--output-dir", str(pred_dir), "--figure-path", str(pred_dir / "dice.png"), "--no-overlays"]
             + ["--cache-dir", str(work / "cache"), "--num-workers", "2"]
             + list(candidate.predict_flags)
-            + device_flags,
+            + device_flags
+            + (["--backend", backend] if backend else []),
             pred_dir.with_name(pred_dir.name + ".log"),
         )
         fp, lesion = false_positives_in_lesion_free_slices(test_dir, pred_dir / "masks")
@@ -720,6 +724,9 @@ def add_ablation_flags(parser: argparse.ArgumentParser) -> None:
         "--work-dir", default=None, help="keep data, checkpoints, predictions here (default: a temp dir)"
     )
     parser.add_argument("--output", default="ablation.md", help="Markdown table")
+    parser.add_argument(
+        "--backend", choices=("torch", "onnxruntime"), default=None, help="predict.py --backend (default: its own)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny phantom and budget: a smoke test, not evidence")
 
 
@@ -745,7 +752,15 @@ def ablation(args: argparse.Namespace, argv: list[str]) -> dict:
         by_name = {c.name: c for c in CANDIDATES}
         runs = [
             run_candidate(
-                candidate, seed, data_dir, test_dir, work, args.budget, args.device, by_name.get(candidate.reuse)
+                candidate,
+                seed,
+                data_dir,
+                test_dir,
+                work,
+                args.budget,
+                args.device,
+                by_name.get(candidate.reuse),
+                args.backend,
             )
             for seed in args.seeds  # seed after seed: an interrupted ablation still covers every candidate
             for candidate in CANDIDATES

@@ -50,7 +50,7 @@ def test_ablation_smoke_run_writes_the_table(tmp_path, monkeypatch):
     unwired = Candidate("x", ("--not-a-flag",))
     monkeypatch.setattr(bench, "CANDIDATES", (*bench.CANDIDATES, unwired))
     output = tmp_path / "ablation.md"
-    args = ["ablation", "--quick", "--seeds", "0", "--patients", "4", "--test-patients", "1"]
+    args = ["ablation", "--quick", "--seeds", "0", "--patients", "4", "--test-patients", "1", "--backend", "torch"]
     args += ["--candidates", "today", "flip TTA", "x", "--work-dir", str(tmp_path / "w"), "--output", str(output)]
     bench.main(args)
     text = output.read_text()

@@ -31,7 +31,7 @@ def test_report_runs_the_demo_and_writes_what_it_measured(phantom_dir, tmp_path)
             f"--workdir={work}",
             f"--output={output}",
             f"--demo-args={TINY_DEMO}",
-            "--predict-args=--no-overlays",
+            "--predict-args=--no-overlays --backend torch",
             *screenshot,
         ]
     )
@@ -42,7 +42,7 @@ def test_report_runs_the_demo_and_writes_what_it_measured(phantom_dir, tmp_path)
     assert f"`{commit.stdout.strip()}" in text
     assert f"torch {torch.__version__}" in text and bench.machine_facts()["cpu"] in text
     assert f"`python train.py --demo {TINY_DEMO}`" in text
-    assert "`python predict.py --model-path" in text and "--no-overlays`" in text
+    assert "`python predict.py --model-path" in text and "--no-overlays --backend torch`" in text
     best = torch.load(work / "demo_checkpoints" / "best_model.pt", weights_only=True)
     assert f"| best epoch (selects `best_model.pt`) | {best['epoch']} of 2 |" in text
     assert f"| patients: train / val / test | {len(best['split']['train'])} / 4 /" in text

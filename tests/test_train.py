@@ -1,5 +1,6 @@
 """train.py: arguments, checkpoints, determinism, resume, AMP, learning, DDP."""
 
+import functools
 import json
 import os
 import shlex
@@ -357,13 +358,14 @@ def test_tensorboard_scalars_and_overlays(phantom_dir, tmp_path):
 
 
 def test_learns_the_phantom(phantom_dir, tmp_path):
-    """A few hundred steps on 64x64 slices beat the trivial predictions by a wide margin."""
+    """200 steps on 32x32 slices beat the trivial predictions by a wide margin (on this CPU:
+    train loss down to 0.35 of the first epoch's, validation Dice 0.77 against 0.02)."""
     result = train.main(
         tiny_train_args(
             phantom_dir,
             tmp_path,
             "--image-size",
-            "64",
+            "32",
             "--base-filters",
             "8",
             "--batch-size",
@@ -371,16 +373,16 @@ def test_learns_the_phantom(phantom_dir, tmp_path):
             "--epochs",
             "8",
             "--steps-per-epoch",
-            "30",
+            "25",
             "--lr",
-            "3e-3",
+            "5e-3",
             "--no-cache",
         )
     )
     history = result["history"]
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
     patients = select_patients(discover_patients(phantom_dir), result["split"]["val"])
-    truths = [np.asarray(v.masks) for v in load_volumes(patients, 64, None)]
+    truths = [np.asarray(v.masks) for v in load_volumes(patients, 32, None)]
     empty = np.mean([dice_score(np.zeros_like(t), t) for t in truths])
     ones = np.mean([dice_score(np.ones_like(t), t) for t in truths])
     assert result["best_dice"] > max(empty, ones) + 0.25, (result["best_dice"], empty, ones)
@@ -467,7 +469,11 @@ def test_resume_with_other_width_is_refused(phantom_dir, tmp_path):
     assert "--base-filters 4" in str(exit_info.value.code)
 
 
-def test_compiled_training_saves_plain_weights(phantom_dir, tmp_path):
+def test_compiled_training_saves_plain_weights(phantom_dir, tmp_path, monkeypatch):
+    # the eager backend still wraps the model in an OptimizedModule (the `_orig_mod.` keys
+    # this test is about) without inductor's C++ build, which takes a minute on a cold cache
+    compile_eagerly = functools.partial(torch.compile, backend="eager")
+    monkeypatch.setattr(train.torch, "compile", compile_eagerly)
     train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "2", "--compile"))
     checkpoint = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     assert not [k for k in checkpoint["model"] if "_orig_mod" in k or k.startswith("module.")]

@@ -1,11 +1,14 @@
 """bench.py ablation: false-positive counting, the generated table, and a smoke run."""
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import tifffile
 
 import bench
+import predict
 from bench import AblationRun, Candidate, ablation_table, false_positives_in_lesion_free_slices
 from dataset import discover_patients, read_mask
 
@@ -45,8 +48,16 @@ def test_table_averages_seeds_and_marks_unwired_candidates():
     assert "not wired: --new" in lines[4]
 
 
+def predict_in_this_process(arguments: list[str], log) -> dict:
+    """bench.run_predict without the `python predict.py` subprocess (3 s of imports each):
+    the same arguments, the same summary.json read back."""
+    predict.main(arguments)
+    return json.loads((Path(arguments[arguments.index("--output-dir") + 1]) / "summary.json").read_text())
+
+
 def test_ablation_smoke_run_writes_the_table(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "run_predict", predict_in_this_process)
     unwired = Candidate("x", ("--not-a-flag",))
     monkeypatch.setattr(bench, "CANDIDATES", (*bench.CANDIDATES, unwired))
     output = tmp_path / "ablation.md"

@@ -94,7 +94,7 @@ def test_written_mask_lies_on_the_input_voxels(phantom_dir, tmp_path, layout):
 def run_predict(checkpoint, data_dir, out, *extra):
     predict.main(
         ["--model-path", str(checkpoint), "--data-dir", str(data_dir), "--output-dir", str(out), "--no-cache"]
-        + ["--no-overlays", "--threshold", "0.3", "--figure-path", str(out / "dice.png"), *extra]
+        + ["--no-overlays", "--threshold", "0.3", "--figure-path", str(out / "dice.png"), "--backend", "torch", *extra]
     )
     with (out / "metrics.csv").open() as handle:
         return {row["patient"]: row for row in csv.DictReader(handle)}

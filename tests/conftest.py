@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT))
 # pytest.ini runs the suite on every core with pytest-xdist (`-n auto`): each worker gets
 # its share of the cores for torch, so two workers on two cores do not fight over both.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 from dataset import make_synthetic_dataset  # noqa: E402
 

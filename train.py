@@ -1143,7 +1143,7 @@ def finish_epoch(run: Run, end: EpochEnd) -> None:
     start = time.perf_counter()
     if val is not None and not args.no_learning_curves:
         curves = plot_learning_curves(run.curves, f"{Path(args.checkpoint_dir).name} ({args.loss} loss)")
-        atomic_write_bytes(png_bytes(curves), Path(args.checkpoint_dir) / LEARNING_CURVES)  # never half a picture
+        write_learning_curves(png_bytes(curves), Path(args.checkpoint_dir) / LEARNING_CURVES, end.epoch)
     if end.visualise:
         log_overlays(run.logger, run.val_volumes, val["predictions"], args.n_vis_images, end.epoch)
     seconds["pics"] += time.perf_counter() - start
@@ -1164,6 +1164,17 @@ def write_checkpoint(checkpoint: dict, path: Path) -> None:
     except OSError as error:
         raise CheckpointError(
             f"{path}: the checkpoint could not be written ({error}); the earlier {path.name} is kept"
+        ) from error
+
+
+def write_learning_curves(png: bytes, path: Path, epoch: int) -> None:
+    """`atomic_write_bytes` of the PNG (never half a picture), with a failed write as one
+    UsageError line that says the epoch's checkpoints were written before it."""
+    try:
+        atomic_write_bytes(png, path)
+    except OSError as error:
+        raise UsageError(
+            f"{path}: the learning curves could not be written ({error}); the checkpoints of epoch {epoch} are kept"
         ) from error
 
 

@@ -167,3 +167,15 @@ def test_validation_volumes_stay_on_the_device_with_device_placement(phantom_dir
         assert torch.equal(a.images.float(), torch.from_numpy(np.array(b.images)).float()) and torch.equal(
             a.masks, b.masks
         )
+
+
+def test_a_failed_learning_curves_write_is_one_line_and_keeps_the_checkpoints(phantom_dir, tmp_path):
+    """The curves are written on the worker after the epoch's checkpoints: a folder in the
+    way of learning_curves.png stops the run with one error line naming it, not a traceback,
+    and the first epoch's last.pt is complete."""
+    (tmp_path / "ckpt" / "learning_curves.png" / "in_the_way").mkdir(parents=True)
+    args = tiny_train_args(phantom_dir, tmp_path, "--epochs", "3", "--steps-per-epoch", "2")
+    with pytest.raises(SystemExit, match=r"learning_curves\.png: the learning curves could not be written"):
+        train.main([a for a in args if a != "--no-learning-curves"])
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["epoch"] == 1
+    assert not list((tmp_path / "ckpt").glob(".*.tmp"))

@@ -760,7 +760,7 @@ def ablation(args: argparse.Namespace, argv: list[str]) -> dict:
                 args.budget,
                 args.device,
                 by_name.get(candidate.reuse),
-                args.backend,
+                backend=args.backend,
             )
             for seed in args.seeds  # seed after seed: an interrupted ablation still covers every candidate
             for candidate in CANDIDATES

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +49,18 @@ def test_table_averages_seeds_and_marks_unwired_candidates():
     assert "not wired: --new" in lines[4]
 
 
-def predict_in_this_process(arguments: list[str], log) -> dict:
-    """bench.run_predict without the `python predict.py` subprocess (3 s of imports each):
-    the same arguments, the same summary.json read back."""
-    predict.main(arguments)
-    return json.loads((Path(arguments[arguments.index("--output-dir") + 1]) / "summary.json").read_text())
+def predict_in_this_process(command: list[str], cwd: Path, log: Path) -> tuple[float, str]:
+    """bench.run_timed for the ablation's `python predict.py ...` without the subprocess
+    (3 s of imports each): the same arguments, run by predict.main in this process."""
+    assert Path(command[1]).name == "predict.py", command
+    start = time.perf_counter()
+    predict.main(command[2:])
+    return time.perf_counter() - start, ""
 
 
 def test_ablation_smoke_run_writes_the_table(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bench, "run_predict", predict_in_this_process)
+    monkeypatch.setattr(bench, "run_timed", predict_in_this_process)
     unwired = Candidate("x", ("--not-a-flag",))
     monkeypatch.setattr(bench, "CANDIDATES", (*bench.CANDIDATES, unwired))
     output = tmp_path / "ablation.md"
@@ -69,6 +72,8 @@ def test_ablation_smoke_run_writes_the_table(tmp_path, monkeypatch):
     assert "| flip TTA | `predict --tta` | 0 |" in text
     assert "| x | `--not-a-flag` | - | not wired: --not-a-flag" in text
     assert (tmp_path / "w" / "today_seed0" / "test_last" / "metrics.csv").exists()
+    summary = json.loads((tmp_path / "w" / "today_seed0" / "test_last" / "summary.json").read_text())
+    assert summary["protocol"]["backend"] == "torch"  # --backend reached predict.py
     # flip TTA predicts with today's checkpoints: no training of its own
     assert (tmp_path / "w" / "today_seed0" / "test_last_flip_TTA" / "metrics.csv").exists()
     assert not (tmp_path / "w" / "flip_TTA_seed0").exists()

@@ -20,7 +20,7 @@ import time
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +29,21 @@ from typing import BinaryIO
 import numpy as np
 import tifffile
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from nifti import _nifti_stem, discover_nifti_patients, read_nifti_volume
+from patients import DataError, Patient, SliceFiles
 
 # make_synthetic_dataset is re-exported: the phantom writers live in phantom.py
 from phantom import DEFAULT_SLICES, DIFFICULTIES, FORMATS, make_synthetic_dataset
+from preprocessing import Geometry, preprocess_volume, preprocessing_config
 from utils import (
     CLIParser,
-    Geometry,
     HelpFormatter,
     UsageError,
     check_writable_dir,
     ensure_writable_dir,
     one_line_warnings,
-    preprocess_volume,
-    preprocessing_config,
     shared_flags,
 )
 
@@ -51,51 +52,11 @@ IMAGE_RE = re.compile(r"^(?P<prefix>.+)_(?P<k>\d+)\.tiff?$", re.IGNORECASE)
 MASK_RE = re.compile(r"^(?P<prefix>.+)_(?P<k>\d+)_mask\.tiff?$", re.IGNORECASE)
 
 
-class DataError(Exception):
-    """A problem with the input data that the user can fix; the message names the file."""
-
-
 class CacheWarning(UserWarning):
     """A damaged preprocessing-cache entry was found and is being rebuilt."""
 
 
 # ---------------------------------------------------------------------------- discovery
-
-
-@dataclass(frozen=True)
-class SliceFiles:
-    number: int  # k in <prefix>_<k>.tif
-    image: Path
-    mask: Path | None
-
-    @property
-    def mask_name(self) -> str:
-        """The mask file name that mirrors the image's: `P_001.tif` -> `P_001_mask.tif`
-        (prefix, zero padding and extension spelling kept)."""
-        return f"{self.image.stem}_mask{self.image.suffix}"
-
-
-@dataclass(frozen=True)
-class Patient:
-    """One patient folder: all slices sorted by k, and which of them are kept. `spacing` is
-    the voxel size in mm along the (slice, row, col) axes of `read_volume`'s arrays: from the
-    header for a NIfTI patient, None for a TIFF patient (TIFFs carry none; `predict.py
-    --spacing` sets it)."""
-
-    patient_id: str
-    directory: Path
-    slices: tuple[SliceFiles, ...]
-    nifti: NiftiFiles | None = None  # set for a NIfTI patient (its slices then all name the same file)
-    spacing: tuple[float, float, float] | None = None
-
-    @property
-    def kept(self) -> tuple[SliceFiles, ...]:
-        """All slices except the first and the last (coverage artefacts)."""
-        return self.slices[1:-1]
-
-    @property
-    def labelled(self) -> bool:
-        return self.slices[0].mask is not None
 
 
 def _is_tiff(path: Path) -> bool:
@@ -384,7 +345,7 @@ def _discard_entry(entry: Path) -> None:
 
 def load_volume(patient: Patient, image_size: int, cache_dir: str | Path | None, norm_region: str = "crop") -> Volume:
     """Preprocessed volume from the cache (memory-mapped) or computed and cached.
-    `norm_region` ("crop" or "head", see `utils.preprocess_volume`) is part of the cache key.
+    `norm_region` ("crop" or "head", see `preprocessing.preprocess_volume`) is part of the cache key.
 
     A cache entry that cannot be read (missing or truncated file, bad JSON, arrays of the
     wrong shape) is rebuilt with a CacheWarning naming the patient. Raises DataError for
@@ -435,100 +396,6 @@ def load_volumes(
 # ------------------------------------------------------------------------------- splits
 
 
-def make_split(
-    patient_ids: Sequence[str],
-    val_patients: int = 10,
-    seed: int = 42,
-    folds: int | None = None,
-    fold: int | None = None,
-    strata: dict[str, bool] | None = None,
-    test_patients: int = 0,
-) -> dict:
-    """Deterministic patient-level split into three disjoint lists: `train` fits the
-    weights, `val` chooses the checkpoint, `test` is never used in training.
-
-    - `folds`=K, `fold`=i: the patients are cut into K folds (a stratified random order,
-      split into K near-equal chunks); fold i is `test`, `val_patients` are drawn
-      (stratified) from the other folds, the rest train. Over i = 0..K-1 every patient is
-      test exactly once. `test_patients` must be 0.
-    - otherwise: `val_patients` from the front of the stratified order and `test_patients`
-      from its back (with `test_patients`=0 the validation list is the one this function
-      always gave for the seed).
-
-    With `strata` (patient -> has a lesion) each group is spread evenly over val, test and
-    the folds. Returns a plain dict {train, val, test (sorted id lists), seed, folds, fold,
-    val_patients, test_patients, stratified}. Raises DataError naming the flag when the
-    request cannot be met (too few patients, fold out of range, duplicate ids).
-    """
-    ids = sorted(patient_ids)
-    if len(set(ids)) != len(ids):
-        raise DataError("duplicate patient ids in the data directory")
-    strata = strata or {}
-    rng = np.random.default_rng(seed)
-    order = _stratified_order(ids, strata, rng)
-    if folds is not None:
-        test = _fold_of(order, folds, fold, test_patients)
-        rest = _stratified_order(sorted(set(ids) - set(test)), strata, rng)  # the other K-1 folds
-        _check_counts(len(ids), val_patients, len(test), f"{len(test)} of them in test fold {fold} of {folds}")
-        val = rest[:val_patients]
-    else:
-        if test_patients < 0:
-            raise DataError(f"--test-patients {test_patients}: must be >= 0")
-        _check_counts(len(ids), val_patients, test_patients, f"{test_patients} of them held out by --test-patients")
-        val = order[:val_patients]
-        test = order[len(order) - test_patients :]
-    held = set(val) | set(test)
-    return {
-        "train": [i for i in ids if i not in held],
-        "val": sorted(val),
-        "test": sorted(test),
-        "seed": seed,
-        "folds": folds,
-        "fold": fold,
-        "val_patients": len(val),
-        "test_patients": len(test),
-        "stratified": bool(strata),
-    }
-
-
-def _fold_of(order: list[str], folds: int, fold: int | None, test_patients: int) -> list[str]:
-    """Fold `fold` of `folds` near-equal chunks of `order` (the test set of that fold)."""
-    if test_patients:
-        raise DataError(f"--test-patients {test_patients}: not used with --folds (there fold i is the test set)")
-    if not 2 <= folds <= len(order):
-        raise DataError(f"--folds {folds}: need 2 <= folds <= number of patients ({len(order)})")
-    if fold is None or not 0 <= fold < folds:
-        raise DataError(f"--fold {fold}: must be in 0..{folds - 1}")
-    return [str(i) for i in np.array_split(np.array(order, dtype=object), folds)[fold]]
-
-
-def _check_counts(total: int, val_patients: int, test_patients: int, context: str) -> None:
-    """At least one validation and one training patient must remain."""
-    if total - test_patients < 2:
-        raise DataError(
-            f"{total} patient(s) ({context}): too few to split; training needs at least one training "
-            "and one validation patient"
-        )
-    if not 0 < val_patients < total - test_patients:
-        raise DataError(
-            f"--val-patients {val_patients}: must be between 1 and {total - test_patients - 1} "
-            f"({total} patients, {context}; at least one must be left to train)"
-        )
-
-
-def _stratified_order(ids: list[str], strata: dict[str, bool], rng: np.random.Generator) -> list[str]:
-    """A random order in which every stratum is spread evenly: shuffle each group, give
-    its members positions (rank + 0.5) / group size, and sort by position (ties at random)."""
-    groups: dict[bool, list[str]] = {}
-    for i in ids:
-        groups.setdefault(strata.get(i, False), []).append(i)
-    keyed = []
-    for key in sorted(groups):
-        members = [groups[key][j] for j in rng.permutation(len(groups[key]))]
-        keyed += [((rank + 0.5) / len(members), rng.random(), pid) for rank, pid in enumerate(members)]
-    return [pid for _, _, pid in sorted(keyed)]
-
-
 # ------------------------------------------------------------------------ NIfTI volumes
 # A folder of NIfTI files, one patient per file set, is read into the same (S, H, W, 3)
 # images and (S, H, W) masks as a TIFF patient folder; from there on both follow one path
@@ -540,169 +407,6 @@ def _stratified_order(ids: list[str], strata: dict[str, bool], rng: np.random.Ge
 #   <patient>_mask.nii.gz            optional ground truth (non-zero = abnormality)
 # (.nii works as well as .nii.gz). Slices are taken along the voxel axis closest to the
 # world's superior-inferior axis (from the affine, nibabel's io_orientation).
-
-NIFTI_SEQUENCE_SUFFIXES = ("_pre", "_flair", "_post")  # in channel order
-NIFTI_MASK_SUFFIX = "_mask"
-SLICE_AXES = ("S", "P", "L")  # index directions of (slice, row, column): axial slices from the
-# feet up, each seen in the radiological convention (anterior at the top, patient's left on the right)
-GRID_TOLERANCE = 1e-3  # mm: largest affine difference between the files of one patient
-
-
-@dataclass(frozen=True)
-class NiftiFiles:
-    """One NIfTI patient's files. `channels`: one 4-D file, or the (pre-contrast, FLAIR,
-    post-contrast) files with a missing sequence replaced by the FLAIR file. Predicted masks
-    are written on the voxel grid and affine of `channels[0]`."""
-
-    channels: tuple[Path, ...]
-    mask: Path | None
-
-
-def _nifti_stem(path: Path) -> str | None:
-    """`name` of name.nii / name.nii.gz (any case); None for other files."""
-    for extension in (".nii.gz", ".nii"):
-        if path.name.lower().endswith(extension):
-            return path.name[: -len(extension)]
-    return None
-
-
-def _load_nifti(path: Path):
-    """The nibabel image (header read, data not yet); DataError naming the file if unreadable."""
-    import nibabel
-
-    try:
-        return nibabel.load(path)
-    except Exception as error:  # nibabel raises many types for damaged or foreign files
-        raise DataError(f"{path}: cannot read NIfTI ({type(error).__name__}: {error})") from error
-
-
-def _to_slices(affine: np.ndarray, path: Path) -> np.ndarray:
-    """nibabel orientation transform from the file's voxel axes to SLICE_AXES."""
-    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
-
-    orientation = io_orientation(affine)
-    if np.isnan(orientation).any():
-        raise DataError(f"{path}: the affine has no clear axis directions (degenerate): {affine.tolist()}")
-    return ornt_transform(orientation, axcodes2ornt(SLICE_AXES))
-
-
-def _spatial_shape(image, path: Path, channels: int | None) -> tuple[int, int, int]:
-    """(X, Y, Z) of a 3-D file (`channels` None; a trailing axis of 1 is allowed) or of a
-    4-D file with `channels` channels last."""
-    shape = tuple(image.shape)
-    if channels is None and (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
-        return shape[:3]
-    if channels is not None and len(shape) == 4 and shape[3] == channels:
-        return shape[:3]
-    expected = "a 3-D volume" if channels is None else f"a 4-D volume X x Y x Z x {channels} (channels last)"
-    hint = "" if channels is None else f"; or separate files <patient>{'/'.join(NIFTI_SEQUENCE_SUFFIXES)}.nii.gz"
-    raise DataError(f"{path}: expected {expected}, got shape {shape}{hint}")
-
-
-def _group_nifti_files(root: Path) -> dict[str, dict[str, Path]]:
-    """patient id -> {"volume" or a suffix: path} for the NIfTI files directly in `root`."""
-    groups: dict[str, dict[str, Path]] = {}
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        stem = _nifti_stem(path)
-        if stem is None:
-            continue
-        role, patient_id = "volume", stem
-        for suffix in (*NIFTI_SEQUENCE_SUFFIXES, NIFTI_MASK_SUFFIX):
-            if stem.lower().endswith(suffix) and len(stem) > len(suffix):
-                role, patient_id = suffix, stem[: -len(suffix)]
-                break
-        files = groups.setdefault(patient_id, {})
-        if role in files:
-            raise DataError(f"{path}: patient {patient_id} already has this file as {files[role].name}")
-        files[role] = path
-    return groups
-
-
-def _nifti_channels(patient_id: str, files: dict[str, Path]) -> tuple[Path, ...]:
-    """The channel files of one patient; a missing pre- or post-contrast file is replaced by
-    FLAIR with a warning."""
-    volume, sequences = files.get("volume"), [files.get(s) for s in NIFTI_SEQUENCE_SUFFIXES]
-    separate = [p.name for p in sequences if p is not None]
-    if volume is not None and separate:
-        raise DataError(
-            f"patient {patient_id}: both a 4-D volume {volume.name} and sequence files {', '.join(separate)}; keep one"
-        )
-    if volume is not None:
-        return (volume,)
-    flair = sequences[1]
-    if flair is None:
-        found = ", ".join(p.name for p in files.values())
-        raise DataError(
-            f"patient {patient_id}: no image volume {patient_id}.nii.gz or FLAIR file {patient_id}_flair.nii.gz "
-            f"(found {found})"
-        )
-    for suffix, path in zip(NIFTI_SEQUENCE_SUFFIXES, sequences, strict=True):
-        if path is None:
-            warnings.warn(
-                f"patient {patient_id}: no {patient_id}{suffix}.nii.gz; FLAIR is used in its place (as in the Kaggle "
-                "LGG data)",
-                stacklevel=3,
-            )
-    return tuple(p or flair for p in sequences)
-
-
-def _nifti_patient(patient_id: str, files: dict[str, Path], root: Path) -> Patient:
-    """Check that every file of the patient shares one voxel grid; one SliceFiles per axial slice."""
-    channels, mask = _nifti_channels(patient_id, files), files.get(NIFTI_MASK_SUFFIX)
-    reference = _load_nifti(channels[0])
-    shape = _spatial_shape(reference, channels[0], 3 if len(channels) == 1 else None)
-    for path in [*dict.fromkeys(channels[1:]), *([mask] if mask else [])]:
-        image = _load_nifti(path)
-        if _spatial_shape(image, path, None) != shape:
-            raise DataError(
-                f"{path}: voxel grid {tuple(image.shape[:3])} differs from {channels[0].name}'s {shape}; "
-                "the files of one patient must share a grid"
-            )
-        if not np.allclose(image.affine, reference.affine, atol=GRID_TOLERANCE):
-            raise DataError(
-                f"{path}: affine differs from {channels[0].name}'s by up to "
-                f"{np.abs(image.affine - reference.affine).max():.3g} mm; the files of one patient must share a grid"
-            )
-    transform = _to_slices(reference.affine, channels[0])
-    n_slices = shape[int(np.flatnonzero(transform[:, 0] == 0)[0])]
-    if n_slices < 3:
-        raise DataError(
-            f"{channels[0]}: {n_slices} axial slice(s); at least 3 are needed because the first and last are dropped"
-        )
-    slices = tuple(SliceFiles(k, channels[0], mask) for k in range(1, n_slices + 1))
-    spacing = nifti_spacing(reference, transform, channels[0])
-    return Patient(patient_id, root, slices, nifti=NiftiFiles(channels, mask), spacing=spacing)
-
-
-SPATIAL_UNITS_IN_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}  # NIfTI-1 xyz units
-
-
-def nifti_spacing(image, transform: np.ndarray, path: Path) -> tuple[float, float, float]:
-    """The voxel size in mm along the (slice, row, col) axes that `read_nifti_volume` gives:
-    the lengths of the affine's first three columns (nibabel's `affines.voxel_sizes`, the
-    geometry a viewer uses), permuted by the orientation `transform` (`_to_slices`), in the
-    header's spatial unit converted to mm ("unknown" read as mm, the NIfTI-1 default), each
-    the shortest decimal at the header's float32 precision (a stored 0.9 reads 0.9, not
-    0.8999999762). Raises DataError naming the file for a zero voxel size."""
-    from nibabel.affines import voxel_sizes
-
-    sizes = voxel_sizes(image.affine)  # (X, Y, Z) mm per voxel step
-    unit = SPATIAL_UNITS_IN_MM.get(image.header.get_xyzt_units()[0], 1.0)
-    spacing = [0.0, 0.0, 0.0]
-    for axis, (target, _) in enumerate(transform):
-        spacing[int(target)] = float(str(np.float32(sizes[axis] * unit)))
-    if not all(np.isfinite(v) and v > 0 for v in spacing):
-        raise DataError(f"{path}: voxel size {tuple(sizes)} from the affine is not positive")
-    return (spacing[0], spacing[1], spacing[2])
-
-
-def discover_nifti_patients(data_dir: str | Path) -> list[Patient]:
-    """Patients from the NIfTI files directly in `data_dir` (naming above), sorted by id;
-    [] if there are none. Only headers are read here. Raises DataError naming the file for
-    an unreadable file, a wrong shape, files of one patient on different grids, a mask
-    without an image, or fewer than 3 axial slices."""
-    root = Path(data_dir)
-    return [_nifti_patient(pid, files, root) for pid, files in sorted(_group_nifti_files(root).items())]
 
 
 def discover_inputs(data_dir: str | Path) -> list[Patient]:
@@ -718,64 +422,6 @@ def discover_inputs(data_dir: str | Path) -> list[Patient]:
     if both:
         raise DataError(f"patient {both[0]} is in {root} both as a TIFF folder and as NIfTI files; keep one")
     return sorted(tiff + nifti, key=lambda p: p.patient_id)
-
-
-def _read_nifti_array(path: Path) -> np.ndarray:
-    """The voxel data as stored (scaled if the header says so); non-finite values refused."""
-    data = np.asanyarray(_load_nifti(path).dataobj)
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        raise DataError(
-            f"{path}: {int((~np.isfinite(data)).sum())} non-finite voxel(s) (NaN or inf); "
-            "replace them before training or predicting"
-        )
-    return data
-
-
-def read_nifti_volume(patient: Patient) -> tuple[np.ndarray, np.ndarray | None]:
-    """The kept axial slices of a NIfTI patient, as read_volume gives them for TIFF folders:
-    images (S, H, W, 3) in the files' dtype and masks (S, H, W) bool or None, with S along
-    the world's inferior -> superior axis and (H, W) in SLICE_AXES order."""
-    from nibabel.orientations import apply_orientation
-
-    files = patient.nifti
-    arrays = {path: _read_nifti_array(path) for path in dict.fromkeys(files.channels)}
-    if len(files.channels) == 1:
-        data = arrays[files.channels[0]]  # (X, Y, Z, 3)
-    else:
-        data = np.stack([arrays[p].reshape(arrays[p].shape[:3]) for p in files.channels], axis=-1)
-    transform = _to_slices(_load_nifti(files.channels[0]).affine, files.channels[0])
-    images = np.ascontiguousarray(apply_orientation(data, transform)[1:-1])  # (X, Y, Z, 3) -> (S, H, W, 3)
-    if files.mask is None:
-        return images, None
-    mask = _read_nifti_array(files.mask)
-    mask = apply_orientation(mask.reshape(mask.shape[:3]) != 0, transform)[1:-1]
-    return images, np.ascontiguousarray(mask)
-
-
-def write_nifti_mask(patient: Patient, masks: np.ndarray, path: str | Path) -> None:
-    """Write masks (all slices S, H, W; SLICE_AXES order as read_nifti_volume gives them) as a
-    uint8 0/1 NIfTI file on the voxel grid of the patient's image file, with its affine."""
-    write_nifti_array(patient, np.asarray(masks, dtype=bool).astype(np.uint8), path)
-
-
-def write_nifti_array(patient: Patient, array: np.ndarray, path: str | Path) -> None:
-    """Write an array of all slices (S, H, W; SLICE_AXES order as read_nifti_volume gives
-    them) in its own dtype (uint8 masks, float32 probabilities) as a NIfTI file on the voxel
-    grid of the patient's image file, with its affine, qform/sform codes and units, so a
-    viewer shows it over the scan. Raises DataError for a degenerate affine."""
-    import nibabel
-    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-
-    reference = _load_nifti(patient.nifti.channels[0])
-    _to_slices(reference.affine, patient.nifti.channels[0])  # refuses a degenerate affine
-    back = ornt_transform(axcodes2ornt(SLICE_AXES), io_orientation(reference.affine))
-    data = apply_orientation(np.asarray(array), back)  # (S, H, W) -> (X, Y, Z)
-    image = nibabel.Nifti1Image(np.ascontiguousarray(data), reference.affine)
-    header = reference.header
-    image.set_qform(reference.affine, code=int(header["qform_code"]))
-    image.set_sform(reference.affine, code=int(header["sform_code"]))
-    image.header.set_xyzt_units(*header.get_xyzt_units())
-    nibabel.save(image, path)
 
 
 # ------------------------------------------------------------------------------ dataset
@@ -868,204 +514,7 @@ class MRISegmentationDataset(Dataset):
 # ----------------------------------------------------------------------------- sampling
 
 
-def _check_fraction(name: str, value: float) -> None:
-    if not 0 <= value <= 1:
-        raise ValueError(f"{name} {value}: must be in [0, 1]")
-
-
-class SliceSampler:
-    """Draws training slice indices for an epoch: `sampler(steps, batch_size, generator)`
-    returns int64 (steps * batch_size,), batch after batch, indexing the concatenated
-    slices of `MRISegmentationDataset` (its `index` / `stacked()` order). Sampling is with
-    replacement and on the host, as `WeightedRandomSampler` does."""
-
-    def __init__(self, areas: np.ndarray, patients: np.ndarray):
-        self.areas = np.asarray(areas, dtype=np.float64)  # (N,) lesion pixels per slice
-        self.patients = np.asarray(patients)  # (N,) volume number of each slice
-        self.lesion = self.areas > 0
-
-    def __call__(self, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
-
-    def lesion_share(self, batch_size: int) -> float:
-        """The expected share of lesion slices among the drawn slices."""
-        raise NotImplementedError
-
-
-class AreaSampler(SliceSampler):
-    """Pooled area weights (today's scheme): weight = lesion area + `floor_fraction` x mean
-    area over all slices, so lesion-free slices are still drawn; uniform without lesions."""
-
-    def __init__(self, areas: np.ndarray, patients: np.ndarray, floor_fraction: float = 0.1):
-        super().__init__(areas, patients)
-        if floor_fraction < 0:
-            raise ValueError(f"floor fraction {floor_fraction}: must be >= 0")
-        floor = floor_fraction * self.areas.mean()
-        self.weights = torch.as_tensor(self.areas + floor if floor > 0 else np.ones_like(self.areas))
-
-    def __call__(self, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.multinomial(self.weights, steps * batch_size, True, generator=generator)
-
-    def lesion_share(self, batch_size: int) -> float:
-        return float(self.weights[torch.as_tensor(self.lesion)].sum() / self.weights.sum())
-
-
-def forced_foreground(batch_size: int, lesion_fraction: float) -> int:
-    """Slices of a batch that must be lesion slices: nnU-Net's rule (the last
-    B - round(B x (1 - p)) samples of a batch are oversampled foreground)."""
-    return batch_size - round(batch_size * (1 - lesion_fraction))
-
-
-class ForegroundSampler(SliceSampler):
-    """Foreground oversampling as in nnU-Net (Isensee et al. 2021, `oversample_foreground_percent`):
-    in every batch a fixed share `lesion_fraction` of the slices is drawn from lesion slices
-    with probability proportional to lesion area, the rest uniformly from all slices."""
-
-    def __init__(self, areas: np.ndarray, patients: np.ndarray, lesion_fraction: float = 1 / 3):
-        super().__init__(areas, patients)
-        _check_fraction("lesion fraction", lesion_fraction)
-        self.lesion_fraction = lesion_fraction
-
-    def __call__(self, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        forced = forced_foreground(batch_size, self.lesion_fraction) if self.lesion.any() else 0
-        uniform = torch.randint(len(self.areas), (steps, batch_size - forced), generator=generator)
-        if forced == 0:
-            return uniform.flatten()
-        foreground = torch.as_tensor(np.flatnonzero(self.lesion))
-        picks = torch.multinomial(torch.as_tensor(self.areas[self.lesion]), steps * forced, True, generator=generator)
-        batches = torch.cat([uniform, foreground[picks].view(steps, forced)], dim=1)  # (steps, B)
-        return batches.flatten()
-
-    def lesion_share(self, batch_size: int) -> float:
-        forced = forced_foreground(batch_size, self.lesion_fraction) / batch_size if self.lesion.any() else 0.0
-        return forced + (1 - forced) * float(self.lesion.mean())
-
-
-class PatientFirstSampler(SliceSampler):
-    """The original implementation's scheme (mateuszbuda/brain-segmentation-pytorch,
-    dataset.py): a patient uniformly, then one of its slices with weight = lesion area +
-    `floor_fraction` x the patient's mean area; uniform within a lesion-free patient."""
-
-    def __init__(self, areas: np.ndarray, patients: np.ndarray, floor_fraction: float = 0.1):
-        super().__init__(areas, patients)
-        if floor_fraction < 0:
-            raise ValueError(f"floor fraction {floor_fraction}: must be >= 0")
-        self.members = [np.flatnonzero(self.patients == p) for p in np.unique(self.patients)]
-        width = max(len(m) for m in self.members)
-        self.table = torch.zeros(len(self.members), width, dtype=torch.long)  # (P, S_max) slice indices
-        self.weights = torch.zeros(len(self.members), width, dtype=torch.float64)  # (P, S_max), 0 = padding
-        for p, members in enumerate(self.members):
-            area = self.areas[members]
-            floor = floor_fraction * area.mean()
-            self.table[p, : len(members)] = torch.as_tensor(members)
-            self.weights[p, : len(members)] = torch.as_tensor(area + floor if floor > 0 else np.ones_like(area))
-
-    def __call__(self, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        patient = torch.randint(len(self.members), (steps * batch_size,), generator=generator)
-        column = torch.multinomial(self.weights[patient], 1, generator=generator)  # (n, 1)
-        return self.table[patient, column[:, 0]]
-
-    def lesion_share(self, batch_size: int) -> float:
-        lesion = torch.zeros_like(self.weights, dtype=torch.bool)
-        for p, members in enumerate(self.members):
-            lesion[p, : len(members)] = torch.as_tensor(self.lesion[members])
-        per_patient = (self.weights * lesion).sum(dim=1) / self.weights.sum(dim=1)
-        return float(per_patient.mean())
-
-
-SAMPLING_SCHEMES = ("area", "foreground", "patient")
-
-
-def make_sampler(
-    dataset: MRISegmentationDataset, scheme: str = "area", floor_fraction: float = 0.1, lesion_fraction: float = 1 / 3
-) -> SliceSampler:
-    """The slice sampler for `--sampling` (area | foreground | patient); ValueError otherwise."""
-    areas, patients = dataset.slice_areas(), dataset.slice_patients()
-    if scheme == "area":
-        return AreaSampler(areas, patients, floor_fraction)
-    if scheme == "foreground":
-        return ForegroundSampler(areas, patients, lesion_fraction)
-    if scheme == "patient":
-        return PatientFirstSampler(areas, patients, floor_fraction)
-    raise ValueError(f"sampling scheme {scheme!r}: expected one of {', '.join(SAMPLING_SCHEMES)}")
-
-
 # ------------------------------------------------------------------ slice placement
-
-
-class ResidentSlices:
-    """The whole training set as tensors on the training device; the slice indices of all
-    batches come from `sampler` (default: `make_sampler(dataset)`, area weights) on the host
-    and are gathered on the device, so the host does no per-step work. With context slices
-    each slice's neighbours (`dataset.context_table()`) are gathered as extra channels."""
-
-    def __init__(self, dataset: MRISegmentationDataset, device: torch.device, sampler: SliceSampler | None = None):
-        images, masks = dataset.stacked()
-        self.images = torch.from_numpy(images).to(device)  # (N, 3, H, W) float16
-        self.masks = torch.from_numpy(masks).to(device)[:, None]  # (N, 1, H, W) uint8
-        self.context = torch.from_numpy(dataset.context_table()).to(device)  # (N, 2C+1) neighbour indices
-        self.sampler = sampler or make_sampler(dataset)
-        self.device = device
-
-    def batches(
-        self, steps: int, batch_size: int, generator: torch.Generator
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self.sampler(steps, batch_size, generator)
-        indices = indices.to(self.device, non_blocking=True).view(steps, batch_size)
-        for row in indices:
-            images = self.images[self.context[row]].flatten(1, 2)  # (B, 2C+1, 3, H, W) -> (B, 3 (2C+1), H, W)
-            yield images.float(), self.masks[row].float()
-
-
-class StreamedSlices:
-    """A DataLoader over the memory-mapped cache; the slice indices come from `sampler`
-    (default: `make_sampler(dataset)`), drawn on the host for the whole epoch."""
-
-    def __init__(
-        self,
-        dataset: MRISegmentationDataset,
-        device: torch.device,
-        num_workers: int,
-        sampler: SliceSampler | None = None,
-    ):
-        self.dataset, self.device, self.num_workers = dataset, device, num_workers
-        self.sampler = sampler or make_sampler(dataset)
-
-    def batches(
-        self, steps: int, batch_size: int, generator: torch.Generator
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = DataLoader(
-            self.dataset,
-            batch_size,
-            sampler=self.sampler(steps, batch_size, generator).tolist(),
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-        )
-        for images, masks in loader:
-            yield images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
-
-
-PLACEMENTS = ("auto", "device", "stream")
-
-
-def training_data(
-    dataset: MRISegmentationDataset, device: torch.device, placement: str, num_workers: int, sampler: SliceSampler
-) -> tuple[ResidentSlices | StreamedSlices, str]:
-    """The training slices placed as `placement` (one of PLACEMENTS) asks: "device" keeps the
-    set on `device`, "stream" reads it from the cache each epoch, "auto" keeps it on the
-    device when it takes under 40 % of the free GPU memory (always on the CPU). Returns the
-    data and the placement used ("device" or "stream")."""
-    if placement == "auto":
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            nbytes = sum(v.images.nbytes + v.masks.nbytes for v in dataset.volumes)
-            placement = "device" if nbytes < 0.4 * free else "stream"
-        else:
-            placement = "device"
-    if placement == "device":
-        return ResidentSlices(dataset, device, sampler), placement
-    return StreamedSlices(dataset, device, num_workers, sampler), placement
 
 
 # ---------------------------------------------------------------------------------- CLI

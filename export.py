@@ -2,7 +2,7 @@
 
     python export.py --model-path checkpoints/best_model.pt --output model.onnx
 
-The graph takes `images`, preprocessed slices (B, 3, H, W) float32 as utils.preprocess_volume
+The graph takes `images`, preprocessed slices (B, 3, H, W) float32 as preprocessing.preprocess_volume
 makes them (batch, H and W dynamic; H and W multiples of 16), and returns `probabilities`
 (B, 1, H, W) in [0, 1], like `UNetModel.forward`. The checkpoint's image size and model
 configuration are stored in the ONNX metadata (`image_size`, `model_config`). The file is
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference import CheckpointError, LoadedModel, load_model, missing_checkpoint
+from checkpoint import CheckpointError
+from inference import LoadedModel, load_model, missing_checkpoint
 from utils import CLIParser, HelpFormatter, UsageError, atomic_write_bytes, check_writable_dir, ensure_writable_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> float:
         "image_size": str(loaded.image_size),
         "model_config": json.dumps(loaded.model.config),
         "source_checkpoint": Path(args.model_path).name,
-        "input": f"{INPUT_NAME}: (batch, 3, H, W) float32 slices preprocessed by utils.preprocess_volume",
+        "input": f"{INPUT_NAME}: (batch, 3, H, W) float32 slices preprocessed by preprocessing.preprocess_volume",
         "output": f"{OUTPUT_NAME}: (batch, 1, H, W) float32 in [0, 1]",
     }
     data = export_onnx(loaded.model, loaded.image_size, metadata)

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
-ENTRY_MODULES = ("network", "utils", "inference")  # what the entry points use (inference imports dataset)
+ENTRY_MODULES = ("network", "utils", "preprocessing", "checkpoint", "postprocessing", "inference")
 
 NO_PRETRAINED = (
     "no pretrained weights are published for this model: train your own with "
@@ -127,7 +127,7 @@ def unet_segmentation(
             f"unet_segmentation: {', '.join(sorted(model_kwargs))} cannot be combined with weights_path: "
             "the checkpoint fixes the architecture (pass model arguments only to build an untrained model)"
         )
-    checkpoint = modules["inference"].load_checkpoint(weights_path, map_location)
+    checkpoint = modules["checkpoint"].load_checkpoint(weights_path, map_location)
     return modules["inference"].build_model(checkpoint, weights_path).to(map_location)
 
 
@@ -149,11 +149,11 @@ class SegmentationPipeline:
         postprocessing: dict | None = None,
     ):
         self._modules = repo_modules()
-        inference = self._modules["inference"]
+        post = self._modules["postprocessing"]
         if postprocessing is None:
-            postprocessing = dict(inference.LCC if lcc else inference.NO_FILTER)
-        self.postprocessing = inference.check_postprocessing(postprocessing, "postprocessing")
-        lcc = self.postprocessing == inference.LCC
+            postprocessing = dict(post.LCC if lcc else post.NO_FILTER)
+        self.postprocessing = post.check_postprocessing(postprocessing, "postprocessing")
+        lcc = self.postprocessing == post.LCC
         self.norm_region = norm_region  # where training took the normalisation statistics
         self.context_slices = self._modules["inference"].context_slices_of(
             getattr(model, "config", {}).get("in_channels", 3), "model"
@@ -172,12 +172,12 @@ class SegmentationPipeline:
         """volume (S, H, W, 3) of one patient, all slices in order -> masks uint8 0/1
         (S, H, W) and probabilities float32 (S, H, W), both on the input grid.
         Raises ValueError for any other shape and for NaN or infinite values."""
-        utils, inference = self._modules["utils"], self._modules["inference"]
+        preprocessing, inference = self._modules["preprocessing"], self._modules["inference"]
         volume = np.asarray(volume)
         if volume.ndim != 4 or volume.shape[-1] != 3:
             raise ValueError(f"expected a volume of shape (slices, H, W, 3), got {volume.shape}")
         slices = range(len(volume))
-        images, _, geometry = utils.preprocess_volume(volume, None, self.image_size, slices, self.norm_region)
+        images, _, geometry = preprocessing.preprocess_volume(volume, None, self.image_size, slices, self.norm_region)
         amp = inference.autocast_dtype(self.device)
         probs = inference.predict_volume(
             self.model, images, self.device, self.batch_size, self.tta, amp, self.context_slices
@@ -211,14 +211,15 @@ def segmentation_pipeline(
     2.5-D model come from its input channels.
     """
     modules = repo_modules()
-    utils, inference = modules["utils"], modules["inference"]
+    utils, inference, saved = modules["utils"], modules["inference"], modules["checkpoint"]
+    post = modules["postprocessing"]
     device = utils.resolve_device(None if device is None else str(device), flag="device")
-    checkpoint = inference.load_checkpoint(weights_path, "cpu")
+    checkpoint = saved.load_checkpoint(weights_path, "cpu")
     model = inference.build_model(checkpoint, weights_path)
-    trained = inference.is_training_checkpoint(checkpoint)
-    preprocessing = inference.require_training_checkpoint(checkpoint, weights_path)["preprocessing"] if trained else {}
+    trained = saved.is_training_checkpoint(checkpoint)
+    preprocessing = saved.require_training_checkpoint(checkpoint, weights_path)["preprocessing"] if trained else {}
     if trained:
-        inference.check_preprocessing(preprocessing, weights_path)
+        saved.check_preprocessing(preprocessing, weights_path)
     saved_size = preprocessing.get("image_size")
     if image_size is not None and (int(image_size) < 16 or int(image_size) % 16):
         raise ValueError(
@@ -234,9 +235,9 @@ def segmentation_pipeline(
         )
     region = preprocessing.get("norm_region", "crop")
     if lcc is None:
-        record = inference.postprocessing_of(checkpoint, weights_path) if trained else dict(inference.LCC)
+        record = post.postprocessing_of(checkpoint, weights_path) if trained else dict(post.LCC)
     else:
-        record = dict(inference.LCC if lcc else inference.NO_FILTER)
+        record = dict(post.LCC if lcc else post.NO_FILTER)
     return SegmentationPipeline(
-        model, int(image_size), device, threshold, record == inference.LCC, tta, batch_size, region, record
+        model, int(image_size), device, threshold, record == post.LCC, tta, batch_size, region, record
     )

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from utils import largest_connected_component
+from postprocessing import largest_connected_component
 
 DIFFICULTIES = ("easy", "hard")
 DEFAULT_SLICES = {"easy": (20, 40), "hard": (12, 60)}
@@ -369,7 +369,7 @@ def _write_patient(folder: Path, pid: str, images: np.ndarray, masks: np.ndarray
 def nifti_phantom_affine(shape: tuple[int, int, int]) -> np.ndarray:
     """The NIfTI phantom's voxel-to-world (RAS+, mm) affine for a volume of `shape` (S, H, W)
     in the reading convention (slices inferior -> superior, rows anterior -> posterior,
-    columns right -> left of the patient, as dataset.SLICE_AXES). The voxels are stored as
+    columns right -> left of the patient, as nifti.SLICE_AXES). The voxels are stored as
     (i, j, k) = (W-1-w, s, h): a permuted axis order (slices on the middle axis) with the
     columns flipped, NIFTI_PIXEL_MM in-plane, slices NIFTI_SLICE_MM apart; the volume is
     centred on the world origin."""
@@ -397,3 +397,14 @@ def _write_nifti_patient(root: Path, pid: str, images: np.ndarray, masks: np.nda
         image.set_qform(affine, code=1)
         image.set_sform(affine, code=1)
         nibabel.save(image, root / name)
+
+
+DEMO_PATIENTS = 20  # `train.py --demo`'s phantom
+
+
+def ensure_demo_data(data_dir: str | Path, seed: int) -> None:
+    """Write the demo's phantom (DEMO_PATIENTS patients, 20-32 slices each) to `data_dir`
+    unless that path exists already."""
+    if not Path(data_dir).exists():
+        print(f"demo: writing a {DEMO_PATIENTS}-patient phantom to {data_dir}")
+        make_synthetic_dataset(data_dir, patients=DEMO_PATIENTS, seed=seed, slices=(20, 32))

@@ -36,49 +36,34 @@ import tifffile
 import torch
 from tqdm import tqdm
 
-from dataset import (
-    DataError,
-    Patient,
-    discover_inputs,
-    load_volume,
-    read_volume,
-    select_patients,
-    write_nifti_array,
-    write_nifti_mask,
-)
+from checkpoint import CheckpointError
+from dataset import discover_inputs, load_volume, read_volume, select_patients
 from export import with_onnxruntime
 from inference import (
     BACKENDS,
-    LCC,
-    NO_FILTER,
-    CheckpointError,
     LoadedModel,
     autocast_dtype,
     load_model,
     missing_checkpoint,
-    postprocessing_name,
     predict_volume,
     resolve_backend,
     to_native,
 )
+from metrics import dice_score, hd95, lesion_metrics, precision_recall, volume_stats
+from nifti import write_nifti_array, write_nifti_mask
+from patients import DataError, Patient
+from pictures import overlay, plot_dice_distribution, view_box
+from postprocessing import LCC, NO_FILTER, postprocessing_name
 from report import write_report, write_thumbnails
 from utils import (
     CLIParser,
     HelpFormatter,
     UsageError,
     check_writable_dir,
-    dice_score,
     ensure_writable_dir,
-    hd95,
-    lesion_metrics,
     one_line_warnings,
-    overlay,
-    plot_dice_distribution,
-    precision_recall,
     resolve_device,
     shared_flags,
-    view_box,
-    volume_stats,
 )
 
 VOLUME_COLUMNS = ["gt_volume", "pred_volume", "volume_error"]
@@ -300,8 +285,8 @@ def write_overlays(
     out_dir: Path,
     dice: float | None = None,
 ) -> int:
-    """One PNG per kept slice with truth or prediction (`utils.overlay`, cropped to the
-    patient's head and masks, `utils.view_box`), titled with the patient, the slice number
+    """One PNG per kept slice with truth or prediction (`pictures.overlay`, cropped to the
+    patient's head and masks, `pictures.view_box`), titled with the patient, the slice number
     and the patient's Dice, at `overlay_path`."""
     from skimage.io import imsave
 

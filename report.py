@@ -5,7 +5,7 @@ protocol, the Dice chart, and one table row per patient (sortable by any column 
 click) with a strip of up to five small overlays of the slices with the most truth or
 prediction, each linking to its full-size overlay. The page needs no network: no CDN, no
 external font or script; every picture is a file under the output folder referenced by a
-relative path (or, for a chart elsewhere, embedded). Thumbnails are drawn by `utils.thumbnail`
+relative path (or, for a chart elsewhere, embedded). Thumbnails are drawn by `pictures.thumbnail`
 from the arrays predict.py already holds (no second pass over the input files).
 """
 
@@ -24,7 +24,8 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
-from utils import atomic_write_bytes, thumbnail, view_box
+from pictures import thumbnail, view_box
+from utils import atomic_write_bytes
 
 REPORT_NAME = "report.html"
 THUMBNAIL_DIR = "thumbnails"
@@ -78,7 +79,7 @@ def write_thumbnails(
     images: (S, H, W, 3) native slices (pre-contrast, FLAIR, post-contrast; FLAIR shown),
     prediction: (S, H, W) bool, truth: (S, H, W) or None, slice_numbers: the S slice numbers
     k; overlay_path: k -> the full-size overlay's path relative to `out_dir`, or None. Every
-    thumbnail of a patient shows the same part of the frame (`utils.view_box`: the head).
+    thumbnail of a patient shows the same part of the frame (`pictures.view_box`: the head).
     """
     chosen = strip_slices(prediction, truth)
     if not chosen:

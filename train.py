@@ -18,15 +18,11 @@ in best_model.pt and args.json as `postprocessing` for predict.py and the hub pi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
-import random
-import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,61 +35,73 @@ from tqdm import tqdm
 
 from augmentations import BatchAugmentation, apply_affine
 from background import BackgroundWorker
-from dataset import (
-    PLACEMENTS,
-    SAMPLING_SCHEMES,
-    DataError,
-    MRISegmentationDataset,
-    Patient,
-    ResidentSlices,
-    StreamedSlices,
-    Volume,
-    discover_inputs,
-    load_volumes,
-    make_sampler,
-    make_split,
-    make_synthetic_dataset,
-    select_patients,
-    training_data,
-)
-from inference import (
-    AMP_CHOICES,
+from checkpoint import (
     CheckpointError,
-    amp_name,
-    autocast_dtype,
-    choose_postprocessing,
-    context_slices_of,
-    load_checkpoint,
-    load_model,
     make_checkpoint,
-    postprocessing_name,
-    predict_probabilities,
-    require_training_checkpoint,
-    save_checkpoint,
-    save_postprocessing_choice,
-    score_postprocessing,
     training_state,
+    write_checkpoint,
 )
+from crossval import fold_choice, train_folds
+from dataset import (
+    MRISegmentationDataset,
+    Volume,
+    load_volumes,
+)
+from inference import AMP_CHOICES, context_slices_of, predict_probabilities
 from losses import LOSSES, build_loss
+from metrics import dice_score
 from network import UNetModel, count_parameters
+from patients import DataError, Patient
+from pictures import plot_learning_curves, png_bytes
+from postprocessing import largest_connected_component
+from postprocessing_choice import ensure_postprocessing_choice, record_postprocessing_choice
+from preprocessing import NORM_REGIONS
+from resume import (
+    RUN_DEFINING_FLAGS,
+    agree_on_inputs,
+    continue_command,
+    flag_text,
+    restore_rng_state,
+    rng_state,
+    run_config,
+)
+from runtime import (
+    FollowRankZero,
+    Runtime,
+    TrainingDiverged,
+    determinism,
+    exit_now,
+    gather_over_ranks,
+    mean_over_ranks,
+    on_rank_zero,
+    setup_runtime,
+    sync_buffers,
+)
+from sampling import PLACEMENTS, SAMPLING_SCHEMES, ResidentSlices, StreamedSlices, make_sampler, training_data
+from splits import make_split
 from tb_logger import TBLogger
+from training_log import (
+    EPOCH_HEADER,
+    LEARNING_CURVES,
+    epoch_line,
+    learning_curves_path,
+    log_epoch,
+    log_overlays,
+    predict_command,
+    print_line,
+    progress_label,
+    write_learning_curves,
+)
 from utils import (
-    NORM_REGIONS,
     CLIParser,
     HelpFormatter,
     UsageError,
     atomic_write_bytes,
-    check_writable_dir,
-    dice_score,
     ensure_writable_dir,
-    largest_connected_component,
     one_line_warnings,
-    plot_learning_curves,
-    png_bytes,
     resolve_device,
     seed_everything,
     shared_flags,
-    thumbnail,
 )
 
 # The recommended recipe (docs/ablation.md): soft Dice + BCE was the one candidate that won
@@ -115,51 +123,6 @@ DEMO_DEFAULTS = {
     "lr": 2e-3,
     **RECOMMENDED_RECIPE,
 }
-DEMO_PATIENTS = 20
-
-# The resume contract: the flags that define a run. `--resume` refuses a change of any of
-# them, naming the flag with the saved and the given value; every other flag says only how
-# to run (device, workers, logging, data placement, cache, compile, determinism) and may
-# change. A new run-defining flag is one more line here. `world_size` is the number of
-# processes (torchrun --nproc_per_node), recorded with the flags in the checkpoint's `args`.
-RUN_DEFINING_FLAGS = (
-    "epochs",
-    "lr",
-    "batch_size",
-    "seed",
-    "folds",
-    "fold",
-    "val_patients",
-    "test_patients",
-    "image_size",
-    "base_filters",
-    "aug_scale",
-    "aug_angle",
-    "amp",
-    "loss",
-    "steps_per_epoch",
-    "sync_bn",
-    "no_lcc",
-    "world_size",
-    "sampling",
-    "sampling_floor",
-    "lesion_fraction",
-    "norm_region",
-    "context_slices",
-)
-CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
-LEARNING_CURVES = "learning_curves.png"  # in --checkpoint-dir, rewritten after every validated epoch
-# What a checkpoint saved before a run-defining flag existed was trained with (the behaviour
-# of the code then), whatever the flag's default is now.
-VALUES_BEFORE_FLAG = {"sampling": "area", "sampling_floor": 0.1, "norm_region": "crop", "context_slices": 0}
-
-
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite."""
-
-
-class FollowRankZero(Exception):
-    """Rank 0 reported an error (and printed it); this rank only stops."""
 
 
 # -------------------------------------------------------------------------- arguments
@@ -167,16 +130,6 @@ class FollowRankZero(Exception):
 
 def demo_flags() -> str:
     return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in DEMO_DEFAULTS.items())
-
-
-def fold_choice(text: str) -> int | str:
-    """--fold: a fold number or 'all'."""
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fold number (0..K-1) or 'all', not {text!r}") from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -312,6 +265,11 @@ def add_runtime_flags(add: Callable[..., None]) -> None:
     )
 
 
+def run_defaults() -> dict[str, Any]:
+    """Every flag's default (what an older checkpoint without a flag was trained with)."""
+    return vars(get_args_parser().parse_args([]))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -388,82 +346,6 @@ def validate_recipe_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- distributed
 
 
-@dataclass
-class Runtime:
-    """Where this process runs: device, rank, world size, mixed precision."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    amp_dtype: torch.dtype | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def amp_name(self) -> str:
-        return amp_name(self.amp_dtype)
-
-
-def setup_runtime(args: argparse.Namespace) -> Runtime:
-    """Device and process group (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(args.device)
-    if args.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn: SyncBatchNorm works only on CUDA devices")
-    if world_size > 1:
-        if device.type == "cuda":
-            device = resolve_device(f"cuda:{local_rank}")
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world_size, autocast_dtype(device, args.amp))
-
-
-@contextlib.contextmanager
-def determinism(enabled: bool, device: torch.device) -> Iterator[None]:
-    """--deterministic: deterministic algorithms (an op without one raises), cuDNN's
-    deterministic kernels and no cudnn.benchmark autotuning. Without it, cudnn.benchmark is
-    on for CUDA. The previous process-wide settings come back on exit (tests run in-process)."""
-    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
-    before += (torch.backends.cudnn.deterministic,)
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-    torch.use_deterministic_algorithms(enabled)
-    torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not enabled
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
-
-
-def on_rank_zero(runtime: Runtime, work: Callable[[], Any]) -> Any:
-    """Run `work` on rank 0 only and hand its result to every rank, so that all ranks follow
-    one decision. An error it raises is re-raised on rank 0 and stops the others quietly."""
-    outcome: list[Any] = [None, None]
-    if runtime.is_main:
-        try:
-            outcome[0] = work()
-        except (UsageError, CheckpointError, DataError) as error:
-            if not runtime.distributed:
-                raise
-            outcome[1] = error
-    if runtime.distributed:
-        dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        if runtime.is_main:
-            raise outcome[1]
-        raise FollowRankZero()
-    return outcome[0]
-
-
 def stream_seed(*parts: int) -> int:
     """A 63-bit seed derived from (seed, epoch, rank, stream): independent generators per
     epoch make a resumed run draw exactly what an uninterrupted one would."""
@@ -471,15 +353,6 @@ def stream_seed(*parts: int) -> int:
 
 
 # ------------------------------------------------------------------------- train / eval
-
-
-def mean_over_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    """The mean of a tensor over all processes (a copy); NaN or inf on any rank reaches all."""
-    value = value.detach().clone()
-    if runtime.distributed:
-        dist.all_reduce(value)
-        value /= runtime.world_size
-    return value
 
 
 def train_one_epoch(
@@ -534,15 +407,6 @@ def train_one_epoch(
     bar.close()
     seconds = time.perf_counter() - start
     return {"loss": mean_loss, "slices_per_s": steps * batch_size * runtime.world_size / seconds, "seconds": seconds}
-
-
-def sync_buffers(model: nn.Module, runtime: Runtime) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP broadcasts them
-    only at the start of a training forward pass, after which each rank's batches move its
-    own copy; validating without this would score a different model on each rank."""
-    if runtime.distributed:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
 
 
 @dataclass
@@ -616,16 +480,6 @@ def score_patients(parts: list[dict], truths: dict[str, np.ndarray], lcc: bool, 
     return scored
 
 
-def gather_over_ranks(results: list[dict], runtime: Runtime) -> list[dict]:
-    """Every rank's per-patient results on every rank (a collective: the training thread
-    calls it, never the background worker)."""
-    if not runtime.distributed:
-        return results
-    gathered: list = [None] * runtime.world_size
-    dist.all_gather_object(gathered, results)
-    return [r for part in gathered for r in part]
-
-
 def summarize_validation(results: list[dict]) -> dict:
     """Loss (slice-weighted mean), Dice mean and median over patients, per-patient Dice and
     the kept predictions, from `score_patients`' records of all ranks."""
@@ -664,154 +518,10 @@ def evaluate(
     return summarize_validation(gather_over_ranks(score_patients(parts, truths, lcc, keep_predictions), runtime))
 
 
-def log_overlays(logger: TBLogger, volumes: list[Volume], predictions: dict, limit: int, epoch: int) -> None:
-    """Up to `limit` validation slices with truth or prediction, composed with array
-    operations (`utils.thumbnail` at full size, no matplotlib figure): FLAIR in grey,
-    agreement yellow, prediction only vermillion, truth only sky blue."""
-    shown = 0
-    for volume in volumes:
-        prediction, truth = predictions[volume.patient_id], np.asarray(volume.masks)
-        for s in np.flatnonzero(prediction.any(axis=(1, 2)) | truth.any(axis=(1, 2))):
-            if shown >= limit:
-                return
-            flair = np.asarray(volume.images[s, 1], dtype=np.float32)
-            k = volume.geometry.slice_numbers[s]
-            picture = thumbnail(flair, prediction[s], truth[s], size=max(flair.shape))
-            logger.image(f"overlay/{volume.patient_id}_{k}", picture, epoch)
-            shown += 1
-
-
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()[1]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def run_config(args: argparse.Namespace, runtime: Runtime) -> dict:
-    """The run's configuration as saved in checkpoints and args.json: every flag, plus the
-    number of processes and the precision --amp resolved to on this device (bf16, fp16, off)."""
-    return {**vars(args), "world_size": runtime.world_size, "precision": runtime.amp_name}
-
-
-def flag_text(name: str, value: Any) -> str:
-    """How a configuration entry reads on a command line: `--epochs 5`, `--sync-bn`, `no --folds`."""
-    if name == "world_size":
-        return f"{value} process(es) (torchrun --nproc_per_node)"
-    flag = f"--{name.replace('_', '-')}"
-    if value is True:
-        return flag
-    if value is None or value is False:
-        return f"no {flag}"
-    return f"{flag} {value}"
-
-
-def check_resume_contract(checkpoint: dict, path: Path, config: dict) -> None:
-    """Refuse to resume with a change of any flag in RUN_DEFINING_FLAGS. A flag missing from
-    an older checkpoint counts as VALUES_BEFORE_FLAG's value, else as its default."""
-    require_training_checkpoint(checkpoint, path, resume=True)
-    defaults = {**vars(get_args_parser().parse_args([])), "world_size": 1, **VALUES_BEFORE_FLAG}
-    saved_config = checkpoint["args"]
-    for name in RUN_DEFINING_FLAGS:
-        saved, given = saved_config.get(name, defaults[name]), config[name]
-        if saved != given:
-            raise CheckpointError(
-                f"{path} was trained with {flag_text(name, saved)}, this run asks for {flag_text(name, given)}; "
-                f"resume with {flag_text(name, saved)}, or start a new run (another --checkpoint-dir, or --overwrite)"
-            )
-    # `--amp auto` resolves per device (bf16 where supported, else fp16): the same flag can ask
-    # for another precision on another GPU, and the saved GradScaler state would not fit it.
-    precision = saved_config.get("precision")  # absent before it was recorded
-    if precision is not None and precision != config["precision"]:
-        raise CheckpointError(
-            f"{path} was trained in {precision} precision (--amp {saved_config.get('amp', 'auto')}), this run "
-            f"resolves --amp {config['amp']} to {config['precision']} on this device; resume on a device where "
-            f"--amp {config['amp']} gives {precision}, or start a new run (another --checkpoint-dir, or --overwrite)"
-        )
-
-
-def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
-    if args.resume is None:
-        return None
-    if args.resume == "auto":
-        path = Path(args.checkpoint_dir) / "last.pt"
-        return path if path.is_file() else None
-    path = Path(args.resume)
-    if path.is_dir():
-        raise CheckpointError(f"--resume {path}: is a folder; pass {path / 'last.pt'} (or --resume auto)")
-    if not path.is_file():
-        raise CheckpointError(f"--resume {path}: file not found")
-    return path
-
-
-def check_no_clobber(args: argparse.Namespace, resume_path: Path | None) -> None:
-    """A new run never silently replaces the checkpoints of an earlier one."""
-    folder = Path(args.checkpoint_dir)
-    existing = [name for name in CHECKPOINT_NAMES if (folder / name).is_file()]
-    continues_it = resume_path is not None and resume_path.resolve().parent == folder.resolve()
-    if not existing or args.overwrite or continues_it:
-        return
-    how = "--resume auto" if "last.pt" in existing else f"--resume {folder / existing[0]}"
-    how = f"`python train.py --demo {how}`" if args.demo else how
-    raise UsageError(
-        f"--checkpoint-dir {folder} already holds {' and '.join(existing)} of an earlier run: continue it "
-        f"with {how}, or pass --overwrite to start a new run there (deletes them)"
-    )
-
-
 # ----------------------------------------------------------------- checks before any work
-
-
-def prepare_demo_data(args: argparse.Namespace) -> None:
-    if not Path(args.data_dir).exists():
-        print(f"demo: writing a {DEMO_PATIENTS}-patient phantom to {args.data_dir}")
-        make_synthetic_dataset(args.data_dir, patients=DEMO_PATIENTS, seed=args.seed, slices=(20, 32))
-
-
-def check_before_work(args: argparse.Namespace, config: dict) -> tuple[Path | None, dict | None, list[Patient]]:
-    """Everything that can fail before preprocessing and training (run on rank 0): the
-    output folders, the checkpoint to resume from and its contract, an earlier run in
-    --checkpoint-dir, the patients and the split. Returns (resume path, the loaded
-    checkpoint, the patients to load)."""
-    folders = {"--checkpoint-dir": args.checkpoint_dir, "--log-dir": args.log_dir}
-    if not args.no_cache:
-        folders["--cache-dir"] = args.cache_dir
-    for flag, folder in folders.items():
-        check_writable_dir(folder, flag)
-    resume_path = find_resume_checkpoint(args)
-    resumed = load_checkpoint(resume_path) if resume_path else None
-    if resumed is not None:
-        check_resume_contract(resumed, resume_path, config)
-    check_no_clobber(args, resume_path)
-    if args.demo:
-        prepare_demo_data(args)
-    patients = discover_inputs(args.data_dir)  # TIFF folders and NIfTI files, as predict.py reads them
-    if resumed is not None:
-        patients = select_patients(patients, resumed["split"]["train"] + resumed["split"]["val"])
-    unlabelled = [p for p in patients if not p.labelled]
-    if unlabelled:
-        kinds = " or ".join(sorted({"_mask.nii.gz" if p.nifti else "_mask.tif" for p in unlabelled}, reverse=True))
-        listing = ", ".join(p.patient_id for p in unlabelled)
-        raise DataError(f"training needs masks, but these patients have no {kinds} files: {listing}")
-    if resumed is None:  # checks --val-patients / --folds against the data
-        ids = [p.patient_id for p in patients]
-        make_split(ids, args.val_patients, args.seed, args.folds, args.fold, test_patients=args.test_patients)
-    # every check passed: preprocessing may start. --checkpoint-dir and --log-dir are made when
-    # the first file is written to them (args.json, TensorBoard), after the data has loaded,
-    # so that an unreadable slice found while preprocessing leaves no empty run folders.
-    if "--cache-dir" in folders:
-        ensure_writable_dir(folders["--cache-dir"], "--cache-dir")
-    return resume_path, resumed, patients
 
 
 def load_split_volumes(
@@ -869,25 +579,6 @@ class Run:
     epoch_parts: list[dict] = field(default_factory=list)  # rank 0: finish_epoch's seconds of each epoch
 
 
-def agree_on_inputs(args: argparse.Namespace, runtime: Runtime, config: dict) -> tuple[Path | None, dict | None, list]:
-    """Rank 0 runs `check_before_work`; every rank follows its decision on whether and from
-    where to resume (each loads that checkpoint itself)."""
-    own: dict = {}
-
-    def work() -> tuple[Path | None, list[Patient]]:
-        path, own["resumed"], patients = check_before_work(args, config)
-        if path is None and args.overwrite:
-            for name in CHECKPOINT_NAMES:
-                if (Path(args.checkpoint_dir) / name).is_file():
-                    (Path(args.checkpoint_dir) / name).unlink()
-                    print(f"--overwrite: deleted {Path(args.checkpoint_dir) / name} of the earlier run")
-        return path, patients
-
-    path, patients = on_rank_zero(runtime, work)
-    resumed = own["resumed"] if runtime.is_main else (load_checkpoint(path) if path else None)
-    return path, resumed, patients
-
-
 def build_training_model(args: argparse.Namespace, runtime: Runtime) -> tuple[UNetModel, nn.Module]:
     """The unwrapped model (what checkpoints save) and the one to train (DDP, compiled)."""
     seed_everything(args.seed)  # weight initialisation
@@ -915,7 +606,7 @@ def steps_per_epoch(args: argparse.Namespace, train_slices: int, world_size: int
 def set_up(args: argparse.Namespace, runtime: Runtime) -> Run:
     """Checks, data, model, optimiser; the state of the checkpoint resumed from, if any."""
     config = run_config(args, runtime)
-    resume_path, resumed, patients = agree_on_inputs(args, runtime, config)
+    resume_path, resumed, patients = agree_on_inputs(args, runtime, config, run_defaults())
     split, train_volumes, val_volumes = load_split_volumes(args, runtime, patients, resumed and resumed["split"])
     train_set = MRISegmentationDataset(train_volumes, args.context_slices)
     sampler = make_sampler(train_set, args.sampling, args.sampling_floor, args.lesion_fraction)
@@ -1003,24 +694,6 @@ def print_start(run: Run, resume_path: Path | None) -> None:
     print(EPOCH_HEADER, flush=True)
 
 
-EPOCH_HEADER = "epoch     train loss val loss Dice mean  median       lr slices/s  step/val/ckpt/pics s  out"
-
-
-def epoch_line(epoch: int, epochs: int, train_stats: dict, val: dict | None, lr: float, seconds: dict) -> str:
-    """One row under EPOCH_HEADER (under 100 columns with "  *best*"). `val` is None for an
-    epoch that --val-interval skips. `seconds`: "step" (training steps), "val", "ckpt",
-    "pics" (the work of each part, on either thread) and "outside" (the training thread's
-    time outside the steps); `out` is that share of the epoch's wall time."""
-    losses = f"{train_stats['loss']:>11.4f}"
-    if val is None:
-        losses += f"{'-':>9}{'-':>10}{'-':>8}"
-    else:
-        losses += f"{val['loss']:>9.4f}{val['dice_mean']:>10.4f}{val['dice_median']:>8.4f}"
-    parts = "/".join(f"{seconds[k]:.{1 if seconds[k] < 99.95 else 0}f}" for k in ("step", "val", "ckpt", "pics"))
-    share = seconds["outside"] / max(seconds["step"] + seconds["outside"], 1e-9)
-    return f"{f'{epoch}/{epochs}':<9}{losses}{lr:>9.1e}{train_stats['slices_per_s']:>9.0f}{parts:>22}{share:>5.0%}"
-
-
 def run_epoch(run: Run, epoch: int) -> None:
     """Train one epoch on this rank's own random streams, then hand its end (validation,
     checkpoints, pictures, the epoch line) to `end_epoch`."""
@@ -1033,32 +706,10 @@ def run_epoch(run: Run, epoch: int) -> None:
     start = time.perf_counter()
     train_stats = train_one_epoch(
         run.model, run.data, run.optimizer, run.scaler, criterion, augment, runtime,
-        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=progress_label(run, epoch),
+        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch),
     )  # fmt: skip
     end_epoch(run, epoch, train_stats)
     run.epoch_seconds.append(time.perf_counter() - start)
-
-
-def progress_label(run: Run, epoch: int) -> str:
-    """The progress bar's label: the epoch, and the time the run has left, estimated from
-    the mean of the last three epochs of this process (training, validation and saving)."""
-    label = f"epoch {epoch}/{run.args.epochs}"
-    if not run.epoch_seconds:
-        return label
-    recent = run.epoch_seconds[-3:]
-    last = min(run.args.epochs, run.args.stop_after_epoch or run.args.epochs)
-    left = sum(recent) / len(recent) * (last - epoch + 1)
-    return f"{label}, run {format_duration(left)} left"
-
-
-def format_duration(seconds: float) -> str:
-    """`42 s`, `3 min 05 s`, `1 h 02 min`."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def is_validation_epoch(args: argparse.Namespace, epoch: int) -> bool:
@@ -1073,7 +724,7 @@ class EpochEnd:
     epoch: int
     train_stats: dict
     lr: float
-    state: dict | None  # inference.training_state on rank 0, else None
+    state: dict | None  # checkpoint.training_state on rank 0, else None
     parts: list[dict] | None  # validation_masks (or, under DDP, every rank's scored records); None: not validated
     scored: bool  # parts are score_patients records already (DDP)
     visualise: bool
@@ -1149,53 +800,11 @@ def finish_epoch(run: Run, end: EpochEnd) -> None:
     seconds["pics"] += time.perf_counter() - start
     if not run.worker.enabled:  # in line, all of this kept the training thread from training
         seconds["outside"] += time.perf_counter() - begun
-    log_epoch(run, end, val, seconds)
+    log_epoch(run.logger, end.epoch, end.train_stats, end.lr, val, seconds)
     run.epoch_parts.append({"epoch": end.epoch, **seconds})
     print_line(
         epoch_line(end.epoch, args.epochs, end.train_stats, val, end.lr, seconds) + ("  *best*" if is_best else "")
     )
-
-
-def write_checkpoint(checkpoint: dict, path: Path) -> None:
-    """`save_checkpoint` (atomic), with a failed write (disk full, folder gone) as one
-    CheckpointError line that says the earlier file is intact."""
-    try:
-        save_checkpoint(checkpoint, path)
-    except OSError as error:
-        raise CheckpointError(
-            f"{path}: the checkpoint could not be written ({error}); the earlier {path.name} is kept"
-        ) from error
-
-
-def write_learning_curves(png: bytes, path: Path, epoch: int) -> None:
-    """`atomic_write_bytes` of the PNG (never half a picture), with a failed write as one
-    UsageError line that says the epoch's checkpoints were written before it."""
-    try:
-        atomic_write_bytes(png, path)
-    except OSError as error:
-        raise UsageError(
-            f"{path}: the learning curves could not be written ({error}); the checkpoints of epoch {epoch} are kept"
-        ) from error
-
-
-def log_epoch(run: Run, end: EpochEnd, val: dict | None, seconds: dict) -> None:
-    """TensorBoard scalars of one epoch: losses, Dice, learning rate and where the time went."""
-    scalars = {
-        "train/loss": end.train_stats["loss"],
-        "lr": end.lr,
-        "time/slices_per_s": end.train_stats["slices_per_s"],
-    }
-    if val is not None:
-        scalars |= {"val/loss": val["loss"], "val/dice_mean": val["dice_mean"], "val/dice_median": val["dice_median"]}
-    scalars |= {"time/epoch_s": seconds["step"], "time/val_s": seconds["val"], "time/checkpoint_s": seconds["ckpt"]}
-    scalars |= {"time/pictures_s": seconds["pics"], "time/outside_step_s": seconds["outside"]}
-    run.logger.scalars(scalars, end.epoch)
-
-
-def print_line(line: str) -> None:
-    """Print above the progress bar, from either thread."""
-    tqdm.write(line)
-    sys.stdout.flush()
 
 
 def train(args: argparse.Namespace, runtime: Runtime) -> dict:
@@ -1243,86 +852,6 @@ def finish_background_work(run: Run, failing: bool) -> None:
 # ------------------------------------------------------------------- post-processing choice
 
 
-def ensure_postprocessing_choice(args: argparse.Namespace, device: torch.device) -> dict | None:
-    """At the end of a finished run: choose best_model.pt's post-processing unless it holds a
-    choice already (a best_model.pt written in this run never does). None when there is no
-    best_model.pt."""
-    path = Path(args.checkpoint_dir) / "best_model.pt"
-    if not path.is_file():
-        return None
-    if "postprocessing" in load_checkpoint(path):
-        return None
-    cache_dir = None if args.no_cache else args.cache_dir
-    return record_postprocessing_choice(path, args.data_dir, device, cache_dir, args.batch_size * 2)
-
-
-def record_postprocessing_choice(
-    path: str | Path, data_dir: str | Path, device: torch.device, cache_dir: str | Path | None, batch_size: int = 32
-) -> dict:
-    """Choose the post-processing of the checkpoint at `path` on its validation patients only
-    (read from `data_dir`; no other patient is read): the Dice of every candidate of
-    `inference.POSTPROCESSING_CANDIDATES` on the native grid, one forward pass per patient
-    (`inference.score_postprocessing`), the best mean wins, ties go to the largest component
-    (`inference.choose_postprocessing`). Prints the table, saves the record in the checkpoint
-    (atomically) and in args.json beside it, and returns the selection record. Raises
-    CheckpointError (no split, no validation patient) or DataError (patients missing)."""
-    path = Path(path)
-    loaded = load_model(path, device)
-    val_ids = list((loaded.split or {}).get("val") or [])
-    if not val_ids:
-        raise CheckpointError(f"{path}: has no validation patients in its split; the post-processing choice needs them")
-    found = {p.patient_id: p for p in discover_inputs(data_dir)}
-    missing = [i for i in val_ids if i not in found]
-    if missing:
-        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise DataError(
-            f"{path}: {len(missing)} of its {len(val_ids)} validation patients are not in --data-dir {data_dir} "
-            f"({listed}); pass the data folder the run was trained on"
-        )
-    scores = score_postprocessing(loaded, [found[i] for i in val_ids], device, cache_dir, batch_size)
-    record, table = choose_postprocessing(scores)
-    epoch = load_checkpoint(path).get("epoch")
-    selection = {
-        "chosen": postprocessing_name(record),
-        "role": "val",
-        "patients": val_ids,
-        "epoch": epoch,
-        "grid": "native (as predict.py scores)",
-        "threshold": 0.5,
-        "rule": "best mean Dice over the validation patients; ties go to lcc (nnU-Net's determine_postprocessing)",
-        "table": table,
-        "dice": scores,
-    }
-    save_postprocessing_choice(path, record, selection)
-    saved_in = [path.name]
-    args_json = path.parent / "args.json"
-    if args_json.is_file():
-        try:
-            config = json.loads(args_json.read_text())
-        except (OSError, ValueError) as error:
-            print(f"note: {args_json} is not readable JSON ({error}); the choice is saved in {path.name} only")
-        else:
-            config |= {"postprocessing": record, "postprocessing_selection": selection}
-            atomic_write_bytes(json.dumps(config, indent=2).encode(), args_json)
-            saved_in.append(args_json.name)
-    print_postprocessing_table(path, selection, " and ".join(saved_in))
-    return selection
-
-
-def print_postprocessing_table(path: Path, selection: dict, saved_in: str) -> None:
-    """The validation table of the choice: candidate, mean and median Dice, the chosen one marked."""
-    count = len(selection["patients"])
-    print(
-        f"\npost-processing of {path} (epoch {selection['epoch']}), chosen on its {count} validation patient(s), "
-        "native grid, threshold 0.5:"
-    )
-    print(f"  {'candidate':<16}{'Dice mean':>10}{'median':>9}")
-    for row in selection["table"]:
-        mark = "  <- chosen" if row["candidate"] == selection["chosen"] else ""
-        print(f"  {row['candidate']:<16}{row['mean']:>10.4f}{row['median']:>9.4f}{mark}")
-    print(f"chosen: {selection['chosen']} (best mean; ties go to lcc), saved in {saved_in}", flush=True)
-
-
 def choose_command(args: argparse.Namespace) -> dict:
     """`train.py --choose-postprocessing CKPT`: the choice for an existing checkpoint, no training."""
     for name in ("resume", "overwrite", "fold", "stop_after_epoch"):
@@ -1341,113 +870,6 @@ def choose_command(args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------ --fold all
 
 
-def fold_args(args: argparse.Namespace, fold: int) -> argparse.Namespace:
-    """The arguments of one fold of --fold all: --fold i, checkpoints in <checkpoint-dir>/fold<i>."""
-    folder = str(Path(args.checkpoint_dir) / f"fold{fold}")
-    return argparse.Namespace(**{**vars(args), "fold": fold, "checkpoint_dir": folder})
-
-
-def clear_stale_folds(args: argparse.Namespace) -> None:
-    """Checkpoints in <checkpoint-dir>/fold<j> for j >= --folds (an earlier run with more
-    folds) would be pooled by `predict.py --model-path <dir>/fold*/best_model.pt`: refused,
-    or deleted with --overwrite."""
-    stale = [
-        path
-        for path in sorted(Path(args.checkpoint_dir).glob("fold*/*.pt"))
-        if path.name in CHECKPOINT_NAMES and path.parent.name[4:].isdigit() and int(path.parent.name[4:]) >= args.folds
-    ]
-    if stale and not args.overwrite:
-        raise UsageError(
-            f"--checkpoint-dir {args.checkpoint_dir} holds {stale[0].parent.name}/ of an earlier run with more "
-            f"than {args.folds} folds: use another --checkpoint-dir, or pass --overwrite (deletes its checkpoints)"
-        )
-    for path in stale:
-        path.unlink()
-        print(f"--overwrite: deleted {path} of an earlier run with more folds")
-
-
-def plan_folds(args: argparse.Namespace, runtime: Runtime) -> dict[int, str]:
-    """Check every fold folder before any fold trains (rank 0 checks, every rank follows):
-    the resume contract and the no-clobber rule of each fold, and no stale fold beyond
-    --folds. Returns the folds already trained to --epochs (only with --resume auto), each
-    with a line that says so."""
-
-    def work() -> dict[int, str]:
-        check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
-        clear_stale_folds(args)
-        finished = {}
-        for fold in range(args.folds):
-            one = fold_args(args, fold)
-            check_writable_dir(one.checkpoint_dir, "--checkpoint-dir")
-            path = find_resume_checkpoint(one)
-            if path is not None:
-                checkpoint = load_checkpoint(path)
-                check_resume_contract(checkpoint, path, run_config(one, runtime))
-                if checkpoint["epoch"] >= args.epochs:
-                    finished[fold] = (
-                        f"finished earlier (epoch {checkpoint['epoch']} of {args.epochs}, best validation Dice "
-                        f"{checkpoint['best_dice']:.4f}): skipped"
-                    )
-            check_no_clobber(one, path)
-        return finished
-
-    return on_rank_zero(runtime, work)
-
-
-def train_folds(args: argparse.Namespace, runtime: Runtime) -> dict:
-    """--fold all: train folds 0..K-1 one after the other, each into <checkpoint-dir>/fold<i>/
-    with its own TensorBoard sub-folder, under the rules of a single run per fold folder;
-    with --resume auto a finished fold is skipped and an unfinished one continues. A fold
-    that fails stops the command; the error names the fold. Returns {folds: one `train`
-    result per fold (None if skipped), stopped_after}."""
-    finished = plan_folds(args, runtime)
-    results: list[dict | None] = []
-    for fold in range(args.folds):
-        one = fold_args(args, fold)
-        if runtime.is_main:
-            print(f"\n=== fold {fold} of {args.folds}: checkpoints in {one.checkpoint_dir}", flush=True)
-        if fold in finished:
-            if runtime.is_main:
-                print(f"fold {fold}: {finished[fold]}")
-            # a fold finished before the choice existed chooses now (rank 0; the others wait for it)
-            on_rank_zero(runtime, lambda one=one: ensure_postprocessing_choice(one, runtime.device))
-            results.append(None)
-            continue
-        try:
-            results.append(train(one, runtime))
-        except (DataError, CheckpointError, UsageError, TrainingDiverged) as error:
-            later = f"folds {fold + 1}..{args.folds - 1} not trained; " if fold + 1 < args.folds else ""
-            raise type(error)(
-                f"fold {fold} of {args.folds} ({one.checkpoint_dir}): {error} ({later}once fixed, "
-                "--resume auto skips the finished folds and continues this one)"
-            ) from error
-    stopped = [r["stopped_after"] for r in results if r is not None and r["stopped_after"] is not None]
-    return {"folds": results, "stopped_after": max(stopped, default=None)}
-
-
-def continue_command(argv: list[str], world_size: int) -> str:
-    """The command that continues a run stopped by --stop-after-epoch: the same flags,
-    without --stop-after-epoch, --resume and --overwrite, plus --resume auto."""
-    kept, skip = [], False
-    for token in argv:
-        name = token.split("=", 1)[0]
-        if skip or name == "--overwrite":
-            skip = False
-            continue
-        if name in ("--stop-after-epoch", "--resume"):
-            skip = "=" not in token
-            continue
-        kept.append(token)
-    launcher = ["python"] if world_size == 1 else ["torchrun", f"--nproc_per_node={world_size}"]
-    return shlex.join([*launcher, "train.py", *kept, "--resume", "auto"])
-
-
-def exit_now(message: str) -> None:
-    """Print before leaving the process group: once one rank exits, torchrun stops the others."""
-    print(message, file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -1464,7 +886,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {error}")
     try:
         with determinism(args.deterministic, runtime.device):
-            result = train_folds(args, runtime) if args.fold == "all" else train(args, runtime)
+            result = train_folds(args, runtime, train, run_defaults()) if args.fold == "all" else train(args, runtime)
             if runtime.distributed:  # leave together: a rank tearing down gloo while a peer still talks aborts it
                 dist.barrier()
     except FollowRankZero:
@@ -1487,25 +909,6 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\nlearning curves: {learning_curves_path(args)}")
         print(f"\nnext: {predict_command(args)}")
     return result
-
-
-def learning_curves_path(args: argparse.Namespace) -> Path:
-    """<checkpoint-dir>/learning_curves.png (per fold under --fold all: fold<i>/learning_curves.png)."""
-    folder = Path(args.checkpoint_dir)
-    return folder / "fold*" / LEARNING_CURVES if args.fold == "all" else folder / LEARNING_CURVES
-
-
-def predict_command(args: argparse.Namespace) -> str:
-    """The predict.py command for the model(s) this run trained: the K fold checkpoints of
-    --fold all (pooled: every patient scored by the model it was a test patient of)."""
-    folder = Path(args.checkpoint_dir)
-    if args.fold == "all":
-        models = [str(folder / f"fold{i}" / "best_model.pt") for i in range(args.folds)]
-        out = str(folder / "predictions")
-    else:
-        models, out = [str(folder / "best_model.pt")], "./demo_predictions"
-    command = ["python", "predict.py", "--model-path", *models, "--data-dir", args.data_dir, "--output-dir", out]
-    return shlex.join([*command, "--figure-path", f"{out}/dice_distribution.png"])
 
 
 if __name__ == "__main__":

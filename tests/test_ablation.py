@@ -10,8 +10,9 @@ import tifffile
 
 import bench
 import predict
-from bench import AblationRun, Candidate, ablation_table, false_positives_in_lesion_free_slices
+import study_ablation
 from dataset import discover_patients, read_mask
+from study_ablation import AblationRun, Candidate, ablation_table, false_positives_in_lesion_free_slices
 
 
 def test_false_positives_count_only_slices_without_lesion(small_phantom, tmp_path):
@@ -50,7 +51,7 @@ def test_table_averages_seeds_and_marks_unwired_candidates():
 
 
 def predict_in_this_process(command: list[str], cwd: Path, log: Path) -> tuple[float, str]:
-    """bench.run_timed for the ablation's `python predict.py ...` without the subprocess
+    """results_page.run_timed for the ablation's `python predict.py ...` without the subprocess
     (3 s of imports each): the same arguments, run by predict.main in this process."""
     assert Path(command[1]).name == "predict.py", command
     start = time.perf_counter()
@@ -60,9 +61,9 @@ def predict_in_this_process(command: list[str], cwd: Path, log: Path) -> tuple[f
 
 def test_ablation_smoke_run_writes_the_table(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bench, "run_timed", predict_in_this_process)
+    monkeypatch.setattr(study_ablation, "run_timed", predict_in_this_process)
     unwired = Candidate("x", ("--not-a-flag",))
-    monkeypatch.setattr(bench, "CANDIDATES", (*bench.CANDIDATES, unwired))
+    monkeypatch.setattr(study_ablation, "CANDIDATES", (*study_ablation.CANDIDATES, unwired))
     output = tmp_path / "ablation.md"
     args = ["ablation", "--quick", "--seeds", "0", "--patients", "4", "--test-patients", "1", "--backend", "torch"]
     args += ["--candidates", "today", "flip TTA", "x", "--work-dir", str(tmp_path / "w"), "--output", str(output)]

@@ -11,10 +11,13 @@ import pytest
 import torch
 from conftest import tiny_train_args
 
+import checkpoint as checkpoint_module
+import dataset
+import runtime
 import train
 from augmentations import BatchAugmentation, affine_matrices, random_affine_parameters
 from background import BackgroundWorker, host_copy
-from inference import load_checkpoint
+from checkpoint import load_checkpoint
 
 
 def test_host_copy_shares_no_memory_and_keeps_the_structure():
@@ -75,7 +78,7 @@ def slow_writes_on_the_worker(monkeypatch, seconds: float) -> list[tuple]:
     """Every checkpoint write sleeps first, so the training thread runs ahead of the worker
     (a state shared with the live model would then be saved changed). Returns a record of
     each write: (thread name, file name, epoch, the weights as one float64 vector)."""
-    writes, save = [], train.save_checkpoint
+    writes, save = [], checkpoint_module.save_checkpoint
 
     def slow_save(checkpoint, path):
         time.sleep(seconds)
@@ -83,7 +86,7 @@ def slow_writes_on_the_worker(monkeypatch, seconds: float) -> list[tuple]:
         writes.append((threading.current_thread().name, path.name, checkpoint["epoch"], weights))
         save(checkpoint, path)
 
-    monkeypatch.setattr(train, "save_checkpoint", slow_save)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", slow_save)
     return writes
 
 
@@ -148,7 +151,7 @@ def test_a_training_crash_waits_for_the_pending_checkpoint(phantom_dir, tmp_path
 
     def failing_third_epoch(*args, **kwargs):
         if args[10] == 3:  # epoch
-            raise train.TrainingDiverged("injected at epoch 3")
+            raise runtime.TrainingDiverged("injected at epoch 3")
         return original(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", failing_third_epoch)
@@ -158,7 +161,7 @@ def test_a_training_crash_waits_for_the_pending_checkpoint(phantom_dir, tmp_path
 
 
 def test_validation_volumes_stay_on_the_device_with_device_placement(phantom_dir):
-    volumes = train.load_volumes(train.discover_inputs(phantom_dir)[:2], 32, None)
+    volumes = dataset.load_volumes(dataset.discover_inputs(phantom_dir)[:2], 32, None)
     on_device = train.validation_inputs(volumes, torch.device("cpu"), "device")
     streamed = train.validation_inputs(volumes, torch.device("cpu"), "stream")
     assert all(isinstance(v.images, torch.Tensor) for v in on_device)

@@ -12,7 +12,9 @@ import torch
 from conftest import browser_missing
 
 import bench
-from bench import ReportError, printed_predict_command, run_timed
+import results_page
+import utils
+from results_page import ReportError, printed_predict_command, run_timed
 
 TINY_DEMO = "--epochs 2 --steps-per-epoch 2 --image-size 32 --base-filters 4 --batch-size 8 --num-workers 0"
 
@@ -37,10 +39,10 @@ def test_report_runs_the_demo_and_writes_what_it_measured(phantom_dir, tmp_path)
     )
 
     text = output.read_text()
-    assert "stale" not in text and text.count(bench.REPORT_HEADER) == 1  # overwritten, not appended
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bench.ROOT, capture_output=True, text=True)
+    assert "stale" not in text and text.count(results_page.REPORT_HEADER) == 1  # overwritten, not appended
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=utils.ROOT, capture_output=True, text=True)
     assert f"`{commit.stdout.strip()}" in text
-    assert f"torch {torch.__version__}" in text and bench.machine_facts()["cpu"] in text
+    assert f"torch {torch.__version__}" in text and results_page.machine_facts()["cpu"] in text
     assert f"`python train.py --demo {TINY_DEMO}`" in text
     assert "`python predict.py --model-path" in text and "--no-overlays --backend torch`" in text
     best = torch.load(work / "demo_checkpoints" / "best_model.pt", weights_only=True)
@@ -91,6 +93,6 @@ def test_copy_figures_takes_the_middle_overlay_of_the_worst_lesion_patient(tmp_p
     for name in ("worst_002", "worst_010", "worst_011", "good_005", "free_003"):
         (out / "overlays" / f"{name}.png").write_bytes(name.encode())
     args = argparse.Namespace(output_dir="pred", figure_path="chart.png")
-    figures = bench.copy_figures(tmp_path, args, tmp_path / "figures")
+    figures = results_page.copy_figures(tmp_path, args, tmp_path / "figures")
     assert [path.read_bytes() for _, path in figures] == [b"chart", b"worst_010"]
     assert "worst" in figures[1][0]

@@ -13,7 +13,9 @@ from test_hub import hub_load
 
 import inference
 import predict
-from dataset import DataError, discover_patients, select_patients
+from checkpoint import CheckpointError, require_training_checkpoint
+from dataset import discover_patients, select_patients
+from patients import DataError
 from utils import one_line_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +76,7 @@ def test_cli_warnings_are_one_line(monkeypatch):
 
 
 def test_folder_given_as_checkpoint_says_so(tmp_path):
-    from inference import CheckpointError, load_checkpoint
+    from checkpoint import CheckpointError, load_checkpoint
 
     (tmp_path / "best_model.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file \(it holds best_model\.pt\)"):
@@ -82,7 +84,7 @@ def test_folder_given_as_checkpoint_says_so(tmp_path):
 
 
 def test_one_patient_is_too_few_to_split():
-    from dataset import make_split
+    from splits import make_split
 
     with pytest.raises(DataError, match=r"^1 patient\(s\) .*too few to split"):
         make_split(["P1"], val_patients=10)
@@ -95,9 +97,9 @@ def test_checkpoint_of_another_format_version_is_refused(trained_checkpoint, tmp
     checkpoint["format_version"] = 99
     path = tmp_path / "future.pt"
     torch.save(checkpoint, path)
-    with pytest.raises(inference.CheckpointError, match=r"future\.pt: checkpoint format version 99, this code reads"):
+    with pytest.raises(CheckpointError, match=r"future\.pt: checkpoint format version 99, this code reads"):
         inference.load_model(path, torch.device("cpu"))
-    with pytest.raises(inference.CheckpointError, match=r"format version 99.*; predict with the code version"):
+    with pytest.raises(CheckpointError, match=r"format version 99.*; predict with the code version"):
         inference.load_model(path, torch.device("cpu"))
-    with pytest.raises(inference.CheckpointError, match=r"format version 99.*; resume it with the code version"):
-        inference.require_training_checkpoint(checkpoint, path, resume=True)
+    with pytest.raises(CheckpointError, match=r"format version 99.*; resume it with the code version"):
+        require_training_checkpoint(checkpoint, path, resume=True)

@@ -5,7 +5,7 @@ import torch
 
 from dataset import MRISegmentationDataset, Volume, neighbour_indices, stack_context
 from network import UNetModel
-from utils import Geometry
+from preprocessing import Geometry
 
 
 def labelled_volume(n_slices: int, offset: int) -> np.ndarray:

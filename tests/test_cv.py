@@ -10,7 +10,8 @@ from conftest import tiny_train_args
 
 import predict
 import train
-from dataset import DataError, discover_patients
+from dataset import discover_patients
+from patients import DataError
 
 FOLDS = ["--folds", "3", "--val-patients", "2", "--steps-per-epoch", "1"]
 

@@ -12,14 +12,8 @@ import pytest
 import tifffile
 
 import dataset
-from dataset import (
-    DataError,
-    MRISegmentationDataset,
-    discover_patients,
-    load_volume,
-    load_volumes,
-    read_volume,
-)
+from dataset import MRISegmentationDataset, discover_patients, load_volume, load_volumes, read_volume
+from patients import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,11 @@ from test_predict import run_predict as predict_run
 
 import inference
 import predict
-from dataset import discover_patients, make_split
+from dataset import discover_patients
+from metrics import dice_score
 from network import UNetModel
-from utils import Geometry, dice_score, preprocessing_config, restore_geometry
+from preprocessing import Geometry, preprocessing_config, restore_geometry
+from splits import make_split
 
 # ------------------------------------------------------------------------------ helpers
 

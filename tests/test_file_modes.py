@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from inference import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from utils import atomic_write_bytes
 
 

@@ -14,7 +14,10 @@ import dataset
 import export
 import predict
 import train
-from dataset import DataError, discover_inputs, discover_patients
+import training_log
+import utils
+from dataset import discover_inputs, discover_patients
+from patients import DataError
 from utils import UsageError, check_writable_dir, resolve_device
 
 
@@ -128,13 +131,11 @@ def test_hub_pipeline_warns_when_image_size_differs_from_the_checkpoint(trained_
 
 
 def test_progress_label_estimates_the_time_left():
-    args = train.parse_args(["--epochs", "10"])
-    run = train.Run.__new__(train.Run)
-    run.args, run.epoch_seconds = args, []
-    assert train.progress_label(run, 1) == "epoch 1/10"
-    run.epoch_seconds = [100.0, 10.0, 20.0, 30.0]  # the mean of the last three: 20 s an epoch
-    assert train.progress_label(run, 5) == "epoch 5/10, run 2 min 00 s left"  # epochs 5..10
-    assert train.format_duration(42) == "42 s" and train.format_duration(3725) == "1 h 02 min"
+    assert training_log.progress_label(1, 10, []) == "epoch 1/10"
+    seconds = [100.0, 10.0, 20.0, 30.0]  # the mean of the last three: 20 s an epoch
+    assert training_log.progress_label(5, 10, seconds) == "epoch 5/10, run 2 min 00 s left"  # epochs 5..10
+    assert training_log.progress_label(5, 10, seconds, stop_after=6) == "epoch 5/10, run 40 s left"  # epochs 5..6
+    assert utils.format_duration(42) == "42 s" and utils.format_duration(3725) == "1 h 02 min"
 
 
 @pytest.mark.parametrize("val_patients, lesion_free", [(4, 1), (3, 0)])

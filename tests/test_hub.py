@@ -57,7 +57,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
             return (os.system, ("touch pwned_marker",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(Exception, match="refused") as info:  # the hub's private copy of inference.CheckpointError
+    with pytest.raises(Exception, match="refused") as info:  # the hub's private copy of CheckpointError
         hub_load("unet_segmentation", weights_path=str(tmp_path / "evil.pt"))
     assert type(info.value).__name__ == "CheckpointError"
     assert not (tmp_path / "pwned_marker").exists()

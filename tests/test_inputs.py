@@ -18,8 +18,9 @@ import torch
 
 import dataset
 import predict
-from dataset import DataError, discover_patients, load_volumes, read_image, read_mask, read_volume
-from inference import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
+from dataset import discover_patients, load_volumes, read_image, read_mask, read_volume
+from patients import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 

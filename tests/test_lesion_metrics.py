@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from utils import hd95, lesion_metrics, volume_stats
+from metrics import hd95, lesion_metrics, volume_stats
 
 # ------------------------------------------------------------------------- references
 

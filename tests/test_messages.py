@@ -9,7 +9,8 @@ import dataset
 import export
 import predict
 import train
-from dataset import DataError, discover_patients
+from dataset import discover_patients
+from patients import DataError
 
 CLIS = [
     (predict, ["--help"]),

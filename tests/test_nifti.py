@@ -12,7 +12,9 @@ import pytest
 import tifffile
 
 import predict
-from dataset import DataError, discover_inputs, discover_patients, read_volume, write_nifti_mask
+from dataset import discover_inputs, discover_patients, read_volume
+from nifti import write_nifti_mask
+from patients import DataError
 
 # Two voxel layouts, written out by hand (not with the code under test). An array in the
 # reading convention is indexed (s: inferior -> superior, h: anterior -> posterior,

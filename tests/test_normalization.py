@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dataset import cache_key, discover_patients
-from utils import head_mask, normalize_channels, preprocess_volume, preprocessing_config
+from preprocessing import head_mask, normalize_channels, preprocess_volume, preprocessing_config
 
 
 def ellipsoid_head(n_slices: int, size: int = 64) -> np.ndarray:

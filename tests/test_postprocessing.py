@@ -12,11 +12,21 @@ import torch
 from scipy import ndimage
 
 import inference
+import postprocessing
+import postprocessing_choice
 import predict
 import train
+from checkpoint import CheckpointError, save_checkpoint
 from dataset import discover_patients
-from inference import LCC, NO_FILTER, candidate_dice, choose_postprocessing, postprocess
-from utils import dice_score, largest_connected_component
+from metrics import dice_score
+from postprocessing import (
+    LCC,
+    NO_FILTER,
+    candidate_dice,
+    choose_postprocessing,
+    largest_connected_component,
+    postprocess,
+)
 
 SIZE, SLICES = 32, 8  # native grid of the hand-written patients = the trained checkpoint's image size
 
@@ -49,11 +59,11 @@ def test_candidates_match_scipy_and_the_seed_lcc():
         mask = rng.random((5, 16, 16)) > 0.7
         assert postprocess(mask, LCC).tolist() == largest_connected_component(mask).tolist()
         assert postprocess(mask, NO_FILTER).tolist() == mask.tolist()
-        for share in inference.MIN_SHARES:
+        for share in postprocessing.MIN_SHARES:
             expected = independent_filter(mask, share)
             np.testing.assert_array_equal(postprocess(mask, {"method": "min_share", "share": share}), expected)
     assert not postprocess(np.zeros((2, 4, 4), bool), {"method": "min_share", "share": 0.1}).any()
-    names = [inference.postprocessing_name(c) for c in inference.POSTPROCESSING_CANDIDATES]
+    names = [postprocessing.postprocessing_name(c) for c in postprocessing.POSTPROCESSING_CANDIDATES]
     assert names == ["lcc", "min_share 50%", "min_share 25%", "min_share 10%", "min_share 5%", "none"]
 
 
@@ -66,7 +76,9 @@ def test_two_far_apart_lesions_choose_a_filter_that_keeps_both():
     record, table = choose_postprocessing(scores)
     assert record != LCC and record["method"] == "min_share" and record["share"] <= 72 / 256
     np.testing.assert_array_equal(postprocess(probabilities >= 0.5, record), truth)
-    assert [row["candidate"] for row in table][0] == "lcc" and len(table) == len(inference.POSTPROCESSING_CANDIDATES)
+    assert [row["candidate"] for row in table][0] == "lcc" and len(table) == len(
+        postprocessing.POSTPROCESSING_CANDIDATES
+    )
     lcc_row = table[0]
     assert lcc_row["mean"] == pytest.approx(dice_score(largest_connected_component(truth), truth))
 
@@ -89,8 +101,8 @@ def test_a_far_speck_of_false_positive_is_removed_and_ties_go_to_lcc():
     [{"method": "largest"}, {"method": "min_share"}, {"method": "min_share", "share": 0}, {"method": "lcc", "x": 1}],
 )
 def test_bad_records_are_refused_with_the_file_name(record):
-    with pytest.raises(inference.CheckpointError, match="model.pt: 'postprocessing'"):
-        inference.check_postprocessing(record, "model.pt")
+    with pytest.raises(CheckpointError, match="model.pt: 'postprocessing'"):
+        postprocessing.check_postprocessing(record, "model.pt")
 
 
 # -------------------------------------------------------- hand-written patients, a stand-in model
@@ -133,7 +145,7 @@ def hand_made(trained_checkpoint, tmp_path, monkeypatch):
     checkpoint["split"] = {**checkpoint["split"], "train": ["train_a"], "val": ["val_a", "val_b"], "test": ["test_a"]}
     path = tmp_path / "run" / "best_model.pt"
     path.parent.mkdir()
-    inference.save_checkpoint(checkpoint, path)
+    save_checkpoint(checkpoint, path)
     (path.parent / "args.json").write_text(json.dumps({"epochs": 2}))
     real = inference.load_model
 
@@ -142,7 +154,7 @@ def hand_made(trained_checkpoint, tmp_path, monkeypatch):
         loaded.model = BrightFlair()
         return loaded
 
-    for module in (train, predict):
+    for module in (postprocessing_choice, predict):
         monkeypatch.setattr(module, "load_model", stand_in)
     return path, data
 
@@ -151,26 +163,31 @@ def test_the_choice_reads_validation_patients_only(hand_made, monkeypatch, capsy
     path, data = hand_made
     read = []
     for name in ("read_volume", "load_volume"):
-        original = getattr(inference, name)
+        original = getattr(postprocessing_choice, name)
         monkeypatch.setattr(
-            inference, name, lambda patient, *a, f=original: read.append(patient.patient_id) or f(patient, *a)
+            postprocessing_choice,
+            name,
+            lambda patient, *a, f=original: read.append(patient.patient_id) or f(patient, *a),
         )
-    selection = train.record_postprocessing_choice(path, data, torch.device("cpu"), None)
+    selection = postprocessing_choice.record_postprocessing_choice(path, data, torch.device("cpu"), None)
     assert set(read) == {"val_a", "val_b"}
     assert selection["chosen"] == "lcc" and selection["patients"] == ["val_a", "val_b"]
     out = capsys.readouterr().out
     assert "chosen on its 2 validation patient(s)" in out and "chosen: lcc" in out
 
     # the test patient is decisive: had it taken part, a filter keeping both of its lesions would win
-    loaded = train.load_model(path, torch.device("cpu"))
+    loaded = postprocessing_choice.load_model(path, torch.device("cpu"))
     test_patient = [p for p in discover_patients(data) if p.patient_id == "test_a"]
-    leaked = {**selection["dice"], **inference.score_postprocessing(loaded, test_patient, torch.device("cpu"))}
+    leaked = {
+        **selection["dice"],
+        **postprocessing_choice.score_postprocessing(loaded, test_patient, torch.device("cpu")),
+    }
     assert choose_postprocessing(leaked)[0]["method"] == "min_share"
 
     # ... and it is never read: unreadable test and training patients change nothing
     for tif in [*(data / "test_a").glob("*.tif"), *(data / "train_a").glob("*.tif")]:
         tif.write_bytes(b"not a TIFF")
-    again = train.record_postprocessing_choice(path, data, torch.device("cpu"), None)
+    again = postprocessing_choice.record_postprocessing_choice(path, data, torch.device("cpu"), None)
     assert again["table"] == selection["table"]
 
     saved = torch.load(path, weights_only=True)
@@ -218,7 +235,7 @@ def test_predict_applies_the_saved_choice_and_lcc_restores_the_seed(hand_made, t
 
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["postprocessing"] = {"method": "min_share", "share": 0.25}
-    inference.save_checkpoint(checkpoint, path)
+    save_checkpoint(checkpoint, path)
     chosen = run_predict(path, data, tmp_path / "chosen")
     np.testing.assert_array_equal(predicted(tmp_path / "chosen"), BIG | SMALL)  # both lesions kept
     assert chosen["protocol"]["postprocessing"]["used_alone"] == {str(path): "min_share 25%"}
@@ -238,7 +255,7 @@ def test_an_ensemble_that_disagrees_falls_back_to_lcc_with_a_warning(hand_made, 
     path, data = hand_made
     other = tmp_path / "other.pt"
     checkpoint = torch.load(path, weights_only=True)
-    inference.save_checkpoint({**checkpoint, "postprocessing": NO_FILTER}, other)
+    save_checkpoint({**checkpoint, "postprocessing": NO_FILTER}, other)
     run_predict(other, data, tmp_path / "alone")
     assert "WARNING" not in capsys.readouterr().out  # one checkpoint: its own choice, no warning
     np.testing.assert_array_equal(predicted(tmp_path / "alone"), BIG | SMALL)
@@ -255,7 +272,7 @@ def test_a_finished_run_records_its_choice_from_its_validation_patients(trained_
     checkpoint = torch.load(trained_checkpoint, weights_only=True)
     selection = checkpoint["postprocessing_selection"]
     assert selection["patients"] == checkpoint["split"]["val"] and selection["role"] == "val"
-    assert checkpoint["postprocessing"] == inference.check_postprocessing(checkpoint["postprocessing"])
+    assert checkpoint["postprocessing"] == postprocessing.check_postprocessing(checkpoint["postprocessing"])
     assert selection["epoch"] == checkpoint["epoch"]
     # the table, recomputed independently: predict.py's native probabilities, scipy's components
     loaded = inference.load_model(trained_checkpoint, torch.device("cpu"))
@@ -285,7 +302,7 @@ def test_hub_pipeline_uses_the_checkpoint_choice_unless_lcc_is_given(hand_made, 
     path, _ = hand_made
     checkpoint = torch.load(path, weights_only=True)
     with_record = tmp_path / "chosen.pt"
-    inference.save_checkpoint({**checkpoint, "postprocessing": NO_FILTER}, with_record)
+    save_checkpoint({**checkpoint, "postprocessing": NO_FILTER}, with_record)
     volume = np.zeros((SLICES - 2, SIZE, SIZE, 3), np.uint8) + 80
     volume[BIG | SMALL] = 250
     for weights, lcc, expected, record in [
@@ -315,7 +332,7 @@ def test_bench_postprocessing_scores_test_patients_that_did_not_choose(tmp_path,
     assert text.startswith("<!-- generated by `python bench.py postprocessing --quick --phantoms hard")
     assert f"Chosen on 2 validation patients: **{result['selection']['chosen']}**" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "candidate" not in line]
-    assert len(rows) == len(inference.POSTPROCESSING_CANDIDATES) and sum("(chosen)" in r for r in rows) == 1
+    assert len(rows) == len(postprocessing.POSTPROCESSING_CANDIDATES) and sum("(chosen)" in r for r in rows) == 1
     none_row = next(r for r in rows if r.startswith("| none") or r.startswith("| **none**"))
     mean = np.mean([scores["none"] for scores in result["test"].values()])
     assert f"| {mean:.3f} / " in none_row and none_row.endswith("| 1.000 |")  # nothing removed from the truth

@@ -14,7 +14,8 @@ from skimage import measure
 
 import predict
 from dataset import discover_patients
-from utils import dice_score, largest_connected_component, precision_recall
+from metrics import dice_score, precision_recall
+from postprocessing import largest_connected_component
 
 # ------------------------------------------------------------------------------ metrics
 
@@ -139,7 +140,7 @@ def test_predict_outputs_and_independent_dice(trained_checkpoint, phantom_dir, t
 
     assert imread(tmp_path / "dice.png").ndim == 3
     for png in (tmp_path / "overlays").glob("*.png"):
-        assert imread(png).shape[1:] == (640, 3)  # utils.overlay: 640 px wide, RGB
+        assert imread(png).shape[1:] == (640, 3)  # pictures.overlay: 640 px wide, RGB
     # report.html: per patient the slices with the most truth or prediction (at most 5), each
     # thumbnail linking to its full-size overlay, which exists
     page = (tmp_path / "report.html").read_text()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from utils import brain_bounding_box, preprocess_volume, restore_geometry
+from preprocessing import brain_bounding_box, preprocess_volume, restore_geometry
 
 
 def head_volume(rng, slices=6, height=60, width=48):

@@ -11,10 +11,10 @@ from conftest import tiny_train_args
 import inference
 import predict
 import train
+from checkpoint import CheckpointError, load_checkpoint
 from dataset import discover_patients, load_volumes, read_volume, select_patients
-from inference import load_checkpoint
 from losses import build_loss
-from utils import preprocess_volume
+from preprocessing import preprocess_volume
 
 NO_AUGMENTATION = ("--aug-scale", "0", "--aug-angle", "0")
 
@@ -207,5 +207,5 @@ def test_checkpoint_without_norm_region_predicts_as_crop(trained_checkpoint, tmp
     assert (loaded.norm_region, loaded.context_slices) == ("crop", 0)
     checkpoint["preprocessing"]["norm_region"] = "brain"
     torch.save(checkpoint, tmp_path / "odd.pt")
-    with pytest.raises(inference.CheckpointError, match="norm_region: checkpoint 'brain', this code 'crop'"):
+    with pytest.raises(CheckpointError, match="norm_region: checkpoint 'brain', this code 'crop'"):
         inference.load_model(tmp_path / "odd.pt", torch.device("cpu"))

@@ -18,7 +18,7 @@ from matplotlib.colors import to_rgb
 
 import predict
 import report
-from utils import plot_dice_distribution
+from pictures import plot_dice_distribution
 
 # ------------------------------------------------------------------------ the page
 
@@ -80,7 +80,7 @@ def test_strip_slices_are_the_largest_truth_or_prediction_slices():
 def test_palette_thumbnails_keep_the_region_colours(tmp_path):
     from skimage.io import imread
 
-    from utils import OVERLAY_REGIONS, thumbnail
+    from pictures import OVERLAY_REGIONS, thumbnail
 
     rng = np.random.default_rng(1)
     truth, prediction = np.zeros((64, 64), bool), np.zeros((64, 64), bool)

@@ -7,16 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import (
-    AreaSampler,
-    ForegroundSampler,
-    MRISegmentationDataset,
-    PatientFirstSampler,
-    discover_patients,
-    forced_foreground,
-    load_volumes,
-    make_sampler,
-)
+from dataset import MRISegmentationDataset, discover_patients, load_volumes
+from sampling import AreaSampler, ForegroundSampler, PatientFirstSampler, forced_foreground, make_sampler
 
 
 def toy_slices():

@@ -2,7 +2,8 @@
 
 import pytest
 
-from dataset import DataError, make_split
+from patients import DataError
+from splits import make_split
 
 IDS = [f"TCGA_{i:02d}" for i in range(30)]
 STRATA = {p: i % 5 != 0 for i, p in enumerate(IDS)}  # 6 lesion-free, 24 with a lesion

@@ -14,9 +14,13 @@ import pytest
 import torch
 from conftest import tiny_train_args
 
+import resume
+import runtime
 import train
+import training_log
 from dataset import discover_patients, load_volumes, select_patients
-from utils import LEARNING_CURVE_KEYS, dice_score
+from metrics import dice_score
+from pictures import LEARNING_CURVE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_KEYS = {
@@ -110,12 +114,12 @@ def test_help_keeps_docstring_lines_and_epoch_line_fits(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "python train.py --demo" in [line.split("  #")[0].strip() for line in lines]
     wide_seconds = {"step": 86399.9, "val": 9999.9, "ckpt": 999.9, "pics": 999.9, "outside": 9999.9}
-    wide = train.epoch_line(1000, 1000, {"loss": 0.1, "slices_per_s": 123456.7}, VAL, 1.234e-4, wide_seconds)
-    assert len(wide + "  *best*") <= 100 and len(train.EPOCH_HEADER) <= 100
+    wide = training_log.epoch_line(1000, 1000, {"loss": 0.1, "slices_per_s": 123456.7}, VAL, 1.234e-4, wide_seconds)
+    assert len(wide + "  *best*") <= 100 and len(training_log.EPOCH_HEADER) <= 100
     seconds = {"step": 9.0, "val": 0.5, "ckpt": 0.25, "pics": 0.75, "outside": 1.0}
-    header = train.EPOCH_HEADER
-    row = train.epoch_line(3, 30, {"loss": 0.25, "slices_per_s": 9}, VAL, 1e-3, seconds)
-    skipped = train.epoch_line(4, 30, {"loss": 0.25, "slices_per_s": 9}, None, 1e-3, seconds)
+    header = training_log.EPOCH_HEADER
+    row = training_log.epoch_line(3, 30, {"loss": 0.25, "slices_per_s": 9}, VAL, 1e-3, seconds)
+    skipped = training_log.epoch_line(4, 30, {"loss": 0.25, "slices_per_s": 9}, None, 1e-3, seconds)
     assert header.index("Dice mean") + len("Dice mean") == row.index("0.5000") + len("0.5000")  # columns line up
     end = header.index("Dice mean") + len("Dice mean")
     assert skipped[:end].split()[-3:] == ["0.2500", "-", "-"] and skipped[end:].split()[0] == "-"  # not validated
@@ -234,12 +238,12 @@ def test_resume_refuses_a_changed_run_defining_flag(phantom_dir, tmp_path):
 
 def test_run_defining_flags_are_flags():
     dests = {action.dest for action in train.get_args_parser()._actions}
-    assert set(train.RUN_DEFINING_FLAGS) - {"world_size"} <= dests
+    assert set(resume.RUN_DEFINING_FLAGS) - {"world_size"} <= dests
     required = {"epochs", "lr", "batch_size", "seed", "folds", "fold", "val_patients", "image_size"}
     required |= {"base_filters", "aug_scale", "aug_angle", "amp", "loss", "steps_per_epoch"}
-    assert required <= set(train.RUN_DEFINING_FLAGS)
+    assert required <= set(resume.RUN_DEFINING_FLAGS)
     how_to_run = {"device", "num_workers", "log_interval", "stop_after_epoch", "data_placement", "cache_dir"}
-    assert not (how_to_run | {"compile", "deterministic"}) & set(train.RUN_DEFINING_FLAGS)
+    assert not (how_to_run | {"compile", "deterministic"}) & set(resume.RUN_DEFINING_FLAGS)
 
 
 def test_new_run_never_clobbers_an_earlier_one(phantom_dir, tmp_path, monkeypatch):
@@ -433,7 +437,7 @@ def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks (OMP_NUM_THREADS=1): the same convolution kernels and sums
     try:
-        expected = train.evaluate(model, volumes, train.Runtime(torch.device("cpu")), 16)
+        expected = train.evaluate(model, volumes, runtime.Runtime(torch.device("cpu")), 16)
     finally:
         torch.set_num_threads(threads)
     (run_dir,) = (tmp_path / "tb").iterdir()

@@ -8,8 +8,9 @@ import torch
 from scipy import ndimage
 
 import utils
-from inference import CheckpointError, load_checkpoint, save_checkpoint
-from utils import hd95, unwrap_state_dict
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from metrics import hd95
+from utils import unwrap_state_dict
 
 
 def test_crash_while_saving_keeps_the_old_checkpoint(tmp_path, monkeypatch):

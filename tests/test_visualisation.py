@@ -6,8 +6,7 @@ import pytest
 from matplotlib.colors import to_rgb, to_rgba
 
 from dataset import discover_patients, read_volume
-from predict import write_overlays
-from utils import (
+from pictures import (
     OVERLAY_ALPHA,
     OVERLAY_REGIONS,
     ROLE_STYLES,
@@ -20,6 +19,7 @@ from utils import (
     view_box,
     zoom_box,
 )
+from predict import write_overlays
 
 SIZE, WIDTH_PX = 64, 640
 

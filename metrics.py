@@ -1,0 +1,159 @@
+"""TODO docstring for metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary arrays; 1.0 when both are empty, 0.0 for a prediction on empty truth."""
+    prediction, truth = prediction.astype(bool), truth.astype(bool)
+    total = int(prediction.sum()) + int(truth.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(prediction, truth).sum()) / total
+
+
+def precision_recall(prediction: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Precision and recall, with Dice's convention for empty masks: both empty -> (1, 1),
+    exactly one empty -> (0, 0), so neither a missed lesion nor a false alarm scores well."""
+    prediction, truth = prediction.astype(bool), truth.astype(bool)
+    n_pred, n_true = int(prediction.sum()), int(truth.sum())
+    if n_pred == 0 or n_true == 0:
+        return (1.0, 1.0) if n_pred == n_true else (0.0, 0.0)
+    overlap = int(np.logical_and(prediction, truth).sum())
+    return overlap / n_pred, overlap / n_true
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels that a 6-neighbour (face-connected) erosion removes: MONAI's `get_mask_edges`."""
+    cross = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=cross, border_value=0)
+
+
+def _joint_box(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Bounding box of `a | b` grown by `margin` voxels on every side (clipped to the array)."""
+    box = ndimage.find_objects((a | b).astype(np.uint8))[0]
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, a.shape, strict=True))
+
+
+Spacing = tuple[float, ...]  # voxel size in mm per array axis, e.g. (slice, row, col) for (S, H, W)
+
+
+def _check_spacing(spacing: Spacing | None, ndim: int) -> tuple[float, ...] | None:
+    """`spacing` as floats, one positive finite value per axis; ValueError otherwise."""
+    if spacing is None:
+        return None
+    values = tuple(float(v) for v in spacing)
+    if len(values) != ndim or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing {spacing}: expected {ndim} positive voxel sizes (mm), one per array axis")
+    return values
+
+
+def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: Spacing | None = None) -> float:
+    """95th-percentile Hausdorff distance between the mask surfaces: in mm when `spacing`
+    (the voxel size per array axis, mm) is given, else in voxels (unit spacing).
+
+    MONAI's convention (`compute_hausdorff_distance(..., percentile=95, spacing=...)`): the
+    surface is the set of voxels removed by a 6-neighbour erosion (outside the array counts as
+    background); for each surface voxel of one mask take the Euclidean distance, with each
+    axis scaled by its spacing, to the nearest surface voxel of the other (scipy's
+    `distance_transform_edt(..., sampling=spacing)`); hd95 = max of the two directed 95th
+    percentiles (numpy's linear percentile). Computed on both masks cropped to their joint
+    bounding box plus a 1-voxel margin, which leaves every distance unchanged. Any shape
+    (2-D, 3-D). NaN when either mask is empty. Raises ValueError for a spacing that is not
+    one positive value per axis.
+    """
+    prediction, truth = prediction.astype(bool), truth.astype(bool)
+    sampling = _check_spacing(spacing, truth.ndim)
+    if not prediction.any() or not truth.any():
+        return float("nan")
+    box = _joint_box(prediction, truth, margin=1)
+    surface_p, surface_t = _surface(prediction[box]), _surface(truth[box])
+    to_truth = ndimage.distance_transform_edt(~surface_t, sampling=sampling)[surface_p]
+    to_pred = ndimage.distance_transform_edt(~surface_p, sampling=sampling)[surface_t]
+    return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
+
+
+def voxel_volume(spacing: Spacing | None) -> float:
+    """The volume of one voxel: the product of the spacing (mm3), or 1.0 (a voxel) without one."""
+    return float(np.prod(spacing)) if spacing is not None else 1.0
+
+
+def volume_stats(prediction: np.ndarray, truth: np.ndarray, spacing: Spacing | None = None) -> dict[str, float | None]:
+    """`gt_volume` and `pred_volume`: the foreground of each mask in mm3 with a `spacing`
+    (voxel count x voxel volume), in voxels without; `volume_error` = (pred - gt) / gt, a
+    signed fraction (+0.1: 10 % too large), None when the truth is empty. Any shape."""
+    unit = voxel_volume(_check_spacing(spacing, truth.ndim))
+    gt, pred = int(np.count_nonzero(truth)) * unit, int(np.count_nonzero(prediction)) * unit
+    return {"gt_volume": gt, "pred_volume": pred, "volume_error": (pred - gt) / gt if gt > 0 else None}
+
+
+LESION_DILATION_ITERATIONS = 3  # BraTS 2023 (BraTS-GLI, -SSA, -PED): dilation_factor = 3
+
+
+LESION_COLUMNS = ("gt_lesions", "lesion_tp", "lesion_fn", "lesion_fp", "lesion_f1", "lesionwise_dice")
+
+
+def lesion_metrics(
+    prediction: np.ndarray, truth: np.ndarray, spacing: Spacing | None = None, min_lesion_volume: float = 0.0
+) -> dict[str, float | int]:
+    """Lesion-wise detection and Dice, BraTS 2023 convention (rachitsaluja/BraTS-2023-Metrics).
+
+    prediction, truth: (S, H, W) binary. A ground-truth lesion is a 26-connected component of
+    the truth dilated `LESION_DILATION_ITERATIONS` times with the 18-neighbour structure
+    (`ndimage.generate_binary_structure(3, 2)`, in voxels, as BraTS on its 1 mm grid), so
+    pieces closer than the dilation merge into one lesion; the lesion is its truth voxels, its
+    region the dilated component. A lesion is detected (TP) when a predicted voxel lies in its
+    region, else missed (FN). Lesions of `min_lesion_volume` or less (mm3 with a `spacing`,
+    voxels without; BraTS uses 50 mm3) are left out of every count, and the predicted
+    components that touch them are not false positives. A predicted 26-connected component
+    that touches no lesion region is a false positive (FP).
+
+    Returns `gt_lesions` (kept lesions), `lesion_tp`, `lesion_fn`, `lesion_fp`, `lesion_f1` =
+    2 TP / (2 TP + FP + FN) (1.0 when there is no lesion and no prediction), and
+    `lesionwise_dice` = the sum over kept lesions of the Dice between the lesion and the union
+    of the predicted components touching its region, divided by (lesions + FP) (1.0 when both
+    are 0). Raises ValueError for masks that are not 3-D or of different shapes.
+    """
+    prediction, truth = prediction.astype(bool), truth.astype(bool)
+    if truth.ndim != 3 or prediction.shape != truth.shape:
+        raise ValueError(f"lesion metrics need two 3-D masks of one shape, got {prediction.shape} and {truth.shape}")
+    unit = voxel_volume(_check_spacing(spacing, 3))
+    if prediction.any() or truth.any():  # every component lies in this box, every region too
+        box = _joint_box(prediction, truth, margin=LESION_DILATION_ITERATIONS + 1)
+        prediction, truth = prediction[box], truth[box]
+    connectivity = ndimage.generate_binary_structure(3, 3)  # 26 neighbours
+    components, n_components = ndimage.label(prediction, structure=connectivity)
+    dilated = ndimage.binary_dilation(
+        truth, structure=ndimage.generate_binary_structure(3, 2), iterations=LESION_DILATION_ITERATIONS
+    )
+    regions, _ = ndimage.label(dilated, structure=connectivity)
+    touched: set[int] = set()
+    tp = fn = 0
+    dice_sum = 0.0
+    for label_id in range(1, int(regions.max()) + 1):
+        region = regions == label_id
+        lesion = truth & region
+        hits = np.unique(components[region])
+        hits = hits[hits > 0]
+        touched.update(int(h) for h in hits)
+        if np.count_nonzero(lesion) * unit <= min_lesion_volume:
+            continue
+        if hits.size:
+            tp += 1
+            dice_sum += dice_score(np.isin(components, hits), lesion)  # whole components, also outside the region
+        else:
+            fn += 1
+    fp = n_components - len(touched)
+    lesions = tp + fn
+    denominator = 2 * tp + fp + fn
+    return {
+        "gt_lesions": lesions,
+        "lesion_tp": tp,
+        "lesion_fn": fn,
+        "lesion_fp": fp,
+        "lesion_f1": 2 * tp / denominator if denominator else 1.0,
+        "lesionwise_dice": dice_sum / (lesions + fp) if lesions + fp else 1.0,
+    }

@@ -1,0 +1,466 @@
+"""TODO docstring for pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from preprocessing import brain_bounding_box
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# Okabe & Ito, "Color Universal Design" (2008): distinguishable with every common colour-vision deficiency.
+OKABE_ITO = {
+    "orange": "#E69F00",
+    "sky_blue": "#56B4E9",
+    "bluish_green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "reddish_purple": "#CC79A7",
+    "grey": "#999999",
+}
+
+
+# overlay regions: name -> (colour, legend label)
+OVERLAY_REGIONS = {
+    "agreement": (OKABE_ITO["yellow"], "agreement (truth and prediction)"),
+    "prediction_only": (OKABE_ITO["vermillion"], "prediction only (false positive)"),
+    "truth_only": (OKABE_ITO["sky_blue"], "truth only (missed)"),
+}
+
+
+OVERLAY_ALPHA = 0.55
+
+
+PREDICTION_DASHES = (0, (3, 1.5))  # prediction outline dashed, truth outline solid
+
+
+OUTLINE_WIDTH = 1.0  # points: thin, and drawn under the fills, so a 1-pixel error rim stays visible
+
+
+OUTLINE_ZORDER, FILL_ZORDER = 2, 3
+
+
+SMALL_LESION_FRACTION = 0.1  # a lesion box under 10 % of the frame's side gets a zoomed inset
+
+
+ZOOM_CONTEXT, ZOOM_MIN_SIDE = 2.0, 12  # the inset shows 2x the lesion's extent, at least 12 pixels
+
+
+INSET_FRACTION = 0.4  # inset width, as a fraction of the image width: magnified at least 2x
+
+
+def _figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
+    """A matplotlib Figure on the Agg canvas (no pyplot global state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] between the minimum and the 99.5th percentile (a few hot pixels
+    must not darken the whole slice). Constant images become zeros."""
+    image = image.astype(np.float32)
+    low, high = float(image.min()), float(np.percentile(image, 99.5))
+    if high <= low:
+        return np.zeros_like(image)
+    return np.clip((image - low) / (high - low), 0.0, 1.0)
+
+
+def _region_layer(prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """RGBA float (H, W, 4): agreement, prediction-only and truth-only pixels in their colours."""
+    from matplotlib.colors import to_rgba
+
+    layer = np.zeros((*prediction.shape, 4), np.float32)
+    truth = np.zeros_like(prediction) if truth is None else truth
+    regions = {
+        "agreement": prediction & truth,
+        "prediction_only": prediction & ~truth,
+        "truth_only": truth & ~prediction,
+    }
+    for name, pixels in regions.items():
+        layer[pixels] = to_rgba(OVERLAY_REGIONS[name][0], OVERLAY_ALPHA)
+    return layer
+
+
+def _draw_contours(ax, mask: np.ndarray, colour: str, linestyle: str | tuple) -> None:
+    """Thin sub-pixel outline of a binary mask (marching squares, `skimage.measure.find_contours`),
+    drawn under the filled regions (`OUTLINE_ZORDER` < `FILL_ZORDER`) so it never hides them."""
+    from skimage.measure import find_contours
+
+    padded = np.pad(mask.astype(np.float32), 1)  # closes outlines that touch the frame
+    for contour in find_contours(padded, 0.5):
+        ax.plot(
+            contour[:, 1] - 1,
+            contour[:, 0] - 1,
+            color=colour,
+            linewidth=OUTLINE_WIDTH,
+            linestyle=linestyle,
+            zorder=OUTLINE_ZORDER,
+        )
+
+
+def _overlay_legend_handles(has_truth: bool) -> list:
+    """Legend entries of `overlay`: the filled regions, then the two outline styles."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    colour = {name: c for name, (c, _) in OVERLAY_REGIONS.items()}
+    prediction_line = Line2D(
+        [], [], color=colour["prediction_only"], linewidth=2, linestyle=PREDICTION_DASHES, label="prediction outline"
+    )
+    if not has_truth:
+        return [Patch(color=colour["prediction_only"], alpha=0.8, label="prediction (no truth)"), prediction_line]
+    regions = [Patch(color=c, alpha=0.8, label=label) for c, label in OVERLAY_REGIONS.values()]
+    truth_line = Line2D([], [], color=colour["truth_only"], linewidth=2, label="truth outline")
+    return [*regions, truth_line, prediction_line]
+
+
+def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), half-open, of the True pixels of the last two axes; None if none."""
+    plane = mask.reshape(-1, *mask.shape[-2:]).any(axis=0)
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def view_box(volume: np.ndarray, *masks: np.ndarray | None, margin: float = 0.04) -> tuple[int, int, int, int]:
+    """The part of the frame a picture shows: (y0, y1, x0, x1), half-open, in pixels.
+
+    volume: (S, H, W, C) images (e.g. `dataset.read_volume`'s native slices); masks:
+    (S, H, W) or (H, W) bool/0-1 arrays or None. The box is the head (`brain_bounding_box`)
+    joined with every mask pixel (a false positive outside the head stays in view), grown by
+    `margin` times its longer side on each side and clipped to the frame.
+    """
+    height, width = volume.shape[1:3]
+    boxes = [brain_bounding_box(volume)] + [_mask_box(np.asarray(m, bool)) for m in masks if m is not None]
+    boxes = [b for b in boxes if b is not None]
+    y0, y1 = min(b[0] for b in boxes), max(b[1] for b in boxes)
+    x0, x1 = min(b[2] for b in boxes), max(b[3] for b in boxes)
+    grow = int(round(margin * max(y1 - y0, x1 - x0)))
+    return max(0, y0 - grow), min(height, y1 + grow), max(0, x0 - grow), min(width, x1 + grow)
+
+
+def zoom_box(lesion: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The square (y0, y1, x0, x1) an overlay magnifies in its inset, or None when the
+    lesion (truth or prediction, (H, W) bool) is absent or not small: its box's longer side
+    is at least `SMALL_LESION_FRACTION` of the frame's shorter side. The square is centred on
+    the lesion, `ZOOM_CONTEXT` times its longer side (at least `ZOOM_MIN_SIDE` pixels) and
+    shifted to lie inside the frame."""
+    box = _mask_box(lesion)
+    frame = min(lesion.shape)
+    if box is None:
+        return None
+    extent = max(box[1] - box[0], box[3] - box[2])
+    if extent >= SMALL_LESION_FRACTION * frame:
+        return None
+    side = min(frame, max(ZOOM_MIN_SIDE, int(np.ceil(ZOOM_CONTEXT * extent))))
+    starts = []
+    for low, high, size in ((box[0], box[1], lesion.shape[0]), (box[2], box[3], lesion.shape[1])):
+        start = (low + high) // 2 - side // 2
+        starts.append(min(max(start, 0), size - side))
+    return starts[0], starts[0] + side, starts[1], starts[1] + side
+
+
+def _draw_slice(ax, grey: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> None:
+    """The layers of one overlay picture, bottom to top: the slice in grey, the thin truth
+    (solid) and prediction (dashed) outlines, then the translucent region fills."""
+    ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear", zorder=0)
+    if truth is not None:
+        _draw_contours(ax, truth, OVERLAY_REGIONS["truth_only"][0], "-")
+    _draw_contours(ax, prediction, OVERLAY_REGIONS["prediction_only"][0], PREDICTION_DASHES)
+    ax.imshow(_region_layer(prediction, truth), interpolation="nearest", zorder=FILL_ZORDER)
+    ax.set_xlim(-0.5, grey.shape[1] - 0.5)
+    ax.set_ylim(grey.shape[0] - 0.5, -0.5)
+    ax.set_axis_off()
+
+
+def _add_zoom_inset(ax, grey: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> None:
+    """A magnified copy of a small lesion (`zoom_box`) in the image corner farthest from it,
+    with a white frame on the main image marking the magnified square."""
+    lesion = prediction if truth is None else prediction | truth
+    box = zoom_box(lesion)
+    if box is None:
+        return
+    height, width = grey.shape
+    y0, y1, x0, x1 = box
+    inset_w = min(INSET_FRACTION, INSET_FRACTION * height / width)  # axes fractions: a square inset
+    inset_h = inset_w * width / height
+    centre_y, centre_x = (y0 + y1) / 2 / height, (x0 + x1) / 2 / width  # 0 = top, 0 = left
+    left = 1 - inset_w - 0.01 if centre_x < 0.5 else 0.01
+    bottom = 0.01 if centre_y < 0.5 else 1 - inset_h - 0.01  # axes fractions count from the bottom
+    inset = ax.inset_axes((left, bottom, inset_w, inset_h), zorder=10)
+    _draw_slice(inset, grey, prediction, truth)
+    inset.set_xlim(x0 - 0.5, x1 - 0.5)
+    inset.set_ylim(y1 - 0.5, y0 - 0.5)
+    inset.set_axis_on()
+    inset.set_xticks([])
+    inset.set_yticks([])
+    from matplotlib import patheffects
+
+    for spine in inset.spines.values():  # white with a black rim: visible on tissue and background
+        spine.set_edgecolor("white")
+        spine.set_linewidth(1.5)
+        spine.set_path_effects([patheffects.withStroke(linewidth=3.0, foreground="black")])
+    ax.indicate_inset_zoom(inset, edgecolor="white", alpha=0.9, linewidth=1.0)
+
+
+def overlay(
+    flair: np.ndarray,
+    prediction: np.ndarray | None,
+    truth: np.ndarray | None,
+    title: str = "",
+    width_px: int = 640,
+    crop: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """Picture of one slice for a person: RGB uint8 (H', W', 3), `width_px` wide.
+
+    flair: (H, W) any real dtype, shown in grey; prediction, truth: (H, W) bool/0-1 or None
+    (no truth: an unlabelled patient). crop: (y0, y1, x0, x1) half-open part of the frame to
+    show (e.g. `view_box` of the patient: the head), None for the whole frame. Translucent
+    fills in Okabe-Ito colours separate agreement (yellow), prediction only (vermillion,
+    false positive) and truth only (sky blue, missed); they lie above thin outlines (truth
+    solid, prediction dashed, so overlap stays readable without colour), so a one-pixel
+    error rim is never hidden by a line. A lesion smaller than `SMALL_LESION_FRACTION` of
+    the shown frame gets a magnified inset (`zoom_box`) in the corner farthest from it.
+    `title` (e.g. patient, slice and Dice) goes above the image, a legend below.
+    """
+    if crop is not None:
+        y0, y1, x0, x1 = crop
+        flair = flair[y0:y1, x0:x1]
+        prediction = None if prediction is None else prediction[y0:y1, x0:x1]
+        truth = None if truth is None else truth[y0:y1, x0:x1]
+    height, width = flair.shape
+    prediction = np.zeros((height, width), bool) if prediction is None else prediction.astype(bool)
+    truth = None if truth is None else truth.astype(bool)
+    image_w, image_h = width_px / 100, width_px / 100 * height / width  # inches at 100 dpi
+    legend_h, title_h = 1.1, 0.5
+    fig = _figure(image_w, image_h + legend_h + title_h)
+    ax = fig.add_axes((0.0, legend_h / fig.get_figheight(), 1.0, image_h / fig.get_figheight()))
+    grey = _grey(flair)
+    _draw_slice(ax, grey, prediction, truth)
+    _add_zoom_inset(ax, grey, prediction, truth)
+    fig.suptitle(title, fontsize=13, y=1 - 0.1 / fig.get_figheight(), va="top")
+    fig.legend(handles=_overlay_legend_handles(truth is not None), loc="lower center", ncol=2, frameon=False)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def thumbnail(
+    flair: np.ndarray,
+    prediction: np.ndarray | None,
+    truth: np.ndarray | None,
+    crop: tuple[int, int, int, int] | None = None,
+    size: int = 96,
+) -> np.ndarray:
+    """A small overlay without matplotlib (fast enough for every patient of a report):
+    RGB uint8 (h, w, 3) whose longer side is `size` pixels.
+
+    The same grey scale and translucent region fills as `overlay` (agreement yellow,
+    prediction only vermillion, truth only sky blue; no outlines at this size), blended in
+    the native grid, cropped to `crop` ((y0, y1, x0, x1) half-open, None: the whole frame),
+    then resized (Pillow's bilinear filter, which widens with the shrink factor: anti-aliased). flair: (H, W)
+    any real dtype; prediction, truth: (H, W) bool/0-1 or None.
+    """
+    y0, y1, x0, x1 = crop or (0, flair.shape[0], 0, flair.shape[1])
+    grey = _grey(flair[y0:y1, x0:x1])
+    prediction = np.zeros(grey.shape, bool) if prediction is None else prediction[y0:y1, x0:x1].astype(bool)
+    truth = None if truth is None else truth[y0:y1, x0:x1].astype(bool)
+    layer = _region_layer(prediction, truth)  # (h, w, 4)
+    alpha = layer[..., 3:]
+    rgb = grey[..., None] * (1 - alpha) + layer[..., :3] * alpha
+    scale = size / max(grey.shape)
+    shape = (max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)))
+    from PIL import Image  # matplotlib's own image library: a fast single-threaded resize
+
+    full = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    return np.asarray(full.resize(shape[::-1], Image.Resampling.BILINEAR))  # PIL takes (width, height)
+
+
+ROLE_STYLES = {  # role -> (bar colour, legend label); train and val scores are optimistic
+    "test": (OKABE_ITO["blue"], "test (never used in training)"),
+    "unseen": (OKABE_ITO["bluish_green"], "unseen (not in the model's split)"),
+    "val": (OKABE_ITO["orange"], "val (chose the checkpoint)"),
+    "train": (OKABE_ITO["grey"], "train (fitted the weights)"),
+    "unknown": (OKABE_ITO["reddish_purple"], "unknown (checkpoint without a split)"),
+    None: (OKABE_ITO["blue"], "patients"),
+}
+
+
+HEADLINE_ROLES = ("test", "unseen")
+
+
+def _dice_rows(rows: list[dict] | dict[str, float]) -> list[dict]:
+    """Normalise to [{patient, dice, role, gt_pixels}] with labelled patients only; accepts
+    the old {patient: dice} mapping (no role, lesion status unknown) and metrics.csv strings."""
+    if isinstance(rows, dict):
+        rows = [{"patient": patient, "dice": dice} for patient, dice in rows.items()]
+    out = []
+    for row in rows:
+        if row.get("dice") in (None, ""):
+            continue  # unlabelled patient: no Dice
+        role = row.get("role") or None
+        if role not in ROLE_STYLES:
+            raise ValueError(
+                f"patient {row['patient']}: unknown role {role!r} (expected one of test, val, train, unseen, unknown)"
+            )
+        gt = row.get("gt_pixels")
+        out.append(
+            {
+                "patient": str(row["patient"]),
+                "dice": float(row["dice"]),
+                "role": role,
+                "lesion_free": None if gt in (None, "") else int(float(gt)) == 0,
+            }
+        )
+    return out
+
+
+DICE_AXIS = (0.0, 1.02)  # bars from 0: a bar's length is its value, and 1.0 stays in view
+
+
+def _dice_reference_lines(ax, items: list[dict]) -> None:
+    """Mean and median lines over the headline roles (test + unseen) when present, else all."""
+    headline = [r["dice"] for r in items if r["role"] in HEADLINE_ROLES]
+    values, scope = (headline, "test + unseen") if headline else ([r["dice"] for r in items], "all shown")
+    mean, median = float(np.mean(values)), float(np.median(values))
+    ax.axvline(mean, color="black", linestyle="--", linewidth=1.2, label=f"mean {mean:.3f} ({scope}, n={len(values)})")
+    ax.axvline(median, color="black", linestyle=":", linewidth=1.5, label=f"median {median:.3f} ({scope})")
+
+
+def plot_dice_distribution(
+    rows: list[dict] | dict[str, float], path: str | Path, title: str = "Dice per patient"
+) -> Figure:
+    """Horizontal bar chart of per-patient Dice, sorted, written as a PNG to `path`.
+
+    rows: dicts with `patient`, `dice` (None or "" for unlabelled patients, which are left
+    out), optional `role` (test / val / train / unseen: bar colour, legend) and `gt_pixels`
+    (0 marks the patient lesion-free: hatched bar, "(lesion-free)" label, since an empty
+    truth scores 1.0 by convention when nothing is predicted). The old `{patient: dice}`
+    mapping is still accepted. Mean and median lines are over test + unseen patients when
+    there are any (the honest headline), else over every patient shown. The axis starts
+    at 0 (`DICE_AXIS`), so a bar's length is its value, and a dot marks each bar's end, so a
+    patient scored 0 stays visible; the legend sits to the right of the bars.
+    Returns the matplotlib Figure (for inspection); raises ValueError for an unknown role
+    or when no patient has a Dice.
+    """
+    items = sorted(_dice_rows(rows), key=lambda r: (r["dice"], r["patient"]))
+    if not items:
+        raise ValueError("plot_dice_distribution: no patient with a Dice value (all unlabelled?)")
+    fig = _figure(9.0, max(3.0, 0.25 * len(items) + 1.4))
+    ax = fig.add_subplot()
+    for y, r in enumerate(items):
+        colour = ROLE_STYLES[r["role"]][0]
+        ax.barh(y, r["dice"], color=colour, hatch="///" if r["lesion_free"] else "", edgecolor="white")
+    colours = [ROLE_STYLES[r["role"]][0] for r in items]  # a dot at each bar's end: a Dice of 0 stays visible
+    dice = [r["dice"] for r in items]
+    ax.scatter(dice, range(len(items)), s=18, c=colours, edgecolors="black", linewidths=0.5, zorder=3, clip_on=False)
+    ticks = range(len(items))
+    ax.set_yticks(ticks, [r["patient"] + ("  (lesion-free)" if r["lesion_free"] else "") for r in items], fontsize=8)
+    values_axis = ax.secondary_yaxis("right")  # the Dice values as a column right of the bars
+    values_axis.set_yticks(ticks, [f"{r['dice']:.3f}" for r in items], fontsize=8)
+    ax.set_ylim(-0.6, len(items) - 0.4)
+    ax.set_xlim(DICE_AXIS)
+    ax.axvline(1.0, color="0.6", linewidth=0.8)
+    _dice_reference_lines(ax, items)
+    ax.set_xlabel("Dice (3-D, per patient)")
+    ax.set_ylabel("patient, sorted by Dice")
+    ax.set_title(title, fontsize=12)
+    ax.legend(handles=_dice_legend_handles(ax, items), loc="upper left", bbox_to_anchor=(1.1, 1.0), fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return fig
+
+
+def _dice_legend_handles(ax, items: list[dict]) -> list:
+    """Legend entries: each role present (with its count), the lesion-free hatch, the lines."""
+    from matplotlib.patches import Patch
+
+    handles = []
+    for role, (colour, label) in ROLE_STYLES.items():
+        count = sum(r["role"] == role for r in items)
+        if count:
+            handles.append(Patch(color=colour, label=f"{label}: {count}"))
+    if any(r["lesion_free"] for r in items):
+        handles.append(
+            Patch(facecolor="0.45", edgecolor="white", hatch="///", label="lesion-free (1.0 if nothing predicted)")
+        )
+    return handles + ax.get_legend_handles_labels()[0]
+
+
+LEARNING_CURVE_KEYS = ("epoch", "train_loss", "val_loss", "dice_mean", "dice_median", "lr")
+
+
+def best_epoch(history: list[dict]) -> dict:
+    """The history entry of the epoch that `best_model.pt` holds: the first with the highest
+    validation Dice mean (train.py replaces best_model.pt only on a strictly higher mean)."""
+    return max(history, key=lambda h: (h["dice_mean"], -h["epoch"]))
+
+
+def plot_learning_curves(history: list[dict], title: str = "learning curves") -> Figure:
+    """Three panels over the epochs: training and validation loss; validation Dice mean and
+    median (per patient, 3-D, as train.py validates); the learning rate of each epoch. A
+    dotted vertical line and a star mark the best epoch (`best_epoch`).
+
+    history: one dict per validated epoch with the keys `LEARNING_CURVE_KEYS` (`epoch` an
+    int, the others floats; loss of the configured --loss, lr the optimiser's at the start
+    of the epoch), in epoch order. Returns the matplotlib Figure (write it with
+    `png_bytes`); raises ValueError for an empty history or a missing key.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    if not history:
+        raise ValueError("plot_learning_curves: no validated epoch yet")
+    missing = [key for key in LEARNING_CURVE_KEYS if any(key not in h for h in history)]
+    if missing:
+        raise ValueError(f"plot_learning_curves: history entries lack {', '.join(missing)}")
+    epochs = [h["epoch"] for h in history]
+    best = best_epoch(history)
+    fig = _figure(13.0, 3.8)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.15, top=0.82, wspace=0.28)
+    loss_ax, dice_ax, lr_ax = fig.subplots(1, 3)
+    panels = [
+        (loss_ax, "loss", [("train_loss", "training", "-"), ("val_loss", "validation", "--")]),
+        (dice_ax, "validation Dice", [("dice_mean", "mean", "-"), ("dice_median", "median", ":")]),
+        (lr_ax, "learning rate", [("lr", "lr", "-")]),
+    ]
+    for ax, label, curves in panels:
+        for key, name, style in curves:
+            ax.plot(epochs, [h[key] for h in history], linestyle=style, marker="o", markersize=3, label=name)
+        ax.axvline(best["epoch"], color="0.4", linestyle=":", linewidth=1.2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    dice_ax.plot(
+        best["epoch"], best["dice_mean"], marker="*", markersize=14, color="black", linestyle="none",
+        label=f"best epoch {best['epoch']}: mean {best['dice_mean']:.3f} (best_model.pt)",
+    )  # fmt: skip
+    dice_ax.set_ylim(-0.03, 1.03)  # Dice 0 and 1 stay inside the panel
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    for ax in (loss_ax, dice_ax):
+        ax.legend(fontsize=8, loc="best")
+    last = history[-1]
+    fig.suptitle(
+        f"{title}: {len(history)} validated epoch(s), last {last['epoch']}; best epoch {best['epoch']} "
+        f"(validation Dice mean {best['dice_mean']:.4f}, median {best['dice_median']:.4f})",
+        fontsize=11,
+    )
+    return fig
+
+
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (for `atomic_write_bytes`: a crash never leaves half a picture)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()

@@ -1,0 +1,146 @@
+"""TODO docstring for postprocessing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from checkpoint import CheckpointError
+from metrics import dice_score
+
+
+def largest_connected_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest connected component (full connectivity: 26 neighbours in 3-D).
+    An empty mask is returned unchanged (as bool)."""
+    mask = mask.astype(bool)
+    if not mask.any():
+        return mask
+    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
+    if count == 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+LCC = {"method": "lcc"}  # the seed's: keep the largest 3-D component; a checkpoint without a record gets it
+
+
+NO_FILTER = {"method": "none"}
+
+
+MIN_SHARES = (0.5, 0.25, 0.1, 0.05)  # remove components smaller than this share of the largest
+
+
+POSTPROCESSING_CANDIDATES: tuple[dict, ...] = (
+    LCC,
+    *({"method": "min_share", "share": share} for share in MIN_SHARES),
+    NO_FILTER,
+)
+
+
+TIE_TOLERANCE = 1e-9  # mean Dice closer than this counts as a tie
+
+
+def check_postprocessing(record: Any, source: str | Path = "checkpoint") -> dict:
+    """A copy of a valid post-processing record: {"method": "none"}, {"method": "lcc"} or
+    {"method": "min_share", "share": s} with s in (0, 1]. Raises CheckpointError naming
+    `source` for anything else."""
+    if not isinstance(record, Mapping) or record.get("method") not in ("none", "lcc", "min_share"):
+        raise CheckpointError(
+            f"{source}: 'postprocessing' must be {{'method': 'none' | 'lcc' | 'min_share', ...}}, got {record!r}"
+        )
+    expected = {"method", "share"} if record["method"] == "min_share" else {"method"}
+    share = record.get("share", 1.0)
+    if set(record) != expected or isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise CheckpointError(
+            f"{source}: 'postprocessing' {dict(record)!r}: 'min_share' takes one 'share' in (0, 1], "
+            "'none' and 'lcc' take nothing else"
+        )
+    return dict(record)
+
+
+def postprocessing_of(checkpoint: Mapping, source: str | Path = "checkpoint") -> dict:
+    """The checkpoint's `postprocessing` record (checked), or LCC when it has none (a
+    checkpoint written before the choice existed, or a run stopped before its last epoch)."""
+    record = checkpoint.get("postprocessing")
+    return dict(LCC) if record is None else check_postprocessing(record, source)
+
+
+def postprocessing_name(record: Mapping) -> str:
+    """A candidate's short name for tables and summary.json: `none`, `lcc`, `min_share 10%`."""
+    if record["method"] == "min_share":
+        return f"min_share {100 * record['share']:g}%"
+    return str(record["method"])
+
+
+def keep_components(mask: np.ndarray, min_share: float) -> np.ndarray:
+    """The 3-D connected components of `mask` with at least `min_share` (0, 1] of the voxels
+    of the largest one, as bool of the same shape. Full connectivity (26 neighbours in 3-D),
+    as `postprocessing.largest_connected_component`; an empty mask is returned empty."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask
+    labels, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = sizes >= min_share * sizes.max()
+    keep[0] = False
+    return keep[labels]
+
+
+def postprocess(mask: np.ndarray, record: Mapping) -> np.ndarray:
+    """Apply a post-processing record (`check_postprocessing`) to a binary mask (S, H, W):
+    bool of the same shape. `lcc` is exactly `postprocessing.largest_connected_component`."""
+    method = record["method"]
+    if method == "lcc":
+        return largest_connected_component(mask)
+    if method == "min_share":
+        return keep_components(mask, float(record["share"]))
+    if method == "none":
+        return np.asarray(mask, dtype=bool)
+    raise ValueError(f"unknown post-processing method {method!r}")
+
+
+def candidate_dice(
+    probabilities: np.ndarray,
+    truth: np.ndarray,
+    threshold: float = 0.5,
+    candidates: Sequence[Mapping] = POSTPROCESSING_CANDIDATES,
+) -> dict[str, float]:
+    """Dice (metrics.dice_score) of each candidate applied to the same probabilities
+    (S, H, W) float against `truth` (S, H, W) bool, both on the same grid; keyed by
+    `postprocessing_name`."""
+    mask = np.asarray(probabilities) >= threshold
+    return {postprocessing_name(c): dice_score(postprocess(mask, c), truth) for c in candidates}
+
+
+def choose_postprocessing(
+    scores: Mapping[str, Mapping[str, float]], candidates: Sequence[Mapping] = POSTPROCESSING_CANDIDATES
+) -> tuple[dict, list[dict]]:
+    """The candidate with the best mean Dice over the patients of `scores` (patient id ->
+    candidate name -> Dice, e.g. from `score_postprocessing` on validation patients). Ties
+    (within TIE_TOLERANCE) go to the earlier candidate of `candidates`: the largest component
+    first. Returns (the chosen record, the table: one dict per candidate with `candidate`,
+    `record`, `mean`, `median`, in `candidates` order). Raises ValueError without patients."""
+    if not scores:
+        raise ValueError("choosing the post-processing needs at least one scored patient")
+    table = []
+    for candidate in candidates:
+        name = postprocessing_name(candidate)
+        values = np.array([patient[name] for patient in scores.values()], dtype=float)
+        table.append(
+            {
+                "candidate": name,
+                "record": dict(candidate),
+                "mean": float(values.mean()),
+                "median": float(np.median(values)),
+            }
+        )
+    best = max(row["mean"] for row in table)
+    chosen = next(row for row in table if row["mean"] >= best - TIE_TOLERANCE)
+    return dict(chosen["record"]), table

@@ -1,0 +1,232 @@
+"""TODO docstring for resume."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    require_training_checkpoint,
+)
+from dataset import discover_inputs, select_patients
+from patients import DataError, Patient
+from phantom import ensure_demo_data
+from runtime import (
+    Runtime,
+    on_rank_zero,
+)
+from splits import make_split
+from utils import (
+    UsageError,
+    check_writable_dir,
+    ensure_writable_dir,
+)
+
+# The resume contract: the flags that define a run. `--resume` refuses a change of any of
+# them, naming the flag with the saved and the given value; every other flag says only how
+# to run (device, workers, logging, data placement, cache, compile, determinism) and may
+# change. A new run-defining flag is one more line here. `world_size` is the number of
+# processes (torchrun --nproc_per_node), recorded with the flags in the checkpoint's `args`.
+RUN_DEFINING_FLAGS = (
+    "epochs",
+    "lr",
+    "batch_size",
+    "seed",
+    "folds",
+    "fold",
+    "val_patients",
+    "test_patients",
+    "image_size",
+    "base_filters",
+    "aug_scale",
+    "aug_angle",
+    "amp",
+    "loss",
+    "steps_per_epoch",
+    "sync_bn",
+    "no_lcc",
+    "world_size",
+    "sampling",
+    "sampling_floor",
+    "lesion_fraction",
+    "norm_region",
+    "context_slices",
+)
+
+
+CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
+
+
+# What a checkpoint saved before a run-defining flag existed was trained with (the behaviour
+# of the code then), whatever the flag's default is now.
+VALUES_BEFORE_FLAG = {"sampling": "area", "sampling_floor": 0.1, "norm_region": "crop", "context_slices": 0}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()[1]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_config(args: argparse.Namespace, runtime: Runtime) -> dict:
+    """The run's configuration as saved in checkpoints and args.json: every flag, plus the
+    number of processes and the precision --amp resolved to on this device (bf16, fp16, off)."""
+    return {**vars(args), "world_size": runtime.world_size, "precision": runtime.amp_name}
+
+
+def flag_text(name: str, value: Any) -> str:
+    """How a configuration entry reads on a command line: `--epochs 5`, `--sync-bn`, `no --folds`."""
+    if name == "world_size":
+        return f"{value} process(es) (torchrun --nproc_per_node)"
+    flag = f"--{name.replace('_', '-')}"
+    if value is True:
+        return flag
+    if value is None or value is False:
+        return f"no {flag}"
+    return f"{flag} {value}"
+
+
+def check_resume_contract(checkpoint: dict, path: Path, config: dict, defaults: Mapping[str, Any]) -> None:
+    """Refuse to resume with a change of any flag in RUN_DEFINING_FLAGS. A flag missing from
+    an older checkpoint counts as VALUES_BEFORE_FLAG's value, else as its default in
+    `defaults` (flag name -> train.py's default)."""
+    require_training_checkpoint(checkpoint, path, resume=True)
+    defaults = {**defaults, "world_size": 1, **VALUES_BEFORE_FLAG}
+    saved_config = checkpoint["args"]
+    for name in RUN_DEFINING_FLAGS:
+        saved, given = saved_config.get(name, defaults[name]), config[name]
+        if saved != given:
+            raise CheckpointError(
+                f"{path} was trained with {flag_text(name, saved)}, this run asks for {flag_text(name, given)}; "
+                f"resume with {flag_text(name, saved)}, or start a new run (another --checkpoint-dir, or --overwrite)"
+            )
+    # `--amp auto` resolves per device (bf16 where supported, else fp16): the same flag can ask
+    # for another precision on another GPU, and the saved GradScaler state would not fit it.
+    precision = saved_config.get("precision")  # absent before it was recorded
+    if precision is not None and precision != config["precision"]:
+        raise CheckpointError(
+            f"{path} was trained in {precision} precision (--amp {saved_config.get('amp', 'auto')}), this run "
+            f"resolves --amp {config['amp']} to {config['precision']} on this device; resume on a device where "
+            f"--amp {config['amp']} gives {precision}, or start a new run (another --checkpoint-dir, or --overwrite)"
+        )
+
+
+def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        path = Path(args.checkpoint_dir) / "last.pt"
+        return path if path.is_file() else None
+    path = Path(args.resume)
+    if path.is_dir():
+        raise CheckpointError(f"--resume {path}: is a folder; pass {path / 'last.pt'} (or --resume auto)")
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: file not found")
+    return path
+
+
+def check_no_clobber(args: argparse.Namespace, resume_path: Path | None) -> None:
+    """A new run never silently replaces the checkpoints of an earlier one."""
+    folder = Path(args.checkpoint_dir)
+    existing = [name for name in CHECKPOINT_NAMES if (folder / name).is_file()]
+    continues_it = resume_path is not None and resume_path.resolve().parent == folder.resolve()
+    if not existing or args.overwrite or continues_it:
+        return
+    how = "--resume auto" if "last.pt" in existing else f"--resume {folder / existing[0]}"
+    how = f"`python train.py --demo {how}`" if args.demo else how
+    raise UsageError(
+        f"--checkpoint-dir {folder} already holds {' and '.join(existing)} of an earlier run: continue it "
+        f"with {how}, or pass --overwrite to start a new run there (deletes them)"
+    )
+
+
+def continue_command(argv: list[str], world_size: int) -> str:
+    """The command that continues a run stopped by --stop-after-epoch: the same flags,
+    without --stop-after-epoch, --resume and --overwrite, plus --resume auto."""
+    kept, skip = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip or name == "--overwrite":
+            skip = False
+            continue
+        if name in ("--stop-after-epoch", "--resume"):
+            skip = "=" not in token
+            continue
+        kept.append(token)
+    launcher = ["python"] if world_size == 1 else ["torchrun", f"--nproc_per_node={world_size}"]
+    return shlex.join([*launcher, "train.py", *kept, "--resume", "auto"])
+
+
+def check_before_work(
+    args: argparse.Namespace, config: dict, defaults: Mapping[str, Any]
+) -> tuple[Path | None, dict | None, list[Patient]]:
+    """Everything that can fail before preprocessing and training (run on rank 0): the
+    output folders, the checkpoint to resume from and its contract, an earlier run in
+    --checkpoint-dir, the patients and the split. Returns (resume path, the loaded
+    checkpoint, the patients to load)."""
+    folders = {"--checkpoint-dir": args.checkpoint_dir, "--log-dir": args.log_dir}
+    if not args.no_cache:
+        folders["--cache-dir"] = args.cache_dir
+    for flag, folder in folders.items():
+        check_writable_dir(folder, flag)
+    resume_path = find_resume_checkpoint(args)
+    resumed = load_checkpoint(resume_path) if resume_path else None
+    if resumed is not None:
+        check_resume_contract(resumed, resume_path, config, defaults)
+    check_no_clobber(args, resume_path)
+    if args.demo:
+        ensure_demo_data(args.data_dir, args.seed)
+    patients = discover_inputs(args.data_dir)  # TIFF folders and NIfTI files, as predict.py reads them
+    if resumed is not None:
+        patients = select_patients(patients, resumed["split"]["train"] + resumed["split"]["val"])
+    unlabelled = [p for p in patients if not p.labelled]
+    if unlabelled:
+        kinds = " or ".join(sorted({"_mask.nii.gz" if p.nifti else "_mask.tif" for p in unlabelled}, reverse=True))
+        listing = ", ".join(p.patient_id for p in unlabelled)
+        raise DataError(f"training needs masks, but these patients have no {kinds} files: {listing}")
+    if resumed is None:  # checks --val-patients / --folds against the data
+        ids = [p.patient_id for p in patients]
+        make_split(ids, args.val_patients, args.seed, args.folds, args.fold, test_patients=args.test_patients)
+    # every check passed: preprocessing may start. --checkpoint-dir and --log-dir are made when
+    # the first file is written to them (args.json, TensorBoard), after the data has loaded,
+    # so that an unreadable slice found while preprocessing leaves no empty run folders.
+    if "--cache-dir" in folders:
+        ensure_writable_dir(folders["--cache-dir"], "--cache-dir")
+    return resume_path, resumed, patients
+
+
+def agree_on_inputs(
+    args: argparse.Namespace, runtime: Runtime, config: dict, defaults: Mapping[str, Any]
+) -> tuple[Path | None, dict | None, list]:
+    """Rank 0 runs `check_before_work`; every rank follows its decision on whether and from
+    where to resume (each loads that checkpoint itself)."""
+    own: dict = {}
+
+    def work() -> tuple[Path | None, list[Patient]]:
+        path, own["resumed"], patients = check_before_work(args, config, defaults)
+        if path is None and args.overwrite:
+            for name in CHECKPOINT_NAMES:
+                if (Path(args.checkpoint_dir) / name).is_file():
+                    (Path(args.checkpoint_dir) / name).unlink()
+                    print(f"--overwrite: deleted {Path(args.checkpoint_dir) / name} of the earlier run")
+        return path, patients
+
+    path, patients = on_rank_zero(runtime, work)
+    resumed = own["resumed"] if runtime.is_main else (load_checkpoint(path) if path else None)
+    return path, resumed, patients

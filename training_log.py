@@ -1,0 +1,120 @@
+"""TODO docstring for training_log."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dataset import (
+    Volume,
+)
+from pictures import thumbnail
+from tb_logger import TBLogger
+from utils import (
+    UsageError,
+    atomic_write_bytes,
+    format_duration,
+)
+
+LEARNING_CURVES = "learning_curves.png"  # in --checkpoint-dir, rewritten after every validated epoch
+
+
+def log_overlays(logger: TBLogger, volumes: list[Volume], predictions: dict, limit: int, epoch: int) -> None:
+    """Up to `limit` validation slices with truth or prediction, composed with array
+    operations (`pictures.thumbnail` at full size, no matplotlib figure): FLAIR in grey,
+    agreement yellow, prediction only vermillion, truth only sky blue."""
+    shown = 0
+    for volume in volumes:
+        prediction, truth = predictions[volume.patient_id], np.asarray(volume.masks)
+        for s in np.flatnonzero(prediction.any(axis=(1, 2)) | truth.any(axis=(1, 2))):
+            if shown >= limit:
+                return
+            flair = np.asarray(volume.images[s, 1], dtype=np.float32)
+            k = volume.geometry.slice_numbers[s]
+            picture = thumbnail(flair, prediction[s], truth[s], size=max(flair.shape))
+            logger.image(f"overlay/{volume.patient_id}_{k}", picture, epoch)
+            shown += 1
+
+
+EPOCH_HEADER = "epoch     train loss val loss Dice mean  median       lr slices/s  step/val/ckpt/pics s  out"
+
+
+def epoch_line(epoch: int, epochs: int, train_stats: dict, val: dict | None, lr: float, seconds: dict) -> str:
+    """One row under EPOCH_HEADER (under 100 columns with "  *best*"). `val` is None for an
+    epoch that --val-interval skips. `seconds`: "step" (training steps), "val", "ckpt",
+    "pics" (the work of each part, on either thread) and "outside" (the training thread's
+    time outside the steps); `out` is that share of the epoch's wall time."""
+    losses = f"{train_stats['loss']:>11.4f}"
+    if val is None:
+        losses += f"{'-':>9}{'-':>10}{'-':>8}"
+    else:
+        losses += f"{val['loss']:>9.4f}{val['dice_mean']:>10.4f}{val['dice_median']:>8.4f}"
+    parts = "/".join(f"{seconds[k]:.{1 if seconds[k] < 99.95 else 0}f}" for k in ("step", "val", "ckpt", "pics"))
+    share = seconds["outside"] / max(seconds["step"] + seconds["outside"], 1e-9)
+    return f"{f'{epoch}/{epochs}':<9}{losses}{lr:>9.1e}{train_stats['slices_per_s']:>9.0f}{parts:>22}{share:>5.0%}"
+
+
+def progress_label(epoch: int, epochs: int, epoch_seconds: list[float], stop_after: int | None = None) -> str:
+    """The progress bar's label: the epoch, and the time the run has left (to `stop_after`
+    when set), estimated from the mean of the last three `epoch_seconds` of this process
+    (training, validation and saving)."""
+    label = f"epoch {epoch}/{epochs}"
+    if not epoch_seconds:
+        return label
+    recent = epoch_seconds[-3:]
+    last = min(epochs, stop_after or epochs)
+    left = sum(recent) / len(recent) * (last - epoch + 1)
+    return f"{label}, run {format_duration(left)} left"
+
+
+def write_learning_curves(png: bytes, path: Path, epoch: int) -> None:
+    """`atomic_write_bytes` of the PNG (never half a picture), with a failed write as one
+    UsageError line that says the epoch's checkpoints were written before it."""
+    try:
+        atomic_write_bytes(png, path)
+    except OSError as error:
+        raise UsageError(
+            f"{path}: the learning curves could not be written ({error}); the checkpoints of epoch {epoch} are kept"
+        ) from error
+
+
+def log_epoch(logger: TBLogger, epoch: int, train_stats: dict, lr: float, val: dict | None, seconds: dict) -> None:
+    """TensorBoard scalars of one epoch: losses, Dice, learning rate and where the time went
+    (`train_stats` from train_one_epoch, `val` from summarize_validation or None, `seconds`
+    as in `epoch_line`)."""
+    scalars = {"train/loss": train_stats["loss"], "lr": lr, "time/slices_per_s": train_stats["slices_per_s"]}
+    if val is not None:
+        scalars |= {"val/loss": val["loss"], "val/dice_mean": val["dice_mean"], "val/dice_median": val["dice_median"]}
+    scalars |= {"time/epoch_s": seconds["step"], "time/val_s": seconds["val"], "time/checkpoint_s": seconds["ckpt"]}
+    scalars |= {"time/pictures_s": seconds["pics"], "time/outside_step_s": seconds["outside"]}
+    logger.scalars(scalars, epoch)
+
+
+def print_line(line: str) -> None:
+    """Print above the progress bar, from either thread."""
+    tqdm.write(line)
+    sys.stdout.flush()
+
+
+def learning_curves_path(args: argparse.Namespace) -> Path:
+    """<checkpoint-dir>/learning_curves.png (per fold under --fold all: fold<i>/learning_curves.png)."""
+    folder = Path(args.checkpoint_dir)
+    return folder / "fold*" / LEARNING_CURVES if args.fold == "all" else folder / LEARNING_CURVES
+
+
+def predict_command(args: argparse.Namespace) -> str:
+    """The predict.py command for the model(s) this run trained: the K fold checkpoints of
+    --fold all (pooled: every patient scored by the model it was a test patient of)."""
+    folder = Path(args.checkpoint_dir)
+    if args.fold == "all":
+        models = [str(folder / f"fold{i}" / "best_model.pt") for i in range(args.folds)]
+        out = str(folder / "predictions")
+    else:
+        models, out = [str(folder / "best_model.pt")], "./demo_predictions"
+    command = ["python", "predict.py", "--model-path", *models, "--data-dir", args.data_dir, "--output-dir", out]
+    return shlex.join([*command, "--figure-path", f"{out}/dice_distribution.png"])

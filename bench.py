@@ -1,5 +1,6 @@
-"""Performance benchmark on a phantom data set written to a temp dir, the ablation of
-training-recipe candidates on the hard phantom, and the evidence for the post-processing choice.
+"""The speed benchmark on a phantom data set written to a temp dir, and the entry point of
+the studies that live in modules of their own (study_ablation.py, results_page.py,
+study_postprocessing.py).
 
     python bench.py speed [--device cpu|cuda] [--image-size 256] [--quick] [--json PATH]
     python bench.py ablation [--seeds 0 1 2] [--candidates NAME ...] [--output ablation.md]
@@ -471,9 +472,6 @@ def epoch_rows(e: dict) -> list[tuple[str, str, str]]:
             f"{overlays['wall_with_s']:.1f} s against {overlays['wall_without_s']:.1f} s (64 px, 3 epochs)",
         ),
     ]
-
-
-# ---------------------------------------------------------------------------- ablation
 
 
 # ------------------------------------------------------------------------------ report

@@ -1,4 +1,10 @@
-"""TODO docstring for checkpoint."""
+"""The checkpoint format: what a training checkpoint holds, its version, writing it
+atomically and reading it back with `torch.load(weights_only=True)`.
+
+`training_state` copies an epoch's state to the host, `make_checkpoint` assembles the dict,
+`save_checkpoint` / `write_checkpoint` / `load_checkpoint` put it on disk and read it back,
+`require_training_checkpoint` says whether a dict is one of ours (`CheckpointError` if not).
+"""
 
 from __future__ import annotations
 
@@ -19,13 +25,9 @@ from preprocessing import NORM_REGIONS, preprocessing_config
 from utils import atomic_write_bytes
 
 CHECKPOINT_FORMAT_VERSION = 1
-
-
 # The keys that make a dict a training checkpoint of this project (what prediction needs),
 # and the ones a resumed run needs on top of them.
 TRAINING_KEYS = ("model", "model_config", "preprocessing")
-
-
 RESUME_KEYS = ("optimizer", "epoch", "args")
 
 

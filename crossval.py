@@ -1,4 +1,6 @@
-"""TODO docstring for crossval."""
+"""`train.py --folds K --fold all`: train the K folds one after the other, each in its own
+folder under the rules of a single run (checked for every fold before the first trains).
+"""
 
 from __future__ import annotations
 

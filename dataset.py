@@ -1,6 +1,5 @@
-"""Data pipeline: find patients in a folder (kaggle_3m-style TIFF folders and NIfTI files),
-read them, cache the preprocessed volumes, split patients, serve slices to PyTorch, and write
-phantom data.
+"""The data: find patients in a folder (kaggle_3m-style TIFF folders and NIfTI files), read
+them, cache their preprocessed volumes, and serve slices to PyTorch (`MRISegmentationDataset`).
 
 CLI:
     python dataset.py synthesize OUT --patients N --seed S [--difficulty easy|hard] [--format tiff|nifti]
@@ -393,20 +392,7 @@ def load_volumes(
         return list(results)
 
 
-# ------------------------------------------------------------------------------- splits
-
-
-# ------------------------------------------------------------------------ NIfTI volumes
-# A folder of NIfTI files, one patient per file set, is read into the same (S, H, W, 3)
-# images and (S, H, W) masks as a TIFF patient folder; from there on both follow one path
-# (preprocess_volume, predict_volume, to_native, metrics). Naming, in the data folder itself:
-#   <patient>.nii.gz                 one 4-D volume X x Y x Z x 3, channels last
-#                                    (pre-contrast, FLAIR, post-contrast), or instead
-#   <patient>_pre.nii.gz, <patient>_flair.nii.gz, <patient>_post.nii.gz   one 3-D file per
-#                                    sequence; FLAIR is required, a missing one is replaced by FLAIR
-#   <patient>_mask.nii.gz            optional ground truth (non-zero = abnormality)
-# (.nii works as well as .nii.gz). Slices are taken along the voxel axis closest to the
-# world's superior-inferior axis (from the affine, nibabel's io_orientation).
+# ---------------------------------------------------------------------- all inputs
 
 
 def discover_inputs(data_dir: str | Path) -> list[Patient]:
@@ -509,12 +495,6 @@ class MRISegmentationDataset(Dataset):
             np.concatenate([np.asarray(v.images) for v in self.volumes]),
             np.concatenate([np.asarray(v.masks) for v in self.volumes]),
         )
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-# ------------------------------------------------------------------ slice placement
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -1,19 +1,11 @@
-"""A checkpoint in, masks out: the one implementation that training validation, predict.py,
-the torch.hub pipeline, export.py and bench.py share.
+"""A checkpoint in, probabilities and masks out: the one predictor that training validation,
+predict.py, the torch.hub pipeline, export.py and bench.py share.
 
-- The checkpoint format: `training_state` copies an epoch's state to the host,
-  `make_checkpoint` writes the dict, `save_checkpoint` / `load_checkpoint` put it on disk and
-  read it back (weights_only=True), `require_training_checkpoint` says whether it is one of
-  ours, `CHECKPOINT_FORMAT_VERSION` is its version.
-- The model from a checkpoint: `ModelConfig` is the record saved beside the weights,
-  `build_model` rebuilds the network from it, `load_model` does all of it for a file.
+- The model from a checkpoint: `build_model` rebuilds the network from the checkpoint's
+  record, `load_model` does it for a file (with what its inputs must look like).
 - Inference: `predict_probabilities` / `predict_volume` (batched forward pass, on the device
-  / as a host array), `binarize` and `to_native` (post-processing in the native grid),
-  `autocast_dtype` (mixed precision), `resolve_backend` (torch or onnxruntime).
-- The post-processing choice: the candidates (`POSTPROCESSING_CANDIDATES`: none, the largest
-  component, components of at least a share of the largest), `postprocess`, the Dice of every
-  candidate on one forward pass (`candidate_dice`, `score_postprocessing`), the choice
-  (`choose_postprocessing`) and its record in a checkpoint (`save_postprocessing_choice`).
+  / as a host array), `binarize` and `to_native` (threshold and post-processing on the native
+  grid), `autocast_dtype` (mixed precision), `resolve_backend` (torch or onnxruntime).
 """
 
 from __future__ import annotations
@@ -38,11 +30,6 @@ from network import UNetModel
 from postprocessing import LCC, NO_FILTER, postprocess, postprocessing_of
 from preprocessing import Geometry, restore_geometry
 from utils import UsageError, unwrap_state_dict
-
-# ------------------------------------------------------------------------ the model record
-
-
-# ------------------------------------------------------------------ the checkpoint format
 
 
 # ------------------------------------------------------------------------ model loading

@@ -1,4 +1,6 @@
-"""TODO docstring for metrics."""
+"""Per-patient metrics on 3-D binary masks (S, H, W): Dice, precision, recall, hd95 (MONAI's
+convention), volumes and the lesion-wise counts (BraTS 2023 convention).
+"""
 
 from __future__ import annotations
 
@@ -91,8 +93,6 @@ def volume_stats(prediction: np.ndarray, truth: np.ndarray, spacing: Spacing | N
 
 
 LESION_DILATION_ITERATIONS = 3  # BraTS 2023 (BraTS-GLI, -SSA, -PED): dilation_factor = 3
-
-
 LESION_COLUMNS = ("gt_lesions", "lesion_tp", "lesion_fn", "lesion_fp", "lesion_f1", "lesionwise_dice")
 
 

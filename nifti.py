@@ -1,4 +1,15 @@
-"""TODO docstring for nifti."""
+"""NIfTI volumes: a folder of NIfTI files read into the same (S, H, W, 3) images and (S, H, W)
+masks as a TIFF patient folder, and masks or probabilities written back on the input grid.
+
+Naming, in the data folder itself:
+  <patient>.nii.gz                 one 4-D volume X x Y x Z x 3, channels last
+                                   (pre-contrast, FLAIR, post-contrast), or instead
+  <patient>_pre.nii.gz, <patient>_flair.nii.gz, <patient>_post.nii.gz   one 3-D file per
+                                   sequence; FLAIR is required, a missing one is replaced by FLAIR
+  <patient>_mask.nii.gz            optional ground truth (non-zero = abnormality)
+(.nii works as well as .nii.gz). Slices are taken along the voxel axis closest to the
+world's superior-inferior axis (from the affine, nibabel's io_orientation).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +21,8 @@ import numpy as np
 from patients import DataError, NiftiFiles, Patient, SliceFiles
 
 NIFTI_SEQUENCE_SUFFIXES = ("_pre", "_flair", "_post")  # in channel order
-
-
 NIFTI_MASK_SUFFIX = "_mask"
-
-
 SLICE_AXES = ("S", "P", "L")  # index directions of (slice, row, column): axial slices from the
-
-
 # feet up, each seen in the radiological convention (anterior at the top, patient's left on the right)
 GRID_TOLERANCE = 1e-3  # mm: largest affine difference between the files of one patient
 

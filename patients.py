@@ -1,4 +1,6 @@
-"""TODO docstring for patients."""
+"""What a patient is on disk: its slice files (a kaggle_3m TIFF folder) or NIfTI files, and
+`DataError`, the error for input data a user must fix.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring for pictures."""
+"""Pictures: slice overlays (truth against prediction, colour-blind-safe), thumbnails, the
+per-patient Dice chart and the learning curves. Colours from Okabe & Ito (2008).
+"""
 
 from __future__ import annotations
 
@@ -34,23 +36,11 @@ OVERLAY_REGIONS = {
 
 
 OVERLAY_ALPHA = 0.55
-
-
 PREDICTION_DASHES = (0, (3, 1.5))  # prediction outline dashed, truth outline solid
-
-
 OUTLINE_WIDTH = 1.0  # points: thin, and drawn under the fills, so a 1-pixel error rim stays visible
-
-
 OUTLINE_ZORDER, FILL_ZORDER = 2, 3
-
-
 SMALL_LESION_FRACTION = 0.1  # a lesion box under 10 % of the frame's side gets a zoomed inset
-
-
 ZOOM_CONTEXT, ZOOM_MIN_SIDE = 2.0, 12  # the inset shows 2x the lesion's extent, at least 12 pixels
-
-
 INSET_FRACTION = 0.4  # inset width, as a fraction of the image width: magnified at least 2x
 
 

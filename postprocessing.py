@@ -1,4 +1,7 @@
-"""TODO docstring for postprocessing."""
+"""Post-processing of a thresholded mask (S, H, W): the 3-D connected components, the
+candidates (none, the largest component, components of at least a share of the largest) and
+the choice among them from per-patient Dice (nnU-Net's determine_postprocessing rule).
+"""
 
 from __future__ import annotations
 
@@ -28,11 +31,7 @@ def largest_connected_component(mask: np.ndarray) -> np.ndarray:
 
 
 LCC = {"method": "lcc"}  # the seed's: keep the largest 3-D component; a checkpoint without a record gets it
-
-
 NO_FILTER = {"method": "none"}
-
-
 MIN_SHARES = (0.5, 0.25, 0.1, 0.05)  # remove components smaller than this share of the largest
 
 

@@ -1,4 +1,7 @@
-"""TODO docstring for postprocessing_choice."""
+"""Choosing a checkpoint's post-processing on its validation patients: one forward pass per
+patient, every candidate scored on the native grid, the choice saved in the checkpoint and
+in args.json beside it (`train.py` at the end of a run, `train.py --choose-postprocessing`).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring for preprocessing."""
+"""One volume's preprocessing and its exact inverse: crop to the head, pad to a square,
+resize, normalise each channel; `Geometry` records enough to map masks and probabilities
+back to the native grid (`restore_geometry`).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 BRAIN_THRESHOLD = 0.10  # a pixel is "head" where any channel exceeds 10 % of its volume max
-
-
 CLIP_PERCENTILES = (10.0, 99.0)
-
-
 SPECK_FRACTION = 0.01  # bright regions with < 1 % of the bright pixels are ignored by the crop box
 
 

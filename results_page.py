@@ -1,4 +1,6 @@
-"""TODO docstring for results_page."""
+"""`python bench.py report`: regenerate docs/results.md from commands run now (the demo,
+the predict.py command it prints, optionally the quick benchmark), with its figures.
+"""
 
 from __future__ import annotations
 

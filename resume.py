@@ -1,4 +1,7 @@
-"""TODO docstring for resume."""
+"""The resume contract and the checks before a training run does any work: which flags
+define a run (a resumed run may not change them), where to resume from, no silent overwrite
+of an earlier run, the data and the split checked on rank 0.
+"""
 
 from __future__ import annotations
 
@@ -63,8 +66,6 @@ RUN_DEFINING_FLAGS = (
 
 
 CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
-
-
 # What a checkpoint saved before a run-defining flag existed was trained with (the behaviour
 # of the code then), whatever the flag's default is now.
 VALUES_BEFORE_FLAG = {"sampling": "area", "sampling_floor": 0.1, "norm_region": "crop", "context_slices": 0}

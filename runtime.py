@@ -1,4 +1,7 @@
-"""TODO docstring for runtime."""
+"""Where and how a training process runs: device, rank and world size under torchrun
+(DistributedDataParallel), mixed precision, determinism, and the collectives that keep the
+ranks in step.
+"""
 
 from __future__ import annotations
 

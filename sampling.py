@@ -1,4 +1,6 @@
-"""TODO docstring for sampling."""
+"""Which slices each training batch holds (weighted samplers) and where the training set
+lives (on the training device, or streamed from the host).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring for splits."""
+"""Patient splits: train / validation / test, or K folds, stratified by lesion presence and
+reproducible from a seed.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring for study_ablation."""
+"""`python bench.py ablation`: train and score each candidate recipe on phantom data over
+several seeds and write the comparison table (docs/ablation.md).
+"""
 
 from __future__ import annotations
 
@@ -45,8 +47,6 @@ class Candidate:
 # TTA and foreground oversampling (the best sampling scheme of seed 0) looked promising, so
 # both are measured on top of dice+bce.
 DICE_BCE_FOREGROUND = ("--loss", "dice+bce", "--sampling", "foreground", "--lesion-fraction", "0.333")
-
-
 # Each candidate changes one thing against today's recipe (issue 13); the last combines the
 # winners. Flags that train.py does not know are reported as "not wired" instead of failing
 # the whole ablation. "flip TTA" predicts with today's checkpoints (no training of its own).

@@ -1,4 +1,6 @@
-"""TODO docstring for study_postprocessing."""
+"""`python bench.py postprocessing`: evidence for the post-processing choice on phantoms,
+chosen on validation patients and scored on unseen test patients (docs/postprocessing.md).
+"""
 
 from __future__ import annotations
 
@@ -37,8 +39,6 @@ POSTPROCESSING_QUICK_BUDGET = (
 
 
 PHANTOM_LESIONS = {"hard": "0-3 lesions per patient", "easy": "one lesion per patient"}
-
-
 REUSED = " (read back from --work-dir, where an earlier run of this command left it)"
 
 

@@ -518,9 +518,6 @@ def evaluate(
     return summarize_validation(gather_over_ranks(score_patients(parts, truths, lcc, keep_predictions), runtime))
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
 # ----------------------------------------------------------------- checks before any work
 
 

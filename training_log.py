@@ -1,4 +1,6 @@
-"""TODO docstring for training_log."""
+"""What a training run writes about itself: the epoch line, the progress-bar label with the
+time left, TensorBoard scalars and overlays, the learning-curves file and the next command.
+"""
 
 from __future__ import annotations
 

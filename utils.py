@@ -1,6 +1,5 @@
-"""Shared helpers: volume preprocessing and its exact inverse, metrics, largest connected
-component, pictures (overlays, thumbnails, the Dice chart, learning curves), seeding, atomic
-writes, CLI helpers and folder checks."""
+"""Small shared helpers: seeding, atomic writes, `UsageError`, the shared CLI flags and help
+formatter, device and folder checks, durations."""
 
 from __future__ import annotations
 

@@ -31,7 +31,6 @@ from postprocessing import LCC, NO_FILTER, postprocess, postprocessing_of
 from preprocessing import Geometry, restore_geometry
 from utils import UsageError, unwrap_state_dict
 
-
 # ------------------------------------------------------------------------ model loading
 
 

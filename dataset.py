@@ -4,6 +4,7 @@ them, cache their preprocessed volumes, and serve slices to PyTorch (`MRISegment
 CLI:
     python dataset.py synthesize OUT --patients N --seed S [--difficulty easy|hard] [--format tiff|nifti]
     python dataset.py preprocess --data-dir D [--cache-dir C] [--image-size S] [--num-workers W]
+    python dataset.py check --data-dir D    (per patient: slices, lesion slices, copied channels, ranges)
 """
 
 from __future__ import annotations
@@ -215,12 +216,13 @@ def read_mask(path: Path) -> np.ndarray:
     return mask != 0
 
 
-def read_volume(patient: Patient) -> tuple[np.ndarray, np.ndarray | None]:
-    """The kept slices of a patient: images (S, H, W, 3) and masks (S, H, W) or None."""
+def read_volume(patient: Patient, all_slices: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The kept slices of a patient (every slice with `all_slices`): images (S, H, W, 3) in
+    the files' dtype and masks (S, H, W) bool, or None for a patient without masks."""
     if patient.nifti is not None:
-        return read_nifti_volume(patient)
+        return read_nifti_volume(patient, all_slices)
     images, masks = [], []
-    for item in patient.kept:
+    for item in patient.slices if all_slices else patient.kept:
         image = read_image(item.image)
         if images and (image.shape != images[0].shape or image.dtype != images[0].dtype):
             raise DataError(
@@ -497,6 +499,67 @@ class MRISegmentationDataset(Dataset):
         )
 
 
+# --------------------------------------------------------------------------- data check
+
+CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
+
+
+def copied_channels(images: np.ndarray) -> list[tuple[int, int]]:
+    """(copy, original) channel pairs of a volume (S, H, W, 3) where channel `copy` equals
+    channel `original` on every slice: (0, 1) and (2, 1) for a pre- or post-contrast channel
+    that copies FLAIR (the Kaggle LGG release fills a missing sequence with FLAIR), (2, 0) for
+    a post-contrast channel that copies the pre-contrast one while neither copies FLAIR."""
+    pairs = [(c, 1) for c in (0, 2) if np.array_equal(images[..., c], images[..., 1])]
+    if not pairs and np.array_equal(images[..., 2], images[..., 0]):
+        pairs.append((2, 0))
+    return pairs
+
+
+def check_patient(patient: Patient) -> dict:
+    """What one patient holds, read from every slice (first and last included): slice and
+    lesion-slice counts, copied channels, the intensity range per channel, the slice size,
+    and a list of anything unusual. Raises DataError for an unreadable patient."""
+    images, masks = read_volume(patient, all_slices=True)
+    lesion_slices = int(masks.reshape(len(masks), -1).any(axis=1).sum()) if masks is not None else None
+    copies = copied_channels(images)
+    unusual = [f"{CHANNELS[c]} = {CHANNELS[o]}" for c, o in copies]
+    unusual += [f"{CHANNELS[c]} is empty" for c in range(3) if not images[..., c].any()]
+    if masks is None:
+        unusual.append("no masks")
+    elif lesion_slices == 0:
+        unusual.append("no lesion")
+    if len(images) < 3:
+        unusual.append("fewer than 3 slices (none kept)")
+    return {
+        "patient": patient.patient_id,
+        "slices": len(images),
+        "lesion_slices": lesion_slices,
+        "size": images.shape[1:3],
+        "dtype": str(images.dtype),
+        "range": [(images[..., c].min().item(), images[..., c].max().item()) for c in range(3)],
+        "copies": copies,
+        "unusual": unusual,
+    }
+
+
+def check_summary(rows: list[dict]) -> str:
+    """One line over `check_patient` rows: patients, slices (range per patient), lesion
+    slices, and how many patients have each copied channel."""
+    slices = [r["slices"] for r in rows]
+    lesion = sum(r["lesion_slices"] or 0 for r in rows)
+    copies = {}
+    for r in rows:
+        for c, o in r["copies"]:
+            copies[f"{CHANNELS[c]} = {CHANNELS[o]}"] = copies.get(f"{CHANNELS[c]} = {CHANNELS[o]}", 0) + 1
+    copied = "; ".join(f"{name} in {n} patient(s)" for name, n in copies.items()) or "no copied channel"
+    sizes = sorted({f"{r['size'][0]} x {r['size'][1]}" for r in rows})
+    return (
+        f"{len(rows)} patients, {sum(slices)} slices ({min(slices)}-{max(slices)} per patient, "
+        f"{', '.join(sizes)}), {lesion} with lesion; {copied}; "
+        f"{sum(1 for r in rows if r['unusual'])} patient(s) with a note"
+    )
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 
@@ -525,6 +588,21 @@ def _cmd_synthesize(args: argparse.Namespace) -> None:
 def _slice_range(args: argparse.Namespace) -> tuple[int, int]:
     low, high = DEFAULT_SLICES[args.difficulty]
     return (low if args.min_slices is None else args.min_slices, high if args.max_slices is None else args.max_slices)
+
+
+def _cmd_check(args: argparse.Namespace) -> None:
+    patients = discover_inputs(args.data_dir)
+    print(f"{'patient':<28}{'slices':>7}{'lesion':>7}  {'size':<10}{'range per channel (pre, FLAIR, post)':<40}notes")
+    rows = []
+    for patient in patients:
+        row = check_patient(patient)
+        rows.append(row)
+        ranges = ", ".join(f"{lo:g}-{hi:g}" for lo, hi in row["range"])
+        lesion = "-" if row["lesion_slices"] is None else row["lesion_slices"]
+        size = f"{row['size'][0]}x{row['size'][1]}"
+        notes = "; ".join(row["unusual"])
+        print(f"{row['patient']:<28}{row['slices']:>7}{lesion:>7}  {size:<10}{ranges:<40}{notes}", flush=True)
+    print(check_summary(rows))
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> None:
@@ -577,6 +655,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     prep.add_argument("--no-cache", action="store_true", help="preprocess without writing the cache")
     prep.add_argument("--image-size", type=int, default=256, help="preprocessed size")
     prep.set_defaults(func=_cmd_preprocess)
+    about = "read every patient of --data-dir and report what it holds: slices, lesion slices, copied channels"
+    check = commands.add_parser(
+        "check", help=about, description=about, formatter_class=HelpFormatter, parents=[shared_flags("--data-dir")]
+    )
+    check.set_defaults(func=_cmd_check)
     return parser
 
 

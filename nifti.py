@@ -185,10 +185,12 @@ def _read_nifti_array(path: Path) -> np.ndarray:
     return data
 
 
-def read_nifti_volume(patient: Patient) -> tuple[np.ndarray, np.ndarray | None]:
-    """The kept axial slices of a NIfTI patient, as read_volume gives them for TIFF folders:
-    images (S, H, W, 3) in the files' dtype and masks (S, H, W) bool or None, with S along
-    the world's inferior -> superior axis and (H, W) in SLICE_AXES order."""
+def read_nifti_volume(patient: Patient, all_slices: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The kept axial slices of a NIfTI patient (every slice with `all_slices`), as
+    read_volume gives them for TIFF folders: images (S, H, W, 3) in the files' dtype and masks
+    (S, H, W) bool or None, with S along the world's inferior -> superior axis and (H, W) in
+    SLICE_AXES order."""
+    kept = slice(None) if all_slices else slice(1, -1)
     from nibabel.orientations import apply_orientation
 
     files = patient.nifti
@@ -198,11 +200,11 @@ def read_nifti_volume(patient: Patient) -> tuple[np.ndarray, np.ndarray | None]:
     else:
         data = np.stack([arrays[p].reshape(arrays[p].shape[:3]) for p in files.channels], axis=-1)
     transform = _to_slices(_load_nifti(files.channels[0]).affine, files.channels[0])
-    images = np.ascontiguousarray(apply_orientation(data, transform)[1:-1])  # (X, Y, Z, 3) -> (S, H, W, 3)
+    images = np.ascontiguousarray(apply_orientation(data, transform)[kept])  # (X, Y, Z, 3) -> (S, H, W, 3)
     if files.mask is None:
         return images, None
     mask = _read_nifti_array(files.mask)
-    mask = apply_orientation(mask.reshape(mask.shape[:3]) != 0, transform)[1:-1]
+    mask = apply_orientation(mask.reshape(mask.shape[:3]) != 0, transform)[kept]
     return images, np.ascontiguousarray(mask)
 
 

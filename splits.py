@@ -5,6 +5,7 @@ reproducible from a seed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +20,7 @@ def make_split(
     fold: int | None = None,
     strata: dict[str, bool] | None = None,
     test_patients: int = 0,
+    test_ids: Sequence[str] | None = None,
 ) -> dict:
     """Deterministic patient-level split into three disjoint lists: `train` fits the
     weights, `val` chooses the checkpoint, `test` is never used in training.
@@ -27,6 +29,9 @@ def make_split(
       split into K near-equal chunks); fold i is `test`, `val_patients` are drawn
       (stratified) from the other folds, the rest train. Over i = 0..K-1 every patient is
       test exactly once. `test_patients` must be 0.
+    - `test_ids` (a fixed test set, e.g. `read_patient_list` of a file): exactly these
+      patients are `test`; `val_patients` come from the front of the stratified order of
+      the others. `folds` and `test_patients` must be unset.
     - otherwise: `val_patients` from the front of the stratified order and `test_patients`
       from its back (with `test_patients`=0 the validation list is the one this function
       always gave for the seed).
@@ -42,7 +47,11 @@ def make_split(
     strata = strata or {}
     rng = np.random.default_rng(seed)
     order = _stratified_order(ids, strata, rng)
-    if folds is not None:
+    if test_ids is not None:
+        test = _fixed_test_set(ids, test_ids, folds, test_patients)
+        _check_counts(len(ids), val_patients, len(test), f"{len(test)} of them in the fixed test set")
+        val = [i for i in order if i not in set(test)][:val_patients]
+    elif folds is not None:
         test = _fold_of(order, folds, fold, test_patients)
         rest = _stratified_order(sorted(set(ids) - set(test)), strata, rng)  # the other K-1 folds
         _check_counts(len(ids), val_patients, len(test), f"{len(test)} of them in test fold {fold} of {folds}")
@@ -65,6 +74,35 @@ def make_split(
         "test_patients": len(test),
         "stratified": bool(strata),
     }
+
+
+def _fixed_test_set(ids: list[str], test_ids: Sequence[str], folds: int | None, test_patients: int) -> list[str]:
+    """The fixed test set, checked: every id among the patients, none twice, no other split flag."""
+    if folds is not None or test_patients:
+        raise DataError("--test-patients-file fixes the test set: drop --folds and --test-patients")
+    missing = sorted(set(test_ids) - set(ids))
+    if missing:
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(f"{len(missing)} patient(s) of the fixed test set are not in the data folder: {listed}")
+    return sorted(set(test_ids))
+
+
+def read_patient_list(path: str | Path) -> list[str]:
+    """The patient ids of a text file, one per line; blank lines and `#` comments are skipped.
+    Raises DataError naming the file when it cannot be read, is empty or repeats an id."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read the patient list ({error})") from None
+    ids = [line.split("#", 1)[0].strip() for line in lines]
+    ids = [i for i in ids if i]
+    if not ids:
+        raise DataError(f"{path}: holds no patient id (one per line; # starts a comment)")
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise DataError(f"{path}: lists {', '.join(repeated)} more than once")
+    return ids
 
 
 def _fold_of(order: list[str], folds: int, fold: int | None, test_patients: int) -> list[str]:

@@ -1,8 +1,18 @@
-"""Per-patient metrics on 3-D binary masks (S, H, W): Dice, precision, recall, hd95 (MONAI's
-convention), volumes and the lesion-wise counts (BraTS 2023 convention).
+"""Per-patient segmentation metrics, and `REGISTRY`: the one list of what metrics.csv scores.
+
+The functions (dice_score, precision_recall, hd95, volume_stats, lesion_metrics) compare a
+predicted mask with the truth. `REGISTRY` lists every per-patient metric in metrics.csv's
+column order, each with its kind (which sets its unit and how it is printed) and a line of
+meaning, grouped by the function that computes them together. Everything else is derived
+from it: `patient_metrics` (one call, every metric), `metric_names` (metrics.csv's metric
+columns), summary.py's means and medians, and report.py's table columns and number format.
+Adding a metric is one `MetricGroup` entry here. This module imports no other repo module.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -93,7 +103,6 @@ def volume_stats(prediction: np.ndarray, truth: np.ndarray, spacing: Spacing | N
 
 
 LESION_DILATION_ITERATIONS = 3  # BraTS 2023 (BraTS-GLI, -SSA, -PED): dilation_factor = 3
-LESION_COLUMNS = ("gt_lesions", "lesion_tp", "lesion_fn", "lesion_fp", "lesion_f1", "lesionwise_dice")
 
 
 def lesion_metrics(
@@ -157,3 +166,161 @@ def lesion_metrics(
         "lesion_f1": 2 * tp / denominator if denominator else 1.0,
         "lesionwise_dice": dice_sum / (lesions + fp) if lesions + fp else 1.0,
     }
+
+
+# --------------------------------------------------------------------------- registry
+
+KINDS = {  # kind -> what its values are; the kind decides the unit and the printed format (Metric.text)
+    "score": "a fraction from 0 to 1, higher is better",
+    "distance": "mm with a voxel spacing, else voxels",
+    "count": "a whole number (voxels or lesions), printed without decimals",
+    "volume": "mm3 with a voxel spacing, else voxels",
+    "fraction": "a signed fraction (+0.1: 10 % too large)",
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-patient metric: a metrics.csv column. `kind` is a key of `KINDS`."""
+
+    name: str
+    kind: str
+    description: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"metric {self.name}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
+    def text(self, value: float, decimals: int = 3) -> str:
+        """A finite value as the report prints it: a count as a whole number (a mean of
+        counts that is not whole with one decimal); any other kind with `decimals` decimals
+        below 100 and one decimal from 100 up."""
+        value = float(value)
+        if self.kind == "count":
+            return str(int(value)) if value.is_integer() else f"{value:.1f}"
+        return f"{value:.{decimals}f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+MetricValues = Mapping[str, float | int | None]
+
+
+@dataclass(frozen=True)
+class MetricGroup:
+    """Metrics computed together by one call (one lesion labelling gives six columns):
+    `compute(prediction, truth, spacing=..., min_lesion_volume=...)` returns a value for
+    each of `metrics`, by name (None where undefined, e.g. volume_error of an empty truth).
+    prediction, truth: (S, H, W) masks; spacing: mm per axis or None (voxels)."""
+
+    compute: Callable[..., MetricValues]
+    metrics: tuple[Metric, ...]
+
+
+def _overlap(prediction: np.ndarray, truth: np.ndarray, **_) -> MetricValues:
+    precision, recall = precision_recall(prediction, truth)
+    return {"dice": dice_score(prediction, truth), "precision": precision, "recall": recall}
+
+
+def _surface_distance(prediction: np.ndarray, truth: np.ndarray, spacing: Spacing | None = None, **_) -> MetricValues:
+    return {"hd95": hd95(prediction, truth, spacing)}
+
+
+def _voxel_counts(prediction: np.ndarray, truth: np.ndarray, **_) -> MetricValues:
+    return {"gt_pixels": int(truth.sum()), "pred_pixels": int(prediction.sum())}
+
+
+def _volumes(prediction: np.ndarray, truth: np.ndarray, spacing: Spacing | None = None, **_) -> MetricValues:
+    return volume_stats(prediction, truth, spacing)
+
+
+def _lesions(
+    prediction: np.ndarray, truth: np.ndarray, spacing: Spacing | None = None, min_lesion_volume: float = 0.0, **_
+) -> MetricValues:
+    return lesion_metrics(prediction, truth, spacing, min_lesion_volume)
+
+
+REGISTRY: tuple[MetricGroup, ...] = (
+    MetricGroup(
+        _overlap,
+        (
+            Metric("dice", "score", "Dice (F1) of prediction and truth over the kept slices"),
+            Metric("precision", "score", "predicted voxels that are truth"),
+            Metric("recall", "score", "truth voxels that are predicted"),
+        ),
+    ),
+    MetricGroup(
+        _surface_distance,
+        (
+            Metric(
+                "hd95", "distance", "95th-percentile Hausdorff distance of the surfaces; undefined for an empty mask"
+            ),
+        ),
+    ),
+    MetricGroup(
+        _voxel_counts,
+        (
+            Metric("gt_pixels", "count", "foreground voxels of the truth"),
+            Metric("pred_pixels", "count", "foreground voxels of the prediction"),
+        ),
+    ),
+    MetricGroup(
+        _volumes,
+        (
+            Metric("gt_volume", "volume", "volume of the truth"),
+            Metric("pred_volume", "volume", "volume of the prediction"),
+            Metric("volume_error", "fraction", "(pred_volume - gt_volume) / gt_volume; empty for an empty truth"),
+        ),
+    ),
+    MetricGroup(
+        _lesions,
+        (
+            Metric("gt_lesions", "count", "lesions of the truth (BraTS 2023 lesion-wise)"),
+            Metric("lesion_tp", "count", "lesions detected"),
+            Metric("lesion_fn", "count", "lesions missed"),
+            Metric("lesion_fp", "count", "predicted components touching no lesion"),
+            Metric("lesion_f1", "score", "2 TP / (2 TP + FP + FN)"),
+            Metric("lesionwise_dice", "score", "sum of per-lesion Dice / (lesions + FP)"),
+        ),
+    ),
+)
+
+
+def registered() -> list[Metric]:
+    """Every registered metric, in metrics.csv's column order (read from `REGISTRY` at each call)."""
+    return [metric for group in REGISTRY for metric in group.metrics]
+
+
+def metric_names() -> list[str]:
+    """metrics.csv's metric columns, in order."""
+    return [metric.name for metric in registered()]
+
+
+def find_metric(name: str) -> Metric | None:
+    """The registered metric of this column name, or None (not a metric: `patient`, `slices`, ...)."""
+    return next((metric for metric in registered() if metric.name == name), None)
+
+
+def patient_metrics(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    spacing: Spacing | None = None,
+    min_lesion_volume: float = 0.0,
+) -> dict[str, float | int | None]:
+    """Every registered metric of one patient, 3-D (S, H, W), in registry order. With
+    `spacing` ((slice, row, col) mm) hd95 is in mm and volumes in mm3, else both in voxels
+    (`metric_units`). Raises ValueError when a group's function returns other names than
+    it declares."""
+    values: dict[str, float | int | None] = {}
+    for group in REGISTRY:
+        computed = group.compute(prediction, truth, spacing=spacing, min_lesion_volume=min_lesion_volume)
+        names = [metric.name for metric in group.metrics]
+        if sorted(computed) != sorted(names):
+            source = getattr(group.compute, "__name__", repr(group.compute))
+            raise ValueError(f"{source} returned {sorted(computed)}, registered as {sorted(names)}")
+        values.update((name, computed[name]) for name in names)
+    return values
+
+
+def metric_units(spacing: Spacing | None) -> dict[str, str]:
+    """The units of hd95 (kind distance) and of the volumes (kind volume) for a patient with
+    this spacing: summary.json's `units`."""
+    return {"hd95": "mm", "volume": "mm3"} if spacing is not None else {"hd95": "voxels", "volume": "voxels"}

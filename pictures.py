@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from preprocessing import brain_bounding_box
+from summary import HEADLINE_ROLES
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -283,9 +284,6 @@ ROLE_STYLES = {  # role -> (bar colour, legend label); train and val scores are 
     "unknown": (OKABE_ITO["reddish_purple"], "unknown (checkpoint without a split)"),
     None: (OKABE_ITO["blue"], "patients"),
 }
-
-
-HEADLINE_ROLES = ("test", "unseen")
 
 
 def _dice_rows(rows: list[dict] | dict[str, float]) -> list[dict]:

@@ -49,12 +49,13 @@ from inference import (
     resolve_backend,
     to_native,
 )
-from metrics import dice_score, hd95, lesion_metrics, precision_recall, volume_stats
+from metrics import metric_names, metric_units, patient_metrics
 from nifti import write_nifti_array, write_nifti_mask
 from patients import DataError, Patient
 from pictures import overlay, plot_dice_distribution, view_box
 from postprocessing import LCC, NO_FILTER, postprocessing_name
 from report import write_report, write_thumbnails
+from summary import summarize
 from utils import (
     CLIParser,
     HelpFormatter,
@@ -66,110 +67,11 @@ from utils import (
     shared_flags,
 )
 
-VOLUME_COLUMNS = ["gt_volume", "pred_volume", "volume_error"]
-LESION_COLUMNS = ["gt_lesions", "lesion_tp", "lesion_fn", "lesion_fp", "lesion_f1", "lesionwise_dice"]
-METRIC_COLUMNS = ["dice", "precision", "recall", "hd95", "gt_pixels", "pred_pixels", *VOLUME_COLUMNS, *LESION_COLUMNS]
-TABLE_COLUMNS = ["patient", "slices", "role", *METRIC_COLUMNS, "spacing", "models", "error"]
-ROLES = ("train", "val", "test", "unseen", "unknown")  # unknown: a checkpoint without a saved split
-HEADLINE_ROLES = ("test", "unseen")
-BIAS = {
-    "val": "biased by model selection: these patients chose the checkpoint (best validation Dice)",
-    "train": "biased by training: the model was fitted on these patients",
-    "unknown": "of unknown bias: a checkpoint has no saved split",
-}
 
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def patient_metrics(
-    prediction: np.ndarray,
-    truth: np.ndarray,
-    spacing: tuple[float, float, float] | None = None,
-    min_lesion_volume: float = 0.0,
-) -> dict[str, float | int | None]:
-    """Dice, precision, recall, hd95 (NaN if either is empty), pixel counts, volumes and the
-    lesion-wise columns of one patient, 3-D (S, H, W). With `spacing` ((slice, row, col) mm)
-    hd95 is in mm and volumes in mm3, else both in voxels (`metric_units`)."""
-    precision, recall = precision_recall(prediction, truth)
-    return {
-        "dice": dice_score(prediction, truth),
-        "precision": precision,
-        "recall": recall,
-        "hd95": hd95(prediction, truth, spacing),
-        "gt_pixels": int(truth.sum()),
-        "pred_pixels": int(prediction.sum()),
-        **volume_stats(prediction, truth, spacing),
-        **lesion_metrics(prediction, truth, spacing, min_lesion_volume),
-    }
-
-
-def metric_units(spacing: tuple[float, float, float] | None) -> dict[str, str]:
-    """The units of hd95 and of the volume columns for a patient with this spacing."""
-    return {"hd95": "mm", "volume": "mm3"} if spacing is not None else {"hd95": "voxels", "volume": "voxels"}
-
-
-def units_summary(rows: list[dict]) -> dict:
-    """summary.json's `units`: hd95 and volume units shared by every scored patient, or, where
-    patients differ (NIfTI with spacing beside TIFF without), "mixed" and `by_patient`."""
-    scored = {r["patient"]: r["units"] for r in rows if r.get("dice") is not None and "units" in r}
-    kinds = {json.dumps(u, sort_keys=True) for u in scored.values()}
-    if len(kinds) <= 1:
-        return dict(next(iter(scored.values()), metric_units(None)))
-    return {
-        "hd95": "mixed",
-        "volume": "mixed",
-        "note": "patients differ (mm / mm3 with a voxel spacing, voxels without); means pool different units",
-        "by_patient": scored,
-    }
-
-
-def metric_stats(labelled: list[dict]) -> dict[str, dict[str, float | None]]:
-    """Mean and median of each metric over rows with metrics; NaN (undefined hd95) skipped."""
-    stats = {}
-    for name in METRIC_COLUMNS:
-        values = np.array([r.get(name) for r in labelled], dtype=float)  # None (a missing value) -> NaN
-        finite = values[np.isfinite(values)]
-        stats[name] = {
-            "mean": float(finite.mean()) if finite.size else None,
-            "median": float(np.median(finite)) if finite.size else None,
-        }
-    return stats
-
-
-def headline(labelled: list[dict]) -> dict:
-    """The publishable figure: metrics pooled over `test` and `unseen` patients only. When no
-    such patient was scored, the statistics of the others with a note on their bias."""
-    honest = [r for r in labelled if r.get("role") in HEADLINE_ROLES]
-    if honest or not labelled:
-        roles, rows, note = list(HEADLINE_ROLES), honest, None
-    else:
-        roles = sorted({r.get("role", "unknown") for r in labelled})
-        rows = labelled
-        note = "no test or unseen patient scored; this figure is " + " and ".join(BIAS[r] for r in roles if r in BIAS)
-    return {"roles": roles, "count": len(rows), "biased": note is not None, "note": note, "metrics": metric_stats(rows)}
-
-
-def summarize(rows: list[dict], protocol: dict) -> dict:
-    """Mean and median of each metric over all labelled patients (`metrics`), per role
-    (`by_role`: count, labelled count, metrics) and pooled over test + unseen (`headline`);
-    counts, failed patients and the protocol."""
-    labelled = [r for r in rows if r.get("dice") is not None]
-    summary: dict = {"patients": len(rows), "labelled_patients": len(labelled), "metrics": metric_stats(labelled)}
-    summary["by_role"] = {}
-    for role in ROLES:
-        members = [r for r in rows if r.get("role") == role]
-        if members:
-            scored = [r for r in members if r.get("dice") is not None]
-            summary["by_role"][role] = {"count": len(members), "labelled": len(scored), "metrics": metric_stats(scored)}
-    summary["headline"] = headline(labelled)
-    summary["hd95_undefined_patients"] = int(sum(1 for r in labelled if not math.isfinite(r["hd95"])))
-    summary["empty_truth_patients"] = int(sum(1 for r in labelled if r["gt_pixels"] == 0))
-    summary["empty_prediction_patients"] = int(sum(1 for r in labelled if r["pred_pixels"] == 0))
-    summary["failed_patients"] = {r["patient"]: r["error"] for r in rows if r.get("error")}
-    summary["units"] = units_summary(rows)
-    summary["protocol"] = protocol
-    return summary
+def csv_columns() -> list[str]:
+    """metrics.csv's columns in order: the patient, its role, every registered metric
+    (`metrics.REGISTRY`), then how it was scored and why it failed."""
+    return ["patient", "slices", "role", *metric_names(), "spacing", "models", "error"]
 
 
 # ------------------------------------------------------------------- model assignment
@@ -306,14 +208,15 @@ def write_overlays(
 def start_table(path: Path) -> None:
     """Write metrics.csv's header (replacing an older table)."""
     with path.open("w", newline="") as handle:
-        csv.DictWriter(handle, fieldnames=TABLE_COLUMNS).writeheader()
+        csv.DictWriter(handle, fieldnames=csv_columns()).writeheader()
 
 
 def append_row(path: Path, row: dict) -> None:
     """Append one patient's row and flush it to disk, so a later failure loses nothing."""
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in TABLE_COLUMNS})
+        columns = csv_columns()
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -727,7 +630,7 @@ def run(args: argparse.Namespace) -> dict:
     if dice:
         plot_dice_distribution(dice, args.figure_path)
     if not args.no_report:
-        write_report(rows, summary, out_dir, TABLE_COLUMNS, args.figure_path if dice else None)
+        write_report(rows, summary, out_dir, csv_columns(), args.figure_path if dice else None)
     print(
         f"wrote {out_dir}/metrics.csv, summary.json, masks/"
         + ("" if args.no_overlays else ", overlays/")

@@ -24,6 +24,7 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
+from metrics import Metric, find_metric
 from pictures import thumbnail, view_box
 from utils import atomic_write_bytes
 
@@ -130,14 +131,19 @@ def _number(value) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _cell(value) -> str:
-    """One <td>: a number carries its value in `data-v` (what the sort compares); an
-    undefined value (hd95 of an empty mask: NaN) shows a dash and, like an empty one, sorts last."""
+def _cell(value, metric: Metric | None = None) -> str:
+    """One <td>: a number carries its value in `data-v` (what the sort compares) and is
+    printed as its registered `metric` says (`Metric.text`: a count without decimals), or, for
+    a column that is no metric, an integer as such and anything else with 3 decimals (1 from
+    100 up). An undefined value (hd95 of an empty mask: NaN) shows a dash and, like an empty
+    one, sorts last."""
     number = _number(value)
     if number is not None:
-        if isinstance(value, (int, np.integer)):
+        if metric is not None:
+            shown = metric.text(number)
+        elif isinstance(value, (int, np.integer)):
             shown = str(value)
-        else:  # 3 decimals for scores, 1 for volumes and counts of hundreds or more
+        else:
             shown = f"{number:.3f}" if abs(number) < 100 else f"{number:.1f}"
         return f'<td class="num" data-v="{number!r}">{shown}</td>'
     if isinstance(value, float) and math.isnan(value):
@@ -176,24 +182,37 @@ def _table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     shown = [name for name in table_columns(rows, columns) if name != "patient"]
     head = ['<th data-col="patient" data-type="text" title="click to sort">patient</th>']
     head.append('<th data-col="status" data-type="text" title="click to sort">status</th>')
+    metrics = {name: find_metric(name) for name in shown}  # None for a column that is no registered metric
     for name in shown:
         kind = "number" if any(_number(r.get(name)) is not None for r in rows) else "text"
         label = html.escape(name).replace("_", "_<wbr>")  # long names may break after "_"
-        head.append(f'<th data-col="{html.escape(name)}" data-type="{kind}" title="click to sort">{label}</th>')
+        about = f"{metrics[name].description}; click to sort" if metrics[name] else "click to sort"
+        head.append(f'<th data-col="{html.escape(name)}" data-type="{kind}" title="{html.escape(about)}">{label}</th>')
     groups = []
     for r in rows:
         status = patient_status(r)
         cells = [f'<td data-v="{html.escape(str(r["patient"]).lower())}">{html.escape(str(r["patient"]))}</td>']
         badge = f'<span class="badge {status}" title="{STATUS_HELP[status]}">{status}</span>' if status else ""
         cells.append(f'<td data-v="{status}">{badge}</td>')
-        cells += [_cell(r.get(name)) for name in shown]
+        cells += [_cell(r.get(name), metrics[name]) for name in shown]
         numbers = f'<tr class="{status}" data-patient="{html.escape(str(r["patient"]))}">{"".join(cells)}</tr>'
         groups.append(f"<tbody>{numbers}{_strip(r, len(head))}</tbody>")
     return f'<table id="patients"><thead><tr>{"".join(head)}</tr></thead>\n' + "\n".join(groups) + "\n</table>"
 
 
-def _figure_text(value: float | None, digits: int = 4) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+def _figure_text(value: float | None, digits: int = 4, metric: Metric | None = None) -> str:
+    """A summary statistic: a dash when undefined, else as `metric` prints it (a count
+    without decimals), else with `digits` decimals."""
+    if value is None:
+        return "–"
+    return metric.text(value, digits) if metric is not None else f"{value:.{digits}f}"
+
+
+def _statistic_row(name: str, stats: dict) -> str:
+    """One metric's mean and median in the headline's table, printed as the registry says."""
+    metric = find_metric(name)
+    mean, median = (_figure_text(stats[key], metric=metric) for key in ("mean", "median"))
+    return f"<tr><th>{html.escape(name)}</th><td>{mean}</td><td>{median}</td></tr>"
 
 
 def _headline(summary: dict) -> str:
@@ -210,10 +229,7 @@ def _headline(summary: dict) -> str:
             f"over {head['count']} patient(s) ({html.escape(scope)})</p>"
         )
     warning = f'<p class="warning"><b>WARNING:</b> {html.escape(head["note"])}</p>' if head.get("biased") else ""
-    metrics = "".join(
-        f"<tr><th>{html.escape(name)}</th><td>{_figure_text(m['mean'])}</td><td>{_figure_text(m['median'])}</td></tr>"
-        for name, m in head["metrics"].items()
-    )
+    metrics = "".join(_statistic_row(name, stats) for name, stats in head["metrics"].items())
     counts = [
         f"{summary.get('patients', 0)} patient(s) predicted",
         f"{summary.get('labelled_patients', 0)} labelled",

@@ -19,6 +19,7 @@ from metrics import dice_score
 from network import UNetModel
 from preprocessing import Geometry, preprocessing_config, restore_geometry
 from splits import make_split
+from summary import summarize
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -100,7 +101,7 @@ def rows_with_roles():
 
 def test_headline_pools_only_test_and_unseen_patients(capsys):
     rows = rows_with_roles()
-    summary = predict.summarize(rows, {})
+    summary = summarize(rows, {})
     head = summary["headline"]
     assert head["count"] == 3 and not head["biased"] and head["roles"] == ["test", "unseen"]
     assert head["metrics"]["dice"]["mean"] == pytest.approx(np.mean([0.5, 0.7, 0.3]))
@@ -118,7 +119,7 @@ def test_headline_pools_only_test_and_unseen_patients(capsys):
 @pytest.mark.parametrize(("role", "words"), [("val", "model selection"), ("train", "training")])
 def test_only_biased_patients_scored_says_so(role, words, capsys):
     rows = [r | {"role": role} for r in rows_with_roles()]
-    summary = predict.summarize(rows, {})
+    summary = summarize(rows, {})
     head = summary["headline"]
     assert head["biased"] and words in head["note"] and head["count"] == len(rows)
     predict.print_table(rows, summary)

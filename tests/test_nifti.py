@@ -13,6 +13,7 @@ import tifffile
 
 import predict
 from dataset import discover_inputs, discover_patients, read_volume
+from metrics import metric_names
 from nifti import write_nifti_mask
 from patients import DataError
 
@@ -123,7 +124,7 @@ def test_predict_on_nifti_twins_gives_the_tiff_masks(trained_checkpoint, phantom
         np.testing.assert_array_equal(np.asarray(written.dataobj), to_voxels(tiff_mask.astype(np.uint8), layouts[pid]))
         for column in ("slices", "dice", "precision", "recall", "hd95", "gt_pixels", "pred_pixels"):
             assert nifti_rows[pid][column] == tiff_rows[pid][column], column
-        for column in (*predict.VOLUME_COLUMNS, *predict.LESION_COLUMNS, "spacing"):
+        for column in (*metric_names(), "spacing"):
             assert nifti_rows[pid][column] == tiff_rows[pid][column], column
         assert nifti_rows[pid]["spacing"] == "0.9x0.9x3"
 

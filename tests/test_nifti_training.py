@@ -21,6 +21,8 @@ import phantom
 import predict
 import train
 from dataset import cache_key, discover_inputs, preprocessing_config
+from metrics import metric_units
+from summary import units_summary
 
 # The NIfTI phantom's promise (docs/inputs.md): 0.9 x 0.9 mm pixels, 5 mm slices, voxels
 # stored as (i, j, k) = (W-1-w, s, h) of the reading convention's (s, h, w).
@@ -184,12 +186,12 @@ def test_tiff_spacing_flag_and_mixed_units(phantom_dir):
     assert [p.spacing for p in patients] == [(5.0, 0.9, 0.8)] * 2  # ROW COL SLICE -> (slice, row, col)
     assert predict.spacing_text(patients[0].spacing) == "0.9x0.8x5"
     rows = [
-        {"patient": "A", "dice": 1.0, "units": predict.metric_units((5.0, 0.9, 0.8))},
-        {"patient": "B", "dice": 1.0, "units": predict.metric_units(None)},
+        {"patient": "A", "dice": 1.0, "units": metric_units((5.0, 0.9, 0.8))},
+        {"patient": "B", "dice": 1.0, "units": metric_units(None)},
     ]
-    units = predict.units_summary(rows)
+    units = units_summary(rows)
     assert units["hd95"] == "mixed" and units["by_patient"]["B"] == {"hd95": "voxels", "volume": "voxels"}
-    assert predict.units_summary(rows[:1]) == {"hd95": "mm", "volume": "mm3"}
+    assert units_summary(rows[:1]) == {"hd95": "mm", "volume": "mm3"}
 
 
 def test_nifti_phantom_reads_back_as_the_tiff_phantom(tmp_path):

@@ -16,6 +16,7 @@ import predict
 from dataset import discover_patients
 from metrics import dice_score, precision_recall
 from postprocessing import largest_connected_component
+from summary import summarize
 
 # ------------------------------------------------------------------------------ metrics
 
@@ -72,7 +73,7 @@ def test_summary_counts_undefined_hd95_without_improving_mean():
         },
         {"patient": "c", "slices": 3},  # unlabelled
     ]
-    summary = predict.summarize(rows, {})
+    summary = summarize(rows, {})
     assert summary["metrics"]["dice"]["mean"] == pytest.approx(0.4)
     assert summary["metrics"]["hd95"]["mean"] == 2.0
     assert summary["hd95_undefined_patients"] == 1

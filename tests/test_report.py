@@ -18,7 +18,9 @@ from matplotlib.colors import to_rgb
 
 import predict
 import report
+from metrics import patient_metrics
 from pictures import plot_dice_distribution
+from summary import summarize
 
 # ------------------------------------------------------------------------ the page
 
@@ -36,8 +38,8 @@ def hand_made_rows() -> list[dict]:
 
 def test_report_shows_headline_protocol_table_and_marks(tmp_path):
     rows = hand_made_rows()
-    summary = predict.summarize(rows, {"checkpoints": ["a/best_model.pt"], "threshold": 0.5, "hd95_units": "pixels"})
-    text = report.render_report(rows, summary, predict.TABLE_COLUMNS, tmp_path, figure_path=None)
+    summary = summarize(rows, {"checkpoints": ["a/best_model.pt"], "threshold": 0.5, "hd95_units": "pixels"})
+    text = report.render_report(rows, summary, predict.csv_columns(), tmp_path, figure_path=None)
     dice = summary["headline"]["metrics"]["dice"]
     assert f"Dice mean <b>{dice['mean']:.4f}</b>, median <b>{dice['median']:.4f}</b> over 2 patient(s)" in text
     assert "WARNING" not in text  # test patients were scored: no bias note
@@ -57,8 +59,8 @@ def test_report_shows_headline_protocol_table_and_marks(tmp_path):
 
 def test_report_warns_exactly_as_the_summary_does(tmp_path):
     rows = [dict(r, role="val") for r in hand_made_rows()[:2]]
-    summary = predict.summarize(rows, {})
-    text = report.render_report(rows, summary, predict.TABLE_COLUMNS, tmp_path)
+    summary = summarize(rows, {})
+    text = report.render_report(rows, summary, predict.csv_columns(), tmp_path)
     assert summary["headline"]["biased"]
     assert f"<b>WARNING:</b> {summary['headline']['note']}" in text
 
@@ -175,11 +177,11 @@ def synthetic_report(folder: Path, patients: int = 110) -> Path:
         prediction = np.roll(truth, 3, axis=2)
         patient = f"TCGA_XX_{i:04d}"
         pictures = report.write_thumbnails(patient, images, prediction, truth, range(2, 8), folder)
-        rows.append({"patient": patient, "slices": 6, "role": "test", **predict.patient_metrics(prediction, truth)})
+        rows.append({"patient": patient, "slices": 6, "role": "test", **patient_metrics(prediction, truth)})
         rows[-1]["pictures"] = pictures
     plot_dice_distribution(rows, folder / "dice_distribution.png")
-    summary = predict.summarize(rows, {"checkpoints": ["best_model.pt"]})
-    return report.write_report(rows, summary, folder, predict.TABLE_COLUMNS, folder / "dice_distribution.png")
+    summary = summarize(rows, {"checkpoints": ["best_model.pt"]})
+    return report.write_report(rows, summary, folder, predict.csv_columns(), folder / "dice_distribution.png")
 
 
 def test_a_110_patient_report_is_small_and_opens_fast(browser, tmp_path):

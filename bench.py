@@ -42,7 +42,7 @@ from dataset import (
 )
 from inference import autocast_dtype, binarize, predict_volume
 from losses import SoftDiceLoss, build_loss
-from network import UNetModel
+from network import DEFAULT_ARCHITECTURE, build_model
 from preprocessing import restore_geometry
 from results_page import REPORT_ABOUT, ReportError, add_report_flags, report
 from runtime import Runtime
@@ -117,12 +117,18 @@ def bench_augmentation(images: torch.Tensor, masks: torch.Tensor, device: torch.
     return {"ours_ms_per_slice": 1e3 * ours, "skimage_ms_per_slice": 1e3 * baseline, "speedup": baseline / ours}
 
 
+def default_network(base_filters: int) -> torch.nn.Module:
+    """A freshly initialised network of the architecture train.py trains by default, 3 input
+    channels, `base_filters` wide (what every timing here measures)."""
+    return build_model({"architecture": DEFAULT_ARCHITECTURE, "base_filters": base_filters}, "bench")
+
+
 def plain_training_rate(
     data: ResidentSlices, base_filters: int, batch_size: int, steps: int, device: torch.device
 ) -> float:
     """Slices/s of the simplest loop: eager fp32, contiguous memory, no augmentation."""
     torch.manual_seed(0)
-    model = UNetModel(base_filters=base_filters).to(device).train()
+    model = default_network(base_filters).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     criterion = SoftDiceLoss()
     generator = torch.Generator().manual_seed(0)
@@ -162,7 +168,7 @@ def configured_training_rate(
 ) -> float:
     """Slices/s of train.py's own `train_one_epoch` (channels_last, AMP, on-device augmentation)."""
     torch.manual_seed(0)
-    raw = UNetModel(base_filters=base_filters).to(device).to(memory_format=torch.channels_last)
+    raw = default_network(base_filters).to(device).to(memory_format=torch.channels_last)
     model = torch.compile(raw) if compile_model else raw
     optimizer = torch.optim.Adam(raw.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -179,7 +185,7 @@ def configured_training_rate(
 
 def bench_inference(volumes, base_filters: int, device: torch.device) -> dict:
     """Seconds per patient: forward pass + threshold + LCC + inverse geometry."""
-    model = UNetModel(base_filters=base_filters).to(device).to(memory_format=torch.channels_last).eval()
+    model = default_network(base_filters).to(device).to(memory_format=torch.channels_last).eval()
     predict_volume(model, volumes[0].images[:2], device)
     times = []
     for volume in volumes:
@@ -198,7 +204,7 @@ def bench_cpu_backends(volumes, base_filters: int, image_size: int, max_slices: 
     from export import OnnxRuntimeModel, export_onnx
 
     cpu = torch.device("cpu")
-    model = UNetModel(base_filters=base_filters).eval()
+    model = default_network(base_filters).eval()
     networks = {
         "torch": model.to(memory_format=torch.channels_last),
         "onnxruntime": OnnxRuntimeModel(export_onnx(model, image_size)),

@@ -13,14 +13,13 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from background import host_copy
-from network import UNetModel
+from network import model_record
 from preprocessing import NORM_REGIONS, preprocessing_config
 from utils import atomic_write_bytes
 
@@ -35,46 +34,8 @@ class CheckpointError(Exception):
     """A checkpoint file that is missing, unsafe or not one of ours."""
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """The architecture of a `UNetModel`, saved as `model_config` beside its weights (the
-    nanoGPT `model_args` pattern), so a reader never guesses it from tensor shapes."""
-
-    in_channels: int = 3
-    out_channels: int = 1
-    base_filters: int = 32
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any], source: str | Path = "checkpoint") -> ModelConfig:
-        """The config of a saved `model_config` dict; CheckpointError for unknown or non-integer entries."""
-        unknown = sorted(set(record) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise CheckpointError(f"{source}: unknown entries in 'model_config': {', '.join(unknown)}")
-        if not all(isinstance(v, int) and v > 0 for v in record.values()):
-            raise CheckpointError(f"{source}: 'model_config' must hold positive integers, got {dict(record)}")
-        return cls(**record)
-
-    @classmethod
-    def of_state_dict(cls, state: Mapping[str, torch.Tensor], source: str | Path = "state_dict") -> ModelConfig:
-        """The config of a bare state_dict, which has no record: read off its first and last
-        layers. Used only for bare state_dicts given to the torch.hub entry points."""
-        first, head = state.get("inc.0.weight"), state.get("head.weight")
-        if first is None or head is None:
-            raise CheckpointError(f"{source}: not a UNetModel state_dict (no 'inc.0.weight')")
-        return cls(int(first.shape[1]), int(head.shape[0]), int(first.shape[0]))
-
-    def record(self) -> dict[str, int]:
-        """The plain dict saved in a checkpoint (loadable with weights_only=True)."""
-        return asdict(self)
-
-
-def model_config_of(model: UNetModel) -> ModelConfig:
-    """The record of a built model (`UNetModel.config` holds its constructor arguments)."""
-    return ModelConfig.from_record(model.config, "model")
-
-
 def training_state(
-    raw_model: UNetModel,
+    raw_model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
@@ -87,7 +48,7 @@ def training_state(
     return host_copy(
         {
             "model": raw_model.state_dict(),
-            "model_config": model_config_of(raw_model).record(),
+            "model_config": model_record(raw_model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),

@@ -109,26 +109,36 @@ def unet_segmentation(
     map_location: str | torch.device = "cpu",
     **model_kwargs,
 ) -> torch.nn.Module:
-    """UNetModel in eval mode: (B, 3, H, W) float32 -> probabilities (B, 1, H, W) in [0, 1].
+    """UNetModel in eval mode: (B, 3, H, W) float32 -> probabilities (B, 1, H, W) in [0, 1];
+    `model(x, return_logits=True)` gives the logits.
 
     `weights_path`: a training checkpoint (its `model_config` is used) or a bare state_dict
     (DDP/compiled prefixes are stripped), loaded with weights_only=True. Without weights,
-    `model_kwargs` (`in_channels`, `out_channels`, `base_filters`) go to `UNetModel` (random
-    init). Raises TypeError for model_kwargs together with weights_path (the checkpoint fixes
-    the architecture), RuntimeError for `pretrained=True` without weights (none are published).
+    `model_kwargs` (`in_channels`, `out_channels`, `base_filters`) are the model record from
+    which `network.build_model` builds the default architecture, the U-Net (random init).
+    Raises TypeError for model_kwargs together with weights_path (the checkpoint fixes the
+    architecture) and for model_kwargs the network does not take, RuntimeError for
+    `pretrained=True` without weights (none are published).
     """
     modules = repo_modules()
     if weights_path is None:
         if pretrained:
             raise RuntimeError(NO_PRETRAINED)
-        return modules["network"].UNetModel(**model_kwargs).eval()
+        network = modules["network"]
+        try:
+            model = network.build_model(
+                {"architecture": network.DEFAULT_ARCHITECTURE, **model_kwargs}, "unet_segmentation"
+            )
+        except ValueError as error:  # what the constructor's own TypeError used to say: bad arguments
+            raise TypeError(str(error)) from error
+        return model.eval()
     if model_kwargs:
         raise TypeError(
             f"unet_segmentation: {', '.join(sorted(model_kwargs))} cannot be combined with weights_path: "
             "the checkpoint fixes the architecture (pass model arguments only to build an untrained model)"
         )
     checkpoint = modules["checkpoint"].load_checkpoint(weights_path, map_location)
-    return modules["inference"].build_model(checkpoint, weights_path).to(map_location)
+    return modules["inference"].model_from_checkpoint(checkpoint, weights_path).to(map_location)
 
 
 class SegmentationPipeline:
@@ -215,7 +225,7 @@ def segmentation_pipeline(
     post = modules["postprocessing"]
     device = utils.resolve_device(None if device is None else str(device), flag="device")
     checkpoint = saved.load_checkpoint(weights_path, "cpu")
-    model = inference.build_model(checkpoint, weights_path)
+    model = inference.model_from_checkpoint(checkpoint, weights_path)
     trained = saved.is_training_checkpoint(checkpoint)
     preprocessing = saved.require_training_checkpoint(checkpoint, weights_path)["preprocessing"] if trained else {}
     if trained:

@@ -1,8 +1,9 @@
 """A checkpoint in, probabilities and masks out: the one predictor that training validation,
 predict.py, the torch.hub pipeline, export.py and bench.py share.
 
-- The model from a checkpoint: `build_model` rebuilds the network from the checkpoint's
-  record, `load_model` does it for a file (with what its inputs must look like).
+- The model from a checkpoint: `model_from_checkpoint` rebuilds the network from the
+  `model_config` record saved beside the weights (`network.build_model`) and loads them,
+  `load_model` does all of it for a file.
 - Inference: `predict_probabilities` / `predict_volume` (batched forward pass, on the device
   / as a host array), `binarize` and `to_native` (threshold and post-processing on the native
   grid), `autocast_dtype` (mixed precision), `resolve_backend` (torch or onnxruntime).
@@ -17,16 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from checkpoint import (
     CheckpointError,
-    ModelConfig,
     check_preprocessing,
     load_checkpoint,
     require_training_checkpoint,
 )
 from dataset import stack_context
-from network import UNetModel
+from network import ModelConfig, build_model
 from postprocessing import LCC, NO_FILTER, postprocess, postprocessing_of
 from preprocessing import Geometry, restore_geometry
 from utils import UsageError, unwrap_state_dict
@@ -51,20 +52,26 @@ def _state_dict_of(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(state)
 
 
-def build_model(checkpoint: dict, source: str | Path = "checkpoint") -> UNetModel:
-    """A UNetModel in eval mode, on the CPU, from a checkpoint's `model_config` record and
-    weights; a bare state_dict (no record) gets `ModelConfig.of_state_dict`. DDP and
-    torch.compile prefixes are stripped. Raises CheckpointError when the weights do not fit."""
+def model_from_checkpoint(checkpoint: dict, source: str | Path = "checkpoint") -> nn.Module:
+    """The network of a checkpoint in eval mode, on the CPU: built by `network.build_model`
+    from its `model_config` record (a record without an architecture is a U-Net), with its
+    weights; a bare state_dict (no record) is a U-Net sized by `ModelConfig.of_state_dict`.
+    DDP and torch.compile prefixes are stripped. Raises CheckpointError naming `source` for
+    a record this code cannot build and for weights that do not fit."""
     state = _state_dict_of(checkpoint, source)
-    if _has_model_record(checkpoint):
-        config = ModelConfig.from_record(checkpoint["model_config"], source)
-    else:
-        config = ModelConfig.of_state_dict(state, source)
-    model = UNetModel(**config.record())
+    try:
+        if _has_model_record(checkpoint):
+            record = checkpoint["model_config"]
+        else:
+            record = ModelConfig.of_state_dict(state, source).record()
+        model = build_model(record, source)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise CheckpointError(f"{source}: weights do not fit UNetModel{config.record()}: {error}") from error
+        arguments = {k: v for k, v in model.config.items() if k != "architecture"}
+        raise CheckpointError(f"{source}: weights do not fit {type(model).__name__}{arguments}: {error}") from error
     return model.eval()
 
 
@@ -81,7 +88,7 @@ class LoadedModel:
     """A training checkpoint ready to predict: its network and what its inputs must look like."""
 
     path: Path
-    model: UNetModel  # or export.OnnxRuntimeModel with --backend onnxruntime
+    model: nn.Module  # or export.OnnxRuntimeModel with --backend onnxruntime
     image_size: int
     split: dict | None
     norm_region: str = "crop"  # where the normalisation statistics came from in training
@@ -114,7 +121,7 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     checkpoint = require_training_checkpoint(load_checkpoint(path), path)
     preprocessing = checkpoint["preprocessing"]
     check_preprocessing(preprocessing, path)
-    model = build_model(checkpoint, path).to(device).to(memory_format=torch.channels_last)
+    model = model_from_checkpoint(checkpoint, path).to(device).to(memory_format=torch.channels_last)
     context = context_slices_of(model.config["in_channels"], path)
     size, region = int(preprocessing["image_size"]), preprocessing.get("norm_region", "crop")
     record = postprocessing_of(checkpoint, path)

@@ -1,6 +1,20 @@
-"""U-Net for FLAIR abnormality segmentation: `UNetModel` and its building blocks."""
+"""The network, in one place: `UNetModel` and its building blocks, the registry of
+architectures train.py can train (`ARCHITECTURES`), the record saved beside the weights
+(`ModelConfig`), and the one function that builds a model from that record (`build_model`).
+
+A checkpoint's `model_config` is the record: `{"architecture": "unet", "in_channels": 3,
+"out_channels": 1, "base_filters": 32}`, the registry name and the constructor arguments.
+A record without "architecture" was written before the name was saved and is a U-Net.
+This module imports nothing from the repository; its errors are ValueError, which the
+checkpoint readers turn into their own CheckpointError.
+"""
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,3 +103,125 @@ class UNetModel(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- registry
+
+# The networks train.py can train (`--architecture NAME`) and a checkpoint can name. A class
+# registered here takes its size as keyword arguments (train.py passes `in_channels`, three
+# per slice, and `base_filters`, the width), keeps them as a dict in `self.config`, and its
+# `forward(x, return_logits=False)` maps (B, in_channels, H, W) to float32 probabilities in
+# [0, 1] of shape (B, out_channels, H, W), or to the logits with `return_logits=True`.
+ARCHITECTURES: dict[str, type[nn.Module]] = {"unet": UNetModel}
+DEFAULT_ARCHITECTURE = "unet"  # what train.py trains unless --architecture says otherwise
+UNNAMED_ARCHITECTURE = "unet"  # what a record without "architecture" is (older checkpoints)
+
+
+def architecture_names() -> list[str]:
+    """The registered architecture names (train.py's --architecture choices)."""
+    return list(ARCHITECTURES)
+
+
+def architecture_help() -> str:
+    """The --architecture help: each registered name with the first line of its class's docstring."""
+    described = []
+    for name, cls in ARCHITECTURES.items():
+        summary = (inspect.getdoc(cls) or cls.__name__).splitlines()[0].rstrip(".")
+        described.append(f"{name}: {summary}")
+    return "network to train; " + "; ".join(described)
+
+
+def _architecture_of(model: nn.Module) -> str:
+    """The registry name of a built model's class (ValueError when it is not registered)."""
+    for name, cls in ARCHITECTURES.items():
+        if type(model) is cls:
+            return name
+    raise ValueError(f"{type(model).__name__} is not in network.ARCHITECTURES ({', '.join(ARCHITECTURES)})")
+
+
+def _parameters(cls: type[nn.Module]) -> set[str] | None:
+    """The keyword arguments a network class takes; None when it takes any (**kwargs)."""
+    parameters = list(inspect.signature(cls).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
+# ------------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a network is: its registry name and its constructor arguments (positive
+    integers), saved as `model_config` beside its weights (the nanoGPT `model_args`
+    pattern), so a reader never guesses it from tensor shapes."""
+
+    architecture: str = DEFAULT_ARCHITECTURE
+    arguments: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], source: Any = "model_config") -> ModelConfig:
+        """The config of a saved `model_config` dict. ValueError naming `source` for a
+        record that is not a dict, an unknown architecture, entries its class does not
+        take, or values that are not positive integers."""
+        if not isinstance(record, Mapping):
+            raise ValueError(f"{source}: 'model_config' must be a dict, got {type(record).__name__}")
+        arguments = {k: v for k, v in record.items() if k != "architecture"}
+        architecture = record.get("architecture", UNNAMED_ARCHITECTURE)
+        if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"{source}: unknown architecture {architecture!r} in 'model_config'; this code knows "
+                f"{', '.join(ARCHITECTURES)} (network.ARCHITECTURES)"
+            )
+        known = _parameters(ARCHITECTURES[architecture])
+        unknown = sorted(set(arguments) - known) if known is not None else []
+        if unknown:
+            raise ValueError(f"{source}: unknown entries in 'model_config': {', '.join(unknown)}")
+        if not all(isinstance(v, int) and v > 0 for v in arguments.values()):
+            raise ValueError(f"{source}: 'model_config' must hold positive integers, got {dict(record)}")
+        return cls(architecture, arguments)
+
+    @classmethod
+    def of_state_dict(cls, state: Mapping[str, torch.Tensor], source: Any = "state_dict") -> ModelConfig:
+        """The config of a bare U-Net state_dict, which has no record: read off its first
+        and last layers. Used only for bare state_dicts given to the torch.hub entry points."""
+        first, head = state.get("inc.0.weight"), state.get("head.weight")
+        if first is None or head is None:
+            raise ValueError(f"{source}: not a UNetModel state_dict (no 'inc.0.weight')")
+        sizes = {"in_channels": int(first.shape[1]), "out_channels": int(head.shape[0])}
+        return cls("unet", {**sizes, "base_filters": int(first.shape[0])})
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> ModelConfig:
+        """The config of a built model, from its `config` (a model that `build_model` built
+        names its architecture there; any other is looked up by its class)."""
+        record = dict(model.config)
+        record.setdefault("architecture", _architecture_of(model))
+        return cls.from_record(record, "model")
+
+    def record(self) -> dict[str, Any]:
+        """The plain dict saved in a checkpoint (loadable with weights_only=True)."""
+        return {"architecture": self.architecture, **self.arguments}
+
+
+def build_model(record: Mapping[str, Any], source: Any = "model_config") -> nn.Module:
+    """A freshly initialised network (train mode, on the CPU) from a model record such as
+    `{"architecture": "unet", "in_channels": 3, "base_filters": 32}` (no "architecture":
+    a U-Net). Its `config` is its full record, the architecture's name included, defaults
+    filled in. ValueError naming `source` for a record this code cannot build."""
+    config = ModelConfig.from_record(record, source)
+    cls = ARCHITECTURES[config.architecture]
+    try:
+        model = cls(**config.arguments)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: cannot build {cls.__name__} from {dict(record)}: {error}") from error
+    arguments = {
+        k: v for k, v in dict(getattr(model, "config", None) or config.arguments).items() if k != "architecture"
+    }
+    model.config = {"architecture": config.architecture, **arguments}
+    return model
+
+
+def model_record(model: nn.Module) -> dict[str, Any]:
+    """The `model_config` record of a built model, as checkpoints save it."""
+    return ModelConfig.of_model(model).record()

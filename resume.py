@@ -48,6 +48,7 @@ RUN_DEFINING_FLAGS = (
     "val_patients",
     "test_patients",
     "image_size",
+    "architecture",
     "base_filters",
     "aug_scale",
     "aug_angle",
@@ -68,7 +69,13 @@ RUN_DEFINING_FLAGS = (
 CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
 # What a checkpoint saved before a run-defining flag existed was trained with (the behaviour
 # of the code then), whatever the flag's default is now.
-VALUES_BEFORE_FLAG = {"sampling": "area", "sampling_floor": 0.1, "norm_region": "crop", "context_slices": 0}
+VALUES_BEFORE_FLAG = {
+    "sampling": "area",
+    "sampling_floor": 0.1,
+    "norm_region": "crop",
+    "context_slices": 0,
+    "architecture": "unet",
+}
 
 
 def rng_state() -> dict:

@@ -50,7 +50,7 @@ from dataset import (
 from inference import AMP_CHOICES, context_slices_of, predict_probabilities
 from losses import LOSSES, build_loss
 from metrics import dice_score
-from network import UNetModel, count_parameters
+from network import DEFAULT_ARCHITECTURE, architecture_help, architecture_names, build_model, count_parameters
 from patients import DataError, Patient
 from pictures import plot_learning_curves, png_bytes
 from postprocessing import largest_connected_component
@@ -171,6 +171,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fold i (0..K-1) is the TEST set; --val-patients come from the other folds, the rest train. "
         "'all': train folds 0..K-1 one after the other into <checkpoint-dir>/fold<i>/",
     )
+    add("--architecture", choices=architecture_names(), default=DEFAULT_ARCHITECTURE, help=architecture_help())
     add("--base-filters", type=int, default=32, help="U-Net width (32: 7.8 M parameters)")
     add("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
     add(
@@ -508,7 +509,7 @@ def evaluate(
     in parts (`validation_masks` on the device, `score_patients` on the host): the loss
     (`criterion` on probabilities, default soft Dice) averaged over slices, Dice of each
     whole volume (threshold 0.5, 3-D LCC) in preprocessed space; mean and median over
-    patients (a 2.5-D `UNetModel` gets its context slices stacked as in training). Each rank
+    patients (a 2.5-D model gets its context slices stacked as in training). Each rank
     validates every world_size-th patient; results are gathered. Under DDP call
     `sync_buffers` first, so that every rank scores the same model."""
     criterion = criterion or build_loss("dice", from_logits=False)
@@ -552,7 +553,7 @@ class Run:
     args: argparse.Namespace
     runtime: Runtime
     config: dict
-    raw_model: UNetModel
+    raw_model: nn.Module
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -576,11 +577,12 @@ class Run:
     epoch_parts: list[dict] = field(default_factory=list)  # rank 0: finish_epoch's seconds of each epoch
 
 
-def build_training_model(args: argparse.Namespace, runtime: Runtime) -> tuple[UNetModel, nn.Module]:
+def build_training_model(args: argparse.Namespace, runtime: Runtime) -> tuple[nn.Module, nn.Module]:
     """The unwrapped model (what checkpoints save) and the one to train (DDP, compiled)."""
     seed_everything(args.seed)  # weight initialisation
     in_channels = 3 * (2 * args.context_slices + 1)  # 3 sequences per slice, C neighbours on each side
-    raw_model = UNetModel(in_channels, base_filters=args.base_filters)
+    record = {"architecture": args.architecture, "in_channels": in_channels, "base_filters": args.base_filters}
+    raw_model = build_model(record, "--architecture")
     raw_model = raw_model.to(runtime.device).to(memory_format=torch.channels_last)
     model: nn.Module = raw_model
     if runtime.distributed:
@@ -703,7 +705,8 @@ def run_epoch(run: Run, epoch: int) -> None:
     start = time.perf_counter()
     train_stats = train_one_epoch(
         run.model, run.data, run.optimizer, run.scaler, criterion, augment, runtime,
-        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch),
+        run.steps, args.batch_size, generator, epoch, args.log_interval,
+        desc=progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch),
     )  # fmt: skip
     end_epoch(run, epoch, train_stats)
     run.epoch_seconds.append(time.perf_counter() - start)

@@ -10,7 +10,7 @@ import torch
 import export
 import inference
 import predict
-from network import UNetModel
+from network import UNetModel, build_model
 from utils import UsageError
 
 
@@ -28,7 +28,8 @@ def test_export_writes_a_model_that_matches_torch(trained_checkpoint, tmp_path, 
 
     # Independent check: a batch size and a shape the export never saw, against UNetModel itself.
     state = torch.load(trained_checkpoint, weights_only=True)
-    model = UNetModel(**state["model_config"])
+    model = build_model(state["model_config"])
+    assert type(model) is UNetModel
     model.load_state_dict(state["model"])
     images = torch.randn(5, 3, 48, 80, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -47,6 +47,21 @@ def test_pretrained_without_weights_says_what_to_do():
     assert hub_load("unet_segmentation", base_filters=8).config["base_filters"] == 8
 
 
+def test_untrained_model_returns_probabilities_or_logits():
+    model = hub_load("unet_segmentation", in_channels=9, base_filters=4)
+    assert type(model).__name__ == "UNetModel" and not model.training
+    assert model.config == {"architecture": "unet", "in_channels": 9, "out_channels": 1, "base_filters": 4}
+    x = torch.randn(2, 9, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probabilities, logits = model(x), model(x, return_logits=True)
+    assert probabilities.shape == logits.shape == (2, 1, 32, 32)
+    assert probabilities.dtype == torch.float32 and 0 <= probabilities.min() and probabilities.max() <= 1
+    torch.testing.assert_close(torch.sigmoid(logits), probabilities)  # the logits, not the probabilities again
+    assert not torch.allclose(logits, probabilities)
+    with pytest.raises(TypeError, match="unet_segmentation: unknown entries in 'model_config': depth"):
+        hub_load("unet_segmentation", depth=5)
+
+
 def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 

@@ -112,7 +112,7 @@ def test_context_slices_builds_a_9_channel_model_that_predict_and_hub_feed_alike
     assert checkpoint["model_config"]["in_channels"] == 9 and checkpoint["model"]["inc.0.weight"].shape[1] == 9
 
     # predict_volume stacks (s-1, s, s+1), the border slice repeated, as training does
-    model = inference.build_model(checkpoint)
+    model = inference.model_from_checkpoint(checkpoint)
     images = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
     rows = [[max(s - 1, 0), s, min(s + 1, 4)] for s in range(5)]
     by_hand = np.stack([np.concatenate([images[r] for r in row]) for row in rows])  # (5, 9, 32, 32)

@@ -137,7 +137,12 @@ def test_checkpoint_contract(trained_checkpoint):
     checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
     assert CHECKPOINT_KEYS <= set(checkpoint)
     assert not [k for k in checkpoint["model"] if k.startswith(("module.", "_orig_mod."))]
-    assert checkpoint["model_config"] == {"in_channels": 3, "out_channels": 1, "base_filters": 4}
+    assert checkpoint["model_config"] == {
+        "architecture": "unet",
+        "in_channels": 3,
+        "out_channels": 1,
+        "base_filters": 4,
+    }
     assert checkpoint["preprocessing"]["image_size"] == 32
     split = checkpoint["split"]
     assert len(split["val"]) == 3 and not set(split["val"]) & set(split["train"])
@@ -240,7 +245,7 @@ def test_run_defining_flags_are_flags():
     dests = {action.dest for action in train.get_args_parser()._actions}
     assert set(resume.RUN_DEFINING_FLAGS) - {"world_size"} <= dests
     required = {"epochs", "lr", "batch_size", "seed", "folds", "fold", "val_patients", "image_size"}
-    required |= {"base_filters", "aug_scale", "aug_angle", "amp", "loss", "steps_per_epoch"}
+    required |= {"architecture", "base_filters", "aug_scale", "aug_angle", "amp", "loss", "steps_per_epoch"}
     assert required <= set(resume.RUN_DEFINING_FLAGS)
     how_to_run = {"device", "num_workers", "log_interval", "stop_after_epoch", "data_placement", "cache_dir"}
     assert not (how_to_run | {"compile", "deterministic"}) & set(resume.RUN_DEFINING_FLAGS)
@@ -410,7 +415,7 @@ def run_ddp(args: list[str], probe_dir: Path, **env: str) -> subprocess.Complete
 def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from inference import build_model
+    from inference import model_from_checkpoint
 
     args = tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "3", "--vis-frequency", "1")
     result = run_ddp(args, tmp_path / "probe")
@@ -433,7 +438,7 @@ def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir,
         buffers = torch.load(tmp_path / "probe" / f"buffers{rank}.pt", weights_only=True)
         assert buffers and all(torch.equal(value, checkpoint["model"][name]) for name, value in buffers.items())
     # the logged validation is that of the saved model, evaluated here in one process
-    model = build_model(checkpoint)
+    model = model_from_checkpoint(checkpoint)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks (OMP_NUM_THREADS=1): the same convolution kernels and sums
     try:
@@ -481,6 +486,8 @@ def test_compiled_training_saves_plain_weights(phantom_dir, tmp_path, monkeypatc
     train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "2", "--compile"))
     checkpoint = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     assert not [k for k in checkpoint["model"] if "_orig_mod" in k or k.startswith("module.")]
-    from network import UNetModel
+    from network import UNetModel, build_model
 
-    UNetModel(**checkpoint["model_config"]).load_state_dict(checkpoint["model"])  # strict
+    model = build_model(checkpoint["model_config"])
+    assert type(model) is UNetModel
+    model.load_state_dict(checkpoint["model"])  # strict

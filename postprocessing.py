@@ -7,24 +7,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from checkpoint import CheckpointError
-from metrics import dice_score
+from metrics import dice_score, label_components
 
 
 def largest_connected_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest connected component (full connectivity: 26 neighbours in 3-D).
-    An empty mask is returned unchanged (as bool)."""
-    mask = mask.astype(bool)
+    """Keep the largest connected component (full connectivity: 26 neighbours in 3-D), as
+    bool of the mask's shape. Of several components of the same largest size it keeps only
+    the first in `metrics.label_components`' numbering: the one whose first voxel comes
+    first in C order (slice, then row, then column). An empty mask is returned unchanged."""
+    mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask
-    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
-    if count == 1:
+    labels, sizes = label_components(mask)
+    if len(sizes) == 2:  # one component: the mask itself
         return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
+    first_largest = int(np.flatnonzero(sizes == sizes.max())[0])
+    return labels == first_largest
 
 
 LCC = {"method": "lcc"}  # the seed's: keep the largest 3-D component; a checkpoint without a record gets it
@@ -81,13 +81,12 @@ def postprocessing_name(record: Mapping) -> str:
 def keep_components(mask: np.ndarray, min_share: float) -> np.ndarray:
     """The 3-D connected components of `mask` with at least `min_share` (0, 1] of the voxels
     of the largest one, as bool of the same shape. Full connectivity (26 neighbours in 3-D),
-    as `postprocessing.largest_connected_component`; an empty mask is returned empty."""
+    as `largest_connected_component` (`metrics.label_components`); components of equal size
+    are kept or removed together, so no tie rule is needed. An empty mask is returned empty."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask
-    labels, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
+    labels, sizes = label_components(mask)
     keep = sizes >= min_share * sizes.max()
     keep[0] = False
     return keep[labels]

@@ -59,6 +59,7 @@ from utils import (
     CLIParser,
     HelpFormatter,
     UsageError,
+    add_shared_flag,
     check_writable_dir,
     ensure_writable_dir,
     one_line_warnings,
@@ -359,10 +360,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     shared = shared_flags(
         "--data-dir",
         "--cache-dir",
-        "--num-workers",
+        "--no-cache",
         "--device",
         data_dir="kaggle_3m-style folder, and/or NIfTI files <patient>.nii.gz or <patient>_{pre,flair,post}.nii.gz",
-        num_workers="threads for preprocessing",
     )
     p = CLIParser(description=__doc__, formatter_class=HelpFormatter, parents=[shared])
     p.add_argument(
@@ -398,9 +398,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "its validation patients; lcc for a checkpoint without one), lcc = keep the largest component only, "
         "none = keep every component; default: checkpoint",
     )
-    p.add_argument("--no-lcc", action="store_true", help="the same as --postprocess none")
+    add_shared_flag(
+        p, "--no-lcc", note="for the masks written and scored: --postprocess none (refused with another --postprocess)"
+    )
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     p.add_argument("--no-report", action="store_true", help="skip report.html and its thumbnails/")
     p.add_argument(

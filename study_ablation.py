@@ -190,7 +190,7 @@ def run_candidate(
         summary = run_predict(
             ["--model-path", str(checkpoint), "--data-dir", str(test_dir), "--patients", "all"]
             + ["--output-dir", str(pred_dir), "--figure-path", str(pred_dir / "dice.png"), "--no-overlays"]
-            + ["--cache-dir", str(work / "cache"), "--num-workers", "2"]
+            + ["--cache-dir", str(work / "cache")]
             + list(candidate.predict_flags)
             + device_flags
             + (["--backend", backend] if backend else []),

@@ -93,9 +93,11 @@ from training_log import (
     write_learning_curves,
 )
 from utils import (
+    SHARED_FLAGS,
     CLIParser,
     HelpFormatter,
     UsageError,
+    add_shared_flag,
     atomic_write_bytes,
     ensure_writable_dir,
     one_line_warnings,
@@ -146,12 +148,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
     def add(flag: str, **kwargs: Any) -> None:
-        groups[flag[2:].replace("-", "_") not in RUN_DEFINING_FLAGS].add_argument(flag, **kwargs)
+        """Add `flag` to its group: a flag of SHARED_FLAGS takes its shared definition
+        (`kwargs` may only give `help` or `note`, see `add_shared_flag`), any other flag is
+        defined by `kwargs`."""
+        group = groups[flag[2:].replace("-", "_") not in RUN_DEFINING_FLAGS]
+        if flag in SHARED_FLAGS:
+            add_shared_flag(group, flag, **kwargs)
+        else:
+            group.add_argument(flag, **kwargs)
 
     add("--epochs", type=int, default=100, help="number of epochs")
     add("--batch-size", type=int, default=16, help="slices per step (per process under torchrun)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
-    add("--image-size", type=int, default=256, help="preprocessed slice size, divisible by 16")
+    add("--image-size")
     add("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
     add("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
     add("--loss", choices=LOSSES, default="dice", help="soft Dice, or soft Dice + BCE (1:1)")
@@ -179,7 +188,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="auto",
         help="mixed precision; auto = bf16 on GPUs that support it, else fp16; off on CPU",
     )
-    add("--no-lcc", action="store_true", help="validation without the largest-component step")
+    add(
+        "--no-lcc",
+        note="for the per-epoch validation masks, whose Dice picks best_model.pt (without it: the largest "
+        "component only); the post-processing chosen at the end of the run is not affected",
+    )
     add("--sync-bn", action="store_true", help="synchronise BatchNorm across processes (CUDA)")
     add_recipe_flags(add)
     add_runtime_flags(add)
@@ -211,7 +224,7 @@ def add_runtime_flags(add: Callable[..., None]) -> None:
     """Flags that say where and how to run: they may change when a run is resumed."""
     add("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json, learning_curves.png")
     add("--log-dir", default="./tb_logs", help="TensorBoard: one sub-folder per run")
-    add("--no-cache", action="store_true", help="preprocess in memory, write no cache")
+    add("--no-cache")
     add("--vis-frequency", type=int, default=10, help="validation overlays every N epochs (0: never)")
     add("--n-vis-images", type=int, default=200, help="at most this many overlays each time")
     add(
@@ -706,7 +719,8 @@ def run_epoch(run: Run, epoch: int) -> None:
     start = time.perf_counter()
     train_stats = train_one_epoch(
         run.model, run.data, run.optimizer, run.scaler, criterion, augment, runtime,
-        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch),
+        run.steps, args.batch_size, generator, epoch, args.log_interval,
+        desc=progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch),
     )  # fmt: skip
     end_epoch(run, epoch, train_stats)
     run.epoch_seconds.append(time.perf_counter() - start)

@@ -508,32 +508,6 @@ def summarize_validation(results: list[dict]) -> dict:
     }
 
 
-def evaluate(
-    model: nn.Module,
-    volumes: list[Volume],
-    runtime: Runtime,
-    batch_size: int,
-    lcc: bool = True,
-    keep_predictions: bool = False,
-    criterion: nn.Module | None = None,
-) -> dict:
-    """Per-patient validation in one call, on the calling thread, as the epoch loop does it
-    in parts (`validation_masks` on the device, `score_patients` on the host): the loss
-    (`criterion` on probabilities, default soft Dice) averaged over slices, Dice of each
-    whole volume (threshold 0.5, 3-D LCC) in preprocessed space; mean and median over
-    patients (a 2.5-D `UNetModel` gets its context slices stacked as in training). Each rank
-    validates every world_size-th patient; results are gathered. Under DDP call
-    `sync_buffers` first, so that every rank scores the same model."""
-    criterion = criterion or build_loss("dice", from_logits=False)
-    inputs = validation_inputs(volumes, runtime.device, "host")
-    parts = validation_masks(model, inputs, runtime, batch_size, criterion)
-    truths = {v.patient_id: np.asarray(v.masks) for v in volumes}
-    return summarize_validation(gather_over_ranks(score_patients(parts, truths, lcc, keep_predictions), runtime))
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
 # ----------------------------------------------------------------- checks before any work
 
 

@@ -481,7 +481,7 @@ def epoch_rows(e: dict) -> list[tuple[str, str, str]]:
 
 
 # ---------------------------------------------------------------------- post-processing
-# `python bench.py postprocessing`: the evidence of issue 21. On a phantom with several lesions
+# `python bench.py postprocessing`: the evidence for the choice. On a phantom with several lesions
 # per patient and on one with a single lesion, train.py chooses the post-processing on its
 # validation patients; every candidate is then scored on test patients that took no part.
 

@@ -27,7 +27,9 @@ def largest_connected_component(mask: np.ndarray) -> np.ndarray:
     return labels == first_largest
 
 
-LCC = {"method": "lcc"}  # the seed's: keep the largest 3-D component; a checkpoint without a record gets it
+# Keep the largest 3-D component: the reference implementation's (brain-segmentation-pytorch)
+# post-processing, and what a checkpoint without a record gets.
+LCC = {"method": "lcc"}
 
 
 NO_FILTER = {"method": "none"}
@@ -66,7 +68,7 @@ def check_postprocessing(record: Any, source: str | Path = "checkpoint") -> dict
 
 def postprocessing_of(checkpoint: Mapping, source: str | Path = "checkpoint") -> dict:
     """The checkpoint's `postprocessing` record (checked), or LCC when it has none (a
-    checkpoint written before the choice existed, or a run stopped before its last epoch)."""
+    checkpoint saved without a choice, e.g. by a run stopped before its last epoch)."""
     record = checkpoint.get("postprocessing")
     return dict(LCC) if record is None else check_postprocessing(record, source)
 

@@ -522,7 +522,7 @@ def postprocessing_for(models: Sequence[LoadedModel], requested: str) -> tuple[d
     averaging them) under --postprocess `requested`, and a warning when it had to give up
     the checkpoints' choice. `lcc` / `none` override every checkpoint; `checkpoint` is the
     models' saved choice (LoadedModel.postprocessing: lcc without a record) when they all
-    agree, else lcc, the seed's default (an averaged map has no choice of its own)."""
+    agree, else lcc, the default without a record (an averaged map has no choice of its own)."""
     if requested != "checkpoint":
         return dict(LCC if requested == "lcc" else NO_FILTER), None
     records = {postprocessing_name(m.postprocessing): m.postprocessing for m in models}
@@ -681,7 +681,7 @@ def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode:
 
 
 def all_lcc(models: Sequence[LoadedModel]) -> bool:
-    """Whether every checkpoint's post-processing is the largest component (the seed's)."""
+    """Whether every checkpoint's post-processing is the largest component (`lcc`)."""
     return all(m.postprocessing == LCC for m in models)
 
 

@@ -26,8 +26,8 @@ def make_split(
       (stratified) from the other folds, the rest train. Over i = 0..K-1 every patient is
       test exactly once. `test_patients` must be 0.
     - otherwise: `val_patients` from the front of the stratified order and `test_patients`
-      from its back (with `test_patients`=0 the validation list is the one this function
-      always gave for the seed).
+      from its back (with `test_patients`=0 the validation list of a seed is the one tests/test_split.py
+      pins).
 
     With `strata` (patient -> has a lesion) each group is spread evenly over val, test and
     the folds. Returns a plain dict {train, val, test (sorted id lists), seed, folds, fold,

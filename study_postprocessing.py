@@ -144,8 +144,8 @@ def postprocessing_page(results: list[dict], args: argparse.Namespace, command: 
         "candidate. The last column applies each candidate to the test patients' own truth: the Dice it leaves "
         "to a perfect segmentation.",
         "",
-        "Candidates: `none` keeps every component, `lcc` the largest only (the seed's), `min_share s` removes "
-        "the components smaller than s of the largest (26-connected, 3-D, on the native grid).",
+        "Candidates: `none` keeps every component, `lcc` the largest only (the reference implementation's), "
+        "`min_share s` removes the components smaller than s of the largest (26-connected, 3-D, on the native grid).",
         "",
     ]
     for result in results:

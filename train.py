@@ -108,8 +108,8 @@ from utils import (
 
 # The recommended recipe (docs/ablation.md): soft Dice + BCE was the one candidate that won
 # clearly on every seed on the hard phantom's test patients. Sampling, normalisation region,
-# context slices and flip TTA showed no clear win, so their defaults stay, as do the loss and
-# input channels of the seed recipe; `--demo` trains with this recipe.
+# context slices and flip TTA showed no clear win, so train.py keeps their defaults, and the
+# reference implementation's loss (soft Dice) and 3 input channels; `--demo` trains with this recipe.
 RECOMMENDED_RECIPE = {"loss": "dice+bce"}
 DEMO_DEFAULTS = {
     "data_dir": "./demo_3m",
@@ -200,7 +200,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def add_recipe_flags(add: Callable[..., None]) -> None:
-    """Sampling, normalisation region and 2.5-D input (issue 13; see docs/ablation.md)."""
+    """Sampling, normalisation region and 2.5-D input (see docs/ablation.md)."""
     add(
         "--sampling",
         choices=SAMPLING_SCHEMES,
@@ -342,7 +342,7 @@ def validate_split_args(args: argparse.Namespace) -> None:
 
 
 def validate_recipe_args(args: argparse.Namespace) -> None:
-    """The issue-13 flags: sampling floor, lesion fraction, context slices."""
+    """The recipe flags (`add_recipe_flags`): sampling floor, lesion fraction, context slices."""
     if not (math.isfinite(args.sampling_floor) and args.sampling_floor >= 0):
         raise UsageError(f"--sampling-floor {args.sampling_floor}: must be >= 0 (a share of the mean lesion area)")
     if not 0 <= args.lesion_fraction <= 1:

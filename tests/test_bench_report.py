@@ -1,4 +1,4 @@
-"""`python bench.py report`: the README's results come from commands run now, not memory."""
+"""`python bench.py report`: the README's results come from commands it runs, not memory."""
 
 import argparse
 import json

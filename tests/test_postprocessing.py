@@ -1,4 +1,4 @@
-"""The post-processing choice (issue 21): candidates on hand-made masks against scipy, the
+"""The post-processing choice: candidates on hand-made masks against scipy, the
 choice on validation patients only, its record in the checkpoint, and its use by predict.py
 and the hub pipeline."""
 
@@ -72,7 +72,7 @@ def test_two_far_apart_lesions_choose_a_filter_that_keeps_both():
     truth = BIG | SMALL
     probabilities = np.where(truth, 0.9, 0.1).astype(np.float32)  # a perfect prediction of both lesions
     scores = {f"patient{i}": candidate_dice(probabilities, truth) for i in range(3)}
-    assert scores["patient0"]["lcc"] == pytest.approx(2 * 256 / (256 + 328))  # the seed deletes SMALL
+    assert scores["patient0"]["lcc"] == pytest.approx(2 * 256 / (256 + 328))  # lcc deletes SMALL
     assert scores["patient0"]["none"] == 1.0 and scores["patient0"]["min_share 50%"] < 1.0
     record, table = choose_postprocessing(scores)
     assert record != LCC and record["method"] == "min_share" and record["share"] <= 72 / 256
@@ -347,7 +347,7 @@ def test_hub_pipeline_uses_the_checkpoint_choice_unless_lcc_is_given(hand_made, 
     for weights, lcc, expected, record in [
         (with_record, None, BIG | SMALL, NO_FILTER),
         (with_record, True, BIG, LCC),
-        (path, None, BIG, LCC),  # no record: the seed's largest component
+        (path, None, BIG, LCC),  # no record: the largest component (LCC)
         (path, False, BIG | SMALL, NO_FILTER),
     ]:
         segment = hub_load("segmentation_pipeline", weights_path=str(weights), device="cpu", lcc=lcc)

@@ -403,7 +403,7 @@ def train_one_epoch(
         images = images.contiguous(memory_format=torch.channels_last)
         device_type, amp_dtype = runtime.device.type, runtime.amp_dtype
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images, return_logits=True)  # (B, 3, H, W) -> (B, 1, H, W)
+            logits = model(images, return_logits=True)  # (B, 3 (2C+1), H, W) -> (B, 1, H, W), C context slices
         loss = criterion(logits, masks)  # float32, sigmoid inside
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -3,11 +3,13 @@
 model, and each is part of the resume contract."""
 
 import numpy as np
+import onnx
 import pytest
 import tifffile
 import torch
 from conftest import tiny_train_args
 
+import export
 import inference
 import predict
 import train
@@ -141,6 +143,11 @@ def test_context_slices_builds_a_9_channel_model_that_predict_and_hub_feed_alike
         + ["--figure-path", str(tmp_path / "onnx" / "d.png"), "--backend", "onnxruntime"]
     )
     assert not summary["failed_patients"]
+    export.main(["--model-path", str(tmp_path / "ckpt" / "best_model.pt"), "--output", str(tmp_path / "m.onnx")])
+    metadata = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    assert (
+        metadata["input"].startswith("images: (batch, 9, H, W) float32") and "stacked as channels" in metadata["input"]
+    )
 
 
 def test_head_normalised_checkpoint_is_preprocessed_with_head_statistics(phantom_dir, tmp_path, monkeypatch):

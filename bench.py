@@ -50,7 +50,7 @@ from sampling import ResidentSlices
 from study_ablation import ABLATION_ABOUT, ablation, add_ablation_flags
 from study_postprocessing import POSTPROCESSING_ABOUT, add_postprocessing_flags, postprocessing
 from train import train_one_epoch
-from utils import CLIParser, HelpFormatter, resolve_device, shared_flags
+from utils import CLIParser, HelpFormatter, add_shared_flag, resolve_device, shared_flags
 
 
 def synchronize(device: torch.device) -> None:
@@ -328,7 +328,7 @@ def bench_epochs(device: torch.device, args: argparse.Namespace, step_rate: floa
 
 
 def add_speed_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-size", type=int, default=256, help="preprocessed slice size")
+    add_shared_flag(parser, "--image-size", note="also the phantom's slice size")
     parser.add_argument("--base-filters", type=int, default=32, help="U-Net width")
     parser.add_argument(
         "--batch-size", type=int, default=None, help="training batch (default: 16; 8 with --quick on CPU)"
@@ -485,7 +485,7 @@ def epoch_rows(e: dict) -> list[tuple[str, str, str]]:
 
 
 # ---------------------------------------------------------------------- post-processing
-# `python bench.py postprocessing`: the evidence of issue 21. On a phantom with several lesions
+# `python bench.py postprocessing`: the evidence for the choice. On a phantom with several lesions
 # per patient and on one with a single lesion, train.py chooses the post-processing on its
 # validation patients; every candidate is then scored on test patients that took no part.
 

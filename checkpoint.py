@@ -192,7 +192,7 @@ def check_preprocessing(saved: dict, path: str | Path) -> None:
     """Refuse a checkpoint trained with preprocessing other than `preprocessing.preprocessing_config`
     for its image size and normalisation region (another clip percentile, brain threshold,
     an unknown region, ...); CheckpointError names the differing keys. A checkpoint without
-    `norm_region` predates the choice and was normalised over the crop."""
+    `norm_region` was normalised over the crop."""
     if "image_size" not in saved:
         raise CheckpointError(f"{path}: its 'preprocessing' has no 'image_size'")
     saved = {"norm_region": "crop", **saved}

@@ -117,7 +117,8 @@ def train_folds(
         if fold in finished:
             if runtime.is_main:
                 print(f"fold {fold}: {finished[fold]}")
-            # a fold finished before the choice existed chooses now (rank 0; the others wait for it)
+            # a finished fold whose checkpoint has no post-processing record chooses it here (rank 0;
+            # the others wait for it)
             on_rank_zero(runtime, lambda one=one: ensure_postprocessing_choice(one, runtime.device))
             results.append(None)
             continue

@@ -41,6 +41,7 @@ from utils import (
     CLIParser,
     HelpFormatter,
     UsageError,
+    add_shared_flag,
     check_writable_dir,
     ensure_writable_dir,
     one_line_warnings,
@@ -630,7 +631,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", help="output folder")
     synth.add_argument("--patients", type=int, default=8, help="number of patients")
     synth.add_argument("--seed", type=int, default=0, help="random seed")
-    synth.add_argument("--image-size", type=int, default=256, help="slice size in pixels")
+    add_shared_flag(synth, "--image-size", help="slice size of the written phantom in pixels (square, >= 16)")
     synth.add_argument(
         "--difficulty",
         choices=DIFFICULTIES,
@@ -648,12 +649,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-slices", type=int, default=None, help="most slices per patient (default: 40; hard 60)")
     synth.set_defaults(func=_cmd_synthesize)
     about = "preprocess every patient of --data-dir into the cache that train.py and predict.py read"
-    shared = shared_flags("--data-dir", "--cache-dir", "--num-workers", num_workers="parallel patients")
+    shared = shared_flags("--data-dir", "--cache-dir", "--no-cache", "--num-workers", num_workers="parallel patients")
     prep = commands.add_parser(
         "preprocess", help=about, description=about, formatter_class=HelpFormatter, parents=[shared]
     )
-    prep.add_argument("--no-cache", action="store_true", help="preprocess without writing the cache")
-    prep.add_argument("--image-size", type=int, default=256, help="preprocessed size")
+    add_shared_flag(prep, "--image-size")
     prep.set_defaults(func=_cmd_preprocess)
     about = "read every patient of --data-dir and report what it holds: slices, lesion slices, copied channels"
     check = commands.add_parser(

@@ -3,7 +3,8 @@
     python export.py --model-path checkpoints/best_model.pt --output model.onnx
 
 The graph takes `images`, preprocessed slices (B, 3, H, W) float32 as preprocessing.preprocess_volume
-makes them (batch, H and W dynamic; H and W multiples of 16), and returns `probabilities`
+makes them, (B, 3 (2C + 1), H, W) for a 2.5-D model with C context slices per side stacked as
+channels (batch, H and W dynamic; H and W multiples of 16), and returns `probabilities`
 (B, 1, H, W) in [0, 1], like `UNetModel.forward`. The checkpoint's image size and model
 configuration are stored in the ONNX metadata (`image_size`, `model_config`). The file is
 written only when onnxruntime reproduces PyTorch's probabilities within --tolerance.
@@ -59,7 +60,7 @@ def export_onnx(model: torch.nn.Module, image_size: int, metadata: dict[str, str
 
 class OnnxRuntimeModel:
     """An ONNX model run by onnxruntime on the CPU, called like a UNetModel:
-    (B, 3, H, W) float tensor -> probabilities (B, 1, H, W) float32 tensor."""
+    (B, in_channels, H, W) float tensor -> probabilities (B, 1, H, W) float32 tensor."""
 
     def __init__(self, onnx_model: bytes | str | Path, threads: int | None = None):
         import onnxruntime  # only this backend needs it: predict.py --backend torch runs without it
@@ -81,7 +82,8 @@ class OnnxRuntimeModel:
 
 def max_abs_difference(model: torch.nn.Module, runtime: OnnxRuntimeModel, image_size: int, seed: int = 0) -> float:
     """Largest |onnxruntime - torch| probability over two random inputs of different batch
-    size and shape, (2, 3, S, S) and (3, 3, S + 16, S + 32): it also proves the dynamic axes."""
+    size and shape, (2, C, S, S) and (3, C, S + 16, S + 32) with C the model's input channels:
+    it also proves the dynamic axes."""
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(model).cpu().float().eval()
     worst = 0.0
@@ -150,7 +152,9 @@ def run(args: argparse.Namespace) -> float:
         "image_size": str(loaded.image_size),
         "model_config": json.dumps(loaded.model.config),
         "source_checkpoint": Path(args.model_path).name,
-        "input": f"{INPUT_NAME}: (batch, 3, H, W) float32 slices preprocessed by preprocessing.preprocess_volume",
+        "input": f"{INPUT_NAME}: (batch, {input_channels(loaded.model)}, H, W) float32 slices preprocessed by "
+        "preprocessing.preprocess_volume"
+        + (", neighbouring slices stacked as channels" if loaded.context_slices else ""),
         "output": f"{OUTPUT_NAME}: (batch, 1, H, W) float32 in [0, 1]",
     }
     data = export_onnx(loaded.model, loaded.image_size, metadata)

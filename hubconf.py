@@ -109,7 +109,8 @@ def unet_segmentation(
     map_location: str | torch.device = "cpu",
     **model_kwargs,
 ) -> torch.nn.Module:
-    """UNetModel in eval mode: (B, 3, H, W) float32 -> probabilities (B, 1, H, W) in [0, 1];
+    """UNetModel in eval mode: (B, in_channels, H, W) float32 -> probabilities (B, 1, H, W) in
+    [0, 1]; in_channels is 3, or 3 (2C + 1) for a 2.5-D checkpoint with C context slices.
     `model(x, return_logits=True)` gives the logits.
 
     `weights_path`: a training checkpoint (its `model_config` is used) or a bare state_dict

@@ -93,7 +93,7 @@ class LoadedModel:
     split: dict | None
     norm_region: str = "crop"  # where the normalisation statistics came from in training
     context_slices: int = 0  # neighbouring slices on each side fed as channels (2.5-D)
-    # the checkpoint's `postprocessing` record, or the seed's largest component when it has none
+    # the checkpoint's `postprocessing` record, or the largest component (LCC) when it has none
     postprocessing: dict = field(default_factory=lambda: dict(LCC))
     postprocessing_chosen: bool = False  # True when the record came from the checkpoint
 
@@ -202,7 +202,8 @@ def binarize(
 ) -> np.ndarray:
     """Threshold, then filter the 3-D connected components: bool (S, H, W) from float
     probabilities (S, H, W). `postprocessing` is a record of POSTPROCESSING_CANDIDATES (see
-    `postprocess`); without it, the largest component (`lcc` True, the seed's) or all of them."""
+    `postprocess`); without it, the largest component (`lcc` True, the reference implementation's
+    post-processing) or all of them."""
     record = postprocessing if postprocessing is not None else (LCC if lcc else NO_FILTER)
     return postprocess(probabilities >= threshold, record)
 
@@ -228,7 +229,8 @@ def to_native(
 # Methods 18:203-211, `determine_postprocessing`: keep the largest component only where it
 # improves the validation Dice). Here a run's validation patients choose among these
 # candidates, applied to the thresholded mask on the native grid. Their order is the tie
-# rule: an equal mean Dice goes to the earlier candidate, the seed's largest component first,
+# rule: an equal mean Dice goes to the earlier candidate, the largest component (the reference
+# implementation's post-processing) first,
 # then the candidates that remove the most, and no filtering last.
 
 

@@ -50,6 +50,33 @@ def _joint_box(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[slice, ...]:
     return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, a.shape, strict=True))
 
 
+def label_components(mask: np.ndarray, connectivity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The connected components of a binary mask of any dimension: `(labels, sizes)`.
+
+    `labels` (int, the mask's shape) is 0 on the background and 1..n on the n components,
+    numbered in the order of their first voxel in C (raster) order, scipy.ndimage.label's
+    numbering: for (S, H, W) the component that starts in the earliest slice, then row, then
+    column is 1. `sizes` (int64, n + 1 entries) holds the voxel count of each label with
+    sizes[0] = 0 (the background is no component), so `sizes.argmax()` is the first of the
+    largest components in that order and `len(sizes) - 1` is n.
+
+    `connectivity` is the rank of `ndimage.generate_binary_structure(mask.ndim, rank)`: 1
+    counts face neighbours only (6 in 3-D), `mask.ndim` every neighbour that touches by a
+    face, an edge or a corner (26 in 3-D, 8 in 2-D). The default, None, is that full
+    connectivity, the convention of every component in this project: the post-processing
+    (`postprocessing.largest_connected_component`, `keep_components`), the lesion-wise
+    metrics' lesions and predicted components, the lesion counts of the post-processing
+    study and the head box of `preprocessing.brain_bounding_box` (2-D)."""
+    mask = np.asarray(mask, dtype=bool)
+    rank = mask.ndim if connectivity is None else connectivity
+    if not 1 <= rank <= mask.ndim:
+        raise ValueError(f"connectivity {connectivity}: expected 1..{mask.ndim} for a {mask.ndim}-D mask")
+    labels, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, rank))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1).astype(np.int64)
+    sizes[0] = 0
+    return labels, sizes
+
+
 Spacing = tuple[float, ...]  # voxel size in mm per array axis, e.g. (slice, row, col) for (S, H, W)
 
 
@@ -125,6 +152,10 @@ def lesion_metrics(
     `lesionwise_dice` = the sum over kept lesions of the Dice between the lesion and the union
     of the predicted components touching its region, divided by (lesions + FP) (1.0 when both
     are 0). Raises ValueError for masks that are not 3-D or of different shapes.
+
+    Both labellings (lesion regions, predicted components) are `label_components` with
+    `connectivity=3` (26 neighbours), passed explicitly because the BraTS convention fixes it
+    whatever the project's default; the 18-neighbour structure is the dilation's only.
     """
     prediction, truth = prediction.astype(bool), truth.astype(bool)
     if truth.ndim != 3 or prediction.shape != truth.shape:
@@ -133,12 +164,12 @@ def lesion_metrics(
     if prediction.any() or truth.any():  # every component lies in this box, every region too
         box = _joint_box(prediction, truth, margin=LESION_DILATION_ITERATIONS + 1)
         prediction, truth = prediction[box], truth[box]
-    connectivity = ndimage.generate_binary_structure(3, 3)  # 26 neighbours
-    components, n_components = ndimage.label(prediction, structure=connectivity)
+    components, component_sizes = label_components(prediction, connectivity=3)  # 26 neighbours
+    n_components = len(component_sizes) - 1
     dilated = ndimage.binary_dilation(
         truth, structure=ndimage.generate_binary_structure(3, 2), iterations=LESION_DILATION_ITERATIONS
     )
-    regions, _ = ndimage.label(dilated, structure=connectivity)
+    regions, _ = label_components(dilated, connectivity=3)
     touched: set[int] = set()
     tp = fn = 0
     dice_sum = 0.0

@@ -86,7 +86,7 @@ class UNetModel(nn.Module):
                 f"UNetModel input height and width must be divisible by {multiple}, got "
                 f"{height} x {width}; resize or pad the input (preprocessing does this)"
             )
-        x1 = self.inc(x)  # (B, 3, H, W) -> (B, f, H, W)
+        x1 = self.inc(x)  # (B, in_channels, H, W) -> (B, f, H, W)
         x2 = self.down1(x1)  # -> (B, 2f, H/2, W/2)
         x3 = self.down2(x2)  # -> (B, 4f, H/4, W/4)
         x4 = self.down3(x3)  # -> (B, 8f, H/8, W/8)

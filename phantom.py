@@ -4,7 +4,7 @@ as NIfTI volumes with a realistic voxel size and a non-trivial affine.
 Two difficulties:
 - easy: a smooth head with one connected, clearly brighter lesion; lesion-free slices hold
   nothing lesion-like. Fast to learn; the demo and most tests use it.
-- hard: what makes real FLAIR hard (issue 13): a bright cortical ribbon and scalp, small
+- hard: what makes real FLAIR hard: a bright cortical ribbon and scalp, small
   bright spots outside lesions, 0-3 faint lesions (10-50 % above grey matter) of very
   different sizes with diffuse edges, partial coverage of the head, smooth bias fields,
   per-patient and per-channel gains, and a missing sequence replaced by FLAIR.

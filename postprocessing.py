@@ -10,27 +10,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from checkpoint import CheckpointError
-from metrics import dice_score
+from metrics import dice_score, label_components
 
 
 def largest_connected_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest connected component (full connectivity: 26 neighbours in 3-D).
-    An empty mask is returned unchanged (as bool)."""
-    mask = mask.astype(bool)
+    """Keep the largest connected component (full connectivity: 26 neighbours in 3-D), as
+    bool of the mask's shape. Of several components of the same largest size it keeps only
+    the first in `metrics.label_components`' numbering: the one whose first voxel comes
+    first in C order (slice, then row, then column). An empty mask is returned unchanged."""
+    mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask
-    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
-    if count == 1:
+    labels, sizes = label_components(mask)
+    if len(sizes) == 2:  # one component: the mask itself
         return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
+    first_largest = int(np.flatnonzero(sizes == sizes.max())[0])
+    return labels == first_largest
 
 
-LCC = {"method": "lcc"}  # the seed's: keep the largest 3-D component; a checkpoint without a record gets it
+# Keep the largest 3-D component: the reference implementation's (brain-segmentation-pytorch)
+# post-processing, and what a checkpoint without a record gets.
+LCC = {"method": "lcc"}
+
+
 NO_FILTER = {"method": "none"}
 MIN_SHARES = (0.5, 0.25, 0.1, 0.05)  # remove components smaller than this share of the largest
 
@@ -65,7 +69,7 @@ def check_postprocessing(record: Any, source: str | Path = "checkpoint") -> dict
 
 def postprocessing_of(checkpoint: Mapping, source: str | Path = "checkpoint") -> dict:
     """The checkpoint's `postprocessing` record (checked), or LCC when it has none (a
-    checkpoint written before the choice existed, or a run stopped before its last epoch)."""
+    checkpoint saved without a choice, e.g. by a run stopped before its last epoch)."""
     record = checkpoint.get("postprocessing")
     return dict(LCC) if record is None else check_postprocessing(record, source)
 
@@ -80,13 +84,12 @@ def postprocessing_name(record: Mapping) -> str:
 def keep_components(mask: np.ndarray, min_share: float) -> np.ndarray:
     """The 3-D connected components of `mask` with at least `min_share` (0, 1] of the voxels
     of the largest one, as bool of the same shape. Full connectivity (26 neighbours in 3-D),
-    as `postprocessing.largest_connected_component`; an empty mask is returned empty."""
+    as `largest_connected_component` (`metrics.label_components`); components of equal size
+    are kept or removed together, so no tie rule is needed. An empty mask is returned empty."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask
-    labels, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
+    labels, sizes = label_components(mask)
     keep = sizes >= min_share * sizes.max()
     keep[0] = False
     return keep[labels]

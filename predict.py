@@ -60,6 +60,7 @@ from utils import (
     CLIParser,
     HelpFormatter,
     UsageError,
+    add_shared_flag,
     check_writable_dir,
     ensure_writable_dir,
     one_line_warnings,
@@ -262,10 +263,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     shared = shared_flags(
         "--data-dir",
         "--cache-dir",
-        "--num-workers",
+        "--no-cache",
         "--device",
         data_dir="kaggle_3m-style folder, and/or NIfTI files <patient>.nii.gz or <patient>_{pre,flair,post}.nii.gz",
-        num_workers="threads for preprocessing",
     )
     p = CLIParser(description=__doc__, formatter_class=HelpFormatter, parents=[shared])
     p.add_argument(
@@ -301,9 +301,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "its validation patients; lcc for a checkpoint without one), lcc = keep the largest component only, "
         "none = keep every component; default: checkpoint",
     )
-    p.add_argument("--no-lcc", action="store_true", help="the same as --postprocess none")
+    add_shared_flag(
+        p, "--no-lcc", note="for the masks written and scored: --postprocess none (refused with another --postprocess)"
+    )
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     p.add_argument("--no-report", action="store_true", help="skip report.html and its thumbnails/")
     p.add_argument(
@@ -424,7 +425,7 @@ def postprocessing_for(models: Sequence[LoadedModel], requested: str) -> tuple[d
     averaging them) under --postprocess `requested`, and a warning when it had to give up
     the checkpoints' choice. `lcc` / `none` override every checkpoint; `checkpoint` is the
     models' saved choice (LoadedModel.postprocessing: lcc without a record) when they all
-    agree, else lcc, the seed's default (an averaged map has no choice of its own)."""
+    agree, else lcc, the default without a record (an averaged map has no choice of its own)."""
     if requested != "checkpoint":
         return dict(LCC if requested == "lcc" else NO_FILTER), None
     records = {postprocessing_name(m.postprocessing): m.postprocessing for m in models}
@@ -583,7 +584,7 @@ def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode:
 
 
 def all_lcc(models: Sequence[LoadedModel]) -> bool:
-    """Whether every checkpoint's post-processing is the largest component (the seed's)."""
+    """Whether every checkpoint's post-processing is the largest component (`lcc`)."""
     return all(m.postprocessing == LCC for m in models)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
+
+from metrics import label_components
 
 BRAIN_THRESHOLD = 0.10  # a pixel is "head" where any channel exceeds 10 % of its volume max
 CLIP_PERCENTILES = (10.0, 99.0)
@@ -62,9 +63,10 @@ def brain_bounding_box(volume: np.ndarray) -> tuple[int, int, int, int]:
     projection = volume.max(axis=0)  # (S, H, W, C) -> (H, W, C): a pixel's brightest slice
     channel_max = projection.reshape(-1, projection.shape[-1]).max(axis=0)
     plane = ((projection > BRAIN_THRESHOLD * channel_max) & (channel_max > 0)).any(axis=-1)  # (H, W)
-    labels, count = ndimage.label(plane, structure=np.ones((3, 3)))
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]  # pixels per region 1..count
-    head = np.isin(labels, 1 + np.flatnonzero(sizes >= SPECK_FRACTION * plane.sum()))
+    labels, sizes = label_components(plane)  # 8-connected
+    keep = sizes >= SPECK_FRACTION * plane.sum()  # pixels per region 0..count
+    keep[0] = False  # the dark background
+    head = keep[labels]
     rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
     if rows.size == 0:
         return 0, volume.shape[1], 0, volume.shape[2]

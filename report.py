@@ -15,12 +15,10 @@ import base64
 import html
 import json
 import math
-import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import numpy as np
 
@@ -408,14 +406,6 @@ def write_report(
     path = out_dir / REPORT_NAME
     atomic_write_bytes(render_report(rows, summary, columns, out_dir, figure_path).encode("utf-8"), path)
     return path
-
-
-def page_bytes(page: Path) -> int:
-    """What a browser loads to show `page` in full: the HTML plus every local file its
-    `src=` attributes name (thumbnails, the chart; not the linked full-size overlays)."""
-    text = page.read_text(encoding="utf-8")
-    sources = {unquote(s) for s in re.findall(r'src="([^"]+)"', text) if not s.startswith("data:")}
-    return len(text.encode("utf-8")) + sum(os.path.getsize(page.parent / s) for s in sources)
 
 
 # ------------------------------------------------------------------------- screenshot

@@ -67,8 +67,10 @@ RUN_DEFINING_FLAGS = (
 
 
 CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
-# What a checkpoint saved before a run-defining flag existed was trained with (the behaviour
-# of the code then), whatever the flag's default is now.
+
+
+# What a checkpoint whose `args` lack a run-defining flag was trained with (training without
+# that flag behaved like this value), which need not be the flag's default.
 VALUES_BEFORE_FLAG = {
     "sampling": "area",
     "sampling_floor": 0.1,
@@ -126,7 +128,7 @@ def check_resume_contract(checkpoint: dict, path: Path, config: dict, defaults: 
             )
     # `--amp auto` resolves per device (bf16 where supported, else fp16): the same flag can ask
     # for another precision on another GPU, and the saved GradScaler state would not fit it.
-    precision = saved_config.get("precision")  # absent before it was recorded
+    precision = saved_config.get("precision")  # None for a checkpoint that does not record it
     if precision is not None and precision != config["precision"]:
         raise CheckpointError(
             f"{path} was trained in {precision} precision (--amp {saved_config.get('amp', 'auto')}), this run "

@@ -40,7 +40,7 @@ class SliceSampler:
 
 
 class AreaSampler(SliceSampler):
-    """Pooled area weights (today's scheme): weight = lesion area + `floor_fraction` x mean
+    """Pooled area weights (`--sampling area`, the default): weight = lesion area + `floor_fraction` x mean
     area over all slices, so lesion-free slices are still drawn; uniform without lesions."""
 
     def __init__(self, areas: np.ndarray, patients: np.ndarray, floor_fraction: float = 0.1):

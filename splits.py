@@ -33,8 +33,8 @@ def make_split(
       patients are `test`; `val_patients` come from the front of the stratified order of
       the others. `folds` and `test_patients` must be unset.
     - otherwise: `val_patients` from the front of the stratified order and `test_patients`
-      from its back (with `test_patients`=0 the validation list is the one this function
-      always gave for the seed).
+      from its back (with `test_patients`=0 the validation list of a seed is the one tests/test_split.py
+      pins).
 
     With `strata` (patient -> has a lesion) each group is spread evenly over val, test and
     the folds. Returns a plain dict {train, val, test (sorted id lists), seed, folds, fold,

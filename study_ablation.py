@@ -47,9 +47,12 @@ class Candidate:
 # TTA and foreground oversampling (the best sampling scheme of seed 0) looked promising, so
 # both are measured on top of dice+bce.
 DICE_BCE_FOREGROUND = ("--loss", "dice+bce", "--sampling", "foreground", "--lesion-fraction", "0.333")
-# Each candidate changes one thing against today's recipe (issue 13); the last combines the
-# winners. Flags that train.py does not know are reported as "not wired" instead of failing
-# the whole ablation. "flip TTA" predicts with today's checkpoints (no training of its own).
+
+
+# Each candidate changes one thing against train.py's default recipe (the candidate "today");
+# the last combine the winners. Flags that train.py does not know are reported as "not wired"
+# instead of failing the whole ablation. "flip TTA" predicts with the checkpoints of "today"
+# (no training of its own).
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("today", note="pooled area weights + 10 % floor, soft Dice, crop normalisation"),
     Candidate("area floor x10", ("--sampling", "area", "--sampling-floor", "1.0")),
@@ -67,7 +70,7 @@ CANDIDATES: tuple[Candidate, ...] = (
 )
 
 
-# The budget of the issue's measurement: 10 epochs of 60 steps of 16 slices at 128 px.
+# The default budget of `bench.py ablation`: 10 epochs of 60 steps of 16 slices at 128 px.
 ABLATION_BUDGET = (
     "--image-size 128 --base-filters 16 --lr 1e-3 --batch-size 16 --epochs 10 --steps-per-epoch 60 --val-patients 6"
 )
@@ -190,7 +193,7 @@ def run_candidate(
         summary = run_predict(
             ["--model-path", str(checkpoint), "--data-dir", str(test_dir), "--patients", "all"]
             + ["--output-dir", str(pred_dir), "--figure-path", str(pred_dir / "dice.png"), "--no-overlays"]
-            + ["--cache-dir", str(work / "cache"), "--num-workers", "2"]
+            + ["--cache-dir", str(work / "cache")]
             + list(candidate.predict_flags)
             + device_flags
             + (["--backend", backend] if backend else []),

@@ -93,9 +93,11 @@ from training_log import (
     write_learning_curves,
 )
 from utils import (
+    SHARED_FLAGS,
     CLIParser,
     HelpFormatter,
     UsageError,
+    add_shared_flag,
     atomic_write_bytes,
     ensure_writable_dir,
     one_line_warnings,
@@ -106,8 +108,8 @@ from utils import (
 
 # The recommended recipe (docs/ablation.md): soft Dice + BCE was the one candidate that won
 # clearly on every seed on the hard phantom's test patients. Sampling, normalisation region,
-# context slices and flip TTA showed no clear win, so their defaults stay, as do the loss and
-# input channels of the seed recipe; `--demo` trains with this recipe.
+# context slices and flip TTA showed no clear win, so train.py keeps their defaults, and the
+# reference implementation's loss (soft Dice) and 3 input channels; `--demo` trains with this recipe.
 RECOMMENDED_RECIPE = {"loss": "dice+bce"}
 DEMO_DEFAULTS = {
     "data_dir": "./demo_3m",
@@ -146,12 +148,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
     def add(flag: str, **kwargs: Any) -> None:
-        groups[flag[2:].replace("-", "_") not in RUN_DEFINING_FLAGS].add_argument(flag, **kwargs)
+        """Add `flag` to its group: a flag of SHARED_FLAGS takes its shared definition
+        (`kwargs` may only give `help` or `note`, see `add_shared_flag`), any other flag is
+        defined by `kwargs`."""
+        group = groups[flag[2:].replace("-", "_") not in RUN_DEFINING_FLAGS]
+        if flag in SHARED_FLAGS:
+            add_shared_flag(group, flag, **kwargs)
+        else:
+            group.add_argument(flag, **kwargs)
 
     add("--epochs", type=int, default=100, help="number of epochs")
     add("--batch-size", type=int, default=16, help="slices per step (per process under torchrun)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
-    add("--image-size", type=int, default=256, help="preprocessed slice size, divisible by 16")
+    add("--image-size")
     add("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
     add("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
     add("--loss", choices=LOSSES, default="dice", help="soft Dice, or soft Dice + BCE (1:1)")
@@ -180,7 +189,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="auto",
         help="mixed precision; auto = bf16 on GPUs that support it, else fp16; off on CPU",
     )
-    add("--no-lcc", action="store_true", help="validation without the largest-component step")
+    add(
+        "--no-lcc",
+        note="for the per-epoch validation masks, whose Dice picks best_model.pt (without it: the largest "
+        "component only); the post-processing chosen at the end of the run is not affected",
+    )
     add("--sync-bn", action="store_true", help="synchronise BatchNorm across processes (CUDA)")
     add_recipe_flags(add)
     add_runtime_flags(add)
@@ -188,7 +201,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def add_recipe_flags(add: Callable[..., None]) -> None:
-    """Sampling, normalisation region and 2.5-D input (issue 13; see docs/ablation.md)."""
+    """Sampling, normalisation region and 2.5-D input (see docs/ablation.md)."""
     add(
         "--sampling",
         choices=SAMPLING_SCHEMES,
@@ -212,7 +225,7 @@ def add_runtime_flags(add: Callable[..., None]) -> None:
     """Flags that say where and how to run: they may change when a run is resumed."""
     add("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json, learning_curves.png")
     add("--log-dir", default="./tb_logs", help="TensorBoard: one sub-folder per run")
-    add("--no-cache", action="store_true", help="preprocess in memory, write no cache")
+    add("--no-cache")
     add("--vis-frequency", type=int, default=10, help="validation overlays every N epochs (0: never)")
     add("--n-vis-images", type=int, default=200, help="at most this many overlays each time")
     add(
@@ -330,7 +343,7 @@ def validate_split_args(args: argparse.Namespace) -> None:
 
 
 def validate_recipe_args(args: argparse.Namespace) -> None:
-    """The issue-13 flags: sampling floor, lesion fraction, context slices."""
+    """The recipe flags (`add_recipe_flags`): sampling floor, lesion fraction, context slices."""
     if not (math.isfinite(args.sampling_floor) and args.sampling_floor >= 0):
         raise UsageError(f"--sampling-floor {args.sampling_floor}: must be >= 0 (a share of the mean lesion area)")
     if not 0 <= args.lesion_fraction <= 1:
@@ -391,7 +404,7 @@ def train_one_epoch(
         images = images.contiguous(memory_format=torch.channels_last)
         device_type, amp_dtype = runtime.device.type, runtime.amp_dtype
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images, return_logits=True)  # (B, 3, H, W) -> (B, 1, H, W)
+            logits = model(images, return_logits=True)  # (B, 3 (2C+1), H, W) -> (B, 1, H, W), C context slices
         loss = criterion(logits, masks)  # float32, sigmoid inside
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -494,29 +507,6 @@ def summarize_validation(results: list[dict]) -> dict:
         "dice": {r["patient"]: r["dice"] for r in results},
         "predictions": {r["patient"]: r["prediction"] for r in results if r["prediction"] is not None},
     }
-
-
-def evaluate(
-    model: nn.Module,
-    volumes: list[Volume],
-    runtime: Runtime,
-    batch_size: int,
-    lcc: bool = True,
-    keep_predictions: bool = False,
-    criterion: nn.Module | None = None,
-) -> dict:
-    """Per-patient validation in one call, on the calling thread, as the epoch loop does it
-    in parts (`validation_masks` on the device, `score_patients` on the host): the loss
-    (`criterion` on probabilities, default soft Dice) averaged over slices, Dice of each
-    whole volume (threshold 0.5, 3-D LCC) in preprocessed space; mean and median over
-    patients (a 2.5-D model gets its context slices stacked as in training). Each rank
-    validates every world_size-th patient; results are gathered. Under DDP call
-    `sync_buffers` first, so that every rank scores the same model."""
-    criterion = criterion or build_loss("dice", from_logits=False)
-    inputs = validation_inputs(volumes, runtime.device, "host")
-    parts = validation_masks(model, inputs, runtime, batch_size, criterion)
-    truths = {v.patient_id: np.asarray(v.masks) for v in volumes}
-    return summarize_validation(gather_over_ranks(score_patients(parts, truths, lcc, keep_predictions), runtime))
 
 
 # ----------------------------------------------------------------- checks before any work

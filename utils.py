@@ -1,5 +1,5 @@
-"""Small shared helpers: seeding, atomic writes, `UsageError`, the shared CLI flags and help
-formatter, device and folder checks, durations."""
+"""Shared helpers: seeding, state-dict keys, atomic writes, the CLIs' parser, help format,
+shared flags and usage errors, device and folder checks, durations."""
 
 from __future__ import annotations
 
@@ -131,34 +131,64 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-# Flags that several CLIs share (train.py, predict.py, dataset.py preprocess, bench.py):
-# one definition each, handed out through a parent parser (`parents=[shared_flags(...)]`).
+# Flags that several CLIs share (train.py, predict.py, dataset.py, bench.py): each is defined
+# once here, with one meaning, and handed out through a parent parser
+# (`parents=[shared_flags(...)]`, as torchvision's references do) or added to a CLI's own
+# parser or argument group (`add_shared_flag`). A CLI that needs another default calls
+# `parser.set_defaults(dest=value)`; one that reads a flag for a narrower purpose passes
+# its own help text or a note.
 SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "--data-dir": {
         "default": "./kaggle_3m",
         "help": "patient data: kaggle_3m-style sub-folders of TIFF slices and/or NIfTI files (see docs/inputs.md)",
     },
     "--cache-dir": {"default": "./cache", "help": "preprocessing cache"},
+    "--no-cache": {"action": "store_true", "help": "preprocess in memory: neither read nor write --cache-dir"},
     "--num-workers": {
         "type": non_negative_int,
         "default": 4,
         "help": "preprocessing threads (and training's loader workers)",
     },
     "--device": {"default": None, "help": "default: cuda:0 when CUDA is available, else cpu"},
+    "--image-size": {
+        "type": int,
+        "default": 256,
+        "help": "preprocessed slice size in pixels (square), divisible by 16",
+    },
+    "--no-lcc": {
+        "action": "store_true",
+        "help": "keep every connected component of the thresholded masks: post-processing none",
+    },
 }
+
+
+def add_shared_flag(
+    container: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flag: str,
+    help: str | None = None,
+    note: str | None = None,
+) -> argparse.Action:
+    """Add the SHARED_FLAGS definition of `flag` to a parser or an argument group (where a
+    CLI lists its own flags). `help` replaces the shared help text; `note` is appended to it
+    after "; " (what the flag applies to in this CLI). Raises KeyError for a flag that is
+    not shared."""
+    options = dict(SHARED_FLAGS[flag])
+    options["help"] = help or options["help"]
+    if note:
+        options["help"] += f"; {note}"
+    return container.add_argument(flag, **options)
 
 
 def shared_flags(*flags: str, **help_overrides: str) -> argparse.ArgumentParser:
     """A parent parser (`argparse.ArgumentParser(parents=[...])`, as torchvision's references
-    do) holding the named SHARED_FLAGS, e.g. `shared_flags("--data-dir", "--device")`.
-    `help_overrides` replace a flag's help text (keyword: the flag's dest, e.g. data_dir=...)
-    where one CLI reads it differently. Raises KeyError for a flag that is not shared."""
+    do) holding the named SHARED_FLAGS in one help group, e.g. `shared_flags("--data-dir",
+    "--device")`. `help_overrides` replace a flag's help text (keyword: the flag's dest, e.g.
+    data_dir=...) where one CLI reads it differently. Raises KeyError for a flag that is not
+    shared."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("data, cache and device")
     for flag in flags:
-        options = dict(SHARED_FLAGS[flag])
-        options["help"] = help_overrides.get(flag[2:].replace("-", "_"), options["help"])
-        group.add_argument(flag, **options)
+        add_shared_flag(group, flag, help_overrides.get(flag[2:].replace("-", "_")))
     return parent
 
 

@@ -75,7 +75,7 @@ def test_ablation_smoke_run_writes_the_table(tmp_path, monkeypatch):
     assert (tmp_path / "w" / "today_seed0" / "test_last" / "metrics.csv").exists()
     summary = json.loads((tmp_path / "w" / "today_seed0" / "test_last" / "summary.json").read_text())
     assert summary["protocol"]["backend"] == "torch"  # --backend reached predict.py
-    # flip TTA predicts with today's checkpoints: no training of its own
+    # flip TTA predicts with the checkpoints of the candidate "today": no training of its own
     assert (tmp_path / "w" / "today_seed0" / "test_last_flip_TTA" / "metrics.csv").exists()
     assert not (tmp_path / "w" / "flip_TTA_seed0").exists()
     first = text.split("\n\n", 1)[1]

@@ -1,4 +1,4 @@
-"""`python bench.py report`: the README's results come from commands run now, not memory."""
+"""`python bench.py report`: the README's results come from commands it runs, not memory."""
 
 import argparse
 import json
@@ -62,6 +62,19 @@ def test_report_runs_the_demo_and_writes_what_it_measured(phantom_dir, tmp_path)
 
     with pytest.raises(SystemExit, match="holds an earlier demo_checkpoints/; give a fresh folder"):
         bench.main(["report", "--workdir", str(work), "--output", str(output)])
+
+
+def test_wall_times_on_the_page_are_utils_format_duration():
+    facts = {"date": "d", "commit": "c", "cpu": "cpu", "logical_cores": 2, "usable_cores": 2, "gpu": None}
+    facts |= {"load_average_1min": None, "python": "3", "torch": "2", "os": "linux"}
+    demo = {"split": {"train": 1, "val": 1, "test": 0}, "base_filters": 4, "image_size": 32, "best_epoch": 1}
+    demo |= {"epochs": 1, "best": (0.5, 0.5), "last": (0.5, 0.5), "slices_per_s": 10.0, "summary": {}}
+    timings = [("python train.py --demo", 185.4), ("python predict.py", 27.0), ("b", 119.7), ("c", 3660.0)]
+    text = results_page.render_report(facts, timings, demo, [], None)
+    for command, seconds in timings:
+        assert f"| `{command}` | {utils.format_duration(seconds)} |" in text
+    # the same strings as train.py's progress line: rounded once, zero-padded, no "1 min 60 s"
+    assert "| 3 min 05 s |" in text and "| 27 s |" in text and "| 2 min 00 s |" in text and "| 1 h 01 min |" in text
 
 
 def test_run_timed_names_the_failing_command_and_its_output(tmp_path):

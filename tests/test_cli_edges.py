@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_hub_pipeline_refuses_non_finite_pixels(trained_checkpoint, phantom_dir):
-    # NaN used to pass preprocessing and mark every pixel of the volume as lesion.
+    # A NaN that passed preprocessing would mark every pixel of the volume as lesion.
     segment = hub_load("segmentation_pipeline", weights_path=str(trained_checkpoint), device="cpu")
     patient = discover_patients(phantom_dir)[0]
     volume = np.stack([tifffile.imread(item.image) for item in patient.slices]).astype(np.float32)

@@ -85,7 +85,7 @@ def test_fold_all_trains_every_fold_and_predict_pools_them(phantom_dir, tmp_path
     # the closing hint is the pooled predict.py command: run it
     command = shlex.split(out.split("next: ")[1].splitlines()[0])
     assert command[:4] == ["python", "predict.py", "--model-path", *map(str, paths[:1])]
-    summary = predict.main([*command[2:], "--no-cache", "--no-overlays", "--num-workers", "0", "--backend", "torch"])
+    summary = predict.main([*command[2:], "--no-cache", "--no-overlays", "--backend", "torch"])
     with (cv / "predictions" / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {r["patient"] for r in rows} == everyone and {r["role"] for r in rows} == {"test"}

@@ -232,7 +232,7 @@ def test_phantom_layout(phantom_dir):
     assert 0 < lesion_patients < 8
 
 
-# ----------------------------------------------------------- damaged cache entries (issue 11)
+# ------------------------------------------------------------------- damaged cache entries
 
 
 def truncate_images(entry):

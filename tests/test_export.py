@@ -23,6 +23,9 @@ def test_export_writes_a_model_that_matches_torch(trained_checkpoint, tmp_path, 
     onnx.checker.check_model(proto)
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert metadata["image_size"] == "32"
+    assert (
+        metadata["input"] == "images: (batch, 3, H, W) float32 slices preprocessed by preprocessing.preprocess_volume"
+    )
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))  # dynamic batch, H, W
 

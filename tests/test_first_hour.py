@@ -1,4 +1,4 @@
-"""What a new user meets in the first hour (issue 17, item 6): one-line usage errors with
+"""What a new user meets in the first hour: one-line usage errors with
 "did you mean", accepted device names, a zip file given as --data-dir, a fold checkpoint on
 other data, no folders left by a refused command, the hub's image size, time left."""
 

@@ -1,4 +1,4 @@
-"""The GPU path's contracts that a CPU can check (issue 18): bench.py times the loss train.py
+"""The GPU path's contracts that a CPU can check: bench.py times the loss train.py
 trains with, and a resumed run refuses a change of the precision --amp resolved to."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Issue 11: every input gets a clear answer (accepted, or refused naming the file).
+"""Every input gets a clear answer (accepted, or refused naming the file).
 
 Non-finite pixels, compressed TIFFs, extra images in one file, zero-padded slice numbers,
 checkpoints that are not ours, unusable output folders. Damaged cache entries are tested in

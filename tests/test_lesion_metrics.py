@@ -1,4 +1,4 @@
-"""Metrics in physical units and lesion by lesion (issue 19): hd95 in mm against a brute
+"""Metrics in physical units and lesion by lesion: hd95 in mm against a brute
 force over surface voxel coordinates scaled by the spacing, volumes, and the BraTS 2023
 lesion-wise counts and Dice against a reference written with explicit neighbour loops."""
 

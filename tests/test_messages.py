@@ -1,6 +1,8 @@
 """What a new user reads: --help of every CLI, the first errors (no data, no checkpoint),
 and output that stays clean when it goes to a file."""
 
+import argparse
+
 import pytest
 from conftest import tiny_train_args
 
@@ -11,6 +13,7 @@ import predict
 import train
 from dataset import discover_patients
 from patients import DataError
+from utils import SHARED_FLAGS
 
 CLIS = [
     (predict, ["--help"]),
@@ -110,3 +113,43 @@ def test_no_progress_bar_junk_when_output_is_not_a_terminal(phantom_dir, tmp_pat
     assert not [line for line in text.splitlines() if line.startswith(("epoch 1:", "preprocess:", "predict:"))]
     assert not [line for line in text.splitlines() if line and not line.strip()]  # no cleared-bar lines
     assert "1/1 " in captured.out  # the epoch row itself is printed
+
+
+def _parsers():
+    """Every CLI parser and sub-command parser, by name."""
+    parsers = {"train.py": train.get_args_parser(), "predict.py": predict.get_args_parser()}
+    for module in (dataset, bench):
+        (commands,) = [a for a in module.get_args_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+        parsers |= {f"{module.__name__}.py {name}": sub for name, sub in commands.choices.items()}
+    return parsers
+
+
+def test_shared_flags_have_one_definition_in_every_cli():
+    """A flag of utils.SHARED_FLAGS is never defined again by a CLI: wherever it appears its
+    type, default and action are the shared ones (a CLI may only change the help text, and
+    for --no-cache and --no-lcc only append a note to it)."""
+    seen = {flag: [] for flag in SHARED_FLAGS}
+    for name, parser in _parsers().items():
+        for action in parser._actions:
+            for flag in set(action.option_strings) & set(SHARED_FLAGS):
+                shared = SHARED_FLAGS[flag]
+                expected = argparse.ArgumentParser().add_argument(flag, **{**shared, "help": None})
+                assert (type(action), action.type, action.default, action.nargs) == (
+                    type(expected),
+                    expected.type,
+                    expected.default,
+                    expected.nargs,
+                ), f"{name} {flag}"
+                if flag in ("--no-cache", "--no-lcc"):  # one meaning everywhere: at most a note appended
+                    assert action.help.startswith(shared["help"]), f"{name} {flag}"
+                seen[flag].append(name)
+    assert len(seen["--image-size"]) == 4 and len(seen["--no-cache"]) == 3 and len(seen["--no-lcc"]) == 2, seen
+    assert "predict.py" not in seen["--num-workers"]  # predict.py preprocesses in the calling thread
+
+
+def test_train_help_groups_the_shared_flags_by_the_resume_contract(capsys):
+    text = help_text(train, ["--help"], capsys)
+    defining = text.split("flags that define the run")[1].split("flags that say how to run")[0]
+    how_to_run = text.split("flags that say how to run")[1]
+    assert "--image-size IMAGE_SIZE" in defining and "--no-lcc" in defining and "--no-cache" not in defining
+    assert "--no-cache" in how_to_run and "--image-size IMAGE_SIZE" not in how_to_run

@@ -168,7 +168,7 @@ def test_bf16_keeps_the_gradient_of_a_confident_false_positive(name):
 
 
 def test_sigmoid_in_bf16_would_zero_that_gradient():
-    """The failure the float32 sigmoid prevents (issue 10): in bf16, sigmoid(6.5) == 1.0 exactly."""
+    """The failure the float32 sigmoid prevents: in bf16, sigmoid(6.5) == 1.0 exactly."""
     logit = torch.tensor([6.5], dtype=torch.bfloat16, requires_grad=True)
     p = torch.sigmoid(logit)
     assert p.item() == 1.0

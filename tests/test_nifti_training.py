@@ -1,4 +1,4 @@
-"""Issue 19 end to end: train on a NIfTI phantom folder, predict it, and check the masks,
+"""NIfTI end to end: train on a NIfTI phantom folder, predict it, and check the masks,
 hd95 in mm, volumes and lesion counts against computations that do not use the code under
 test; NIfTI refusals in training and preprocessing; the NIfTI cache key; spacing."""
 

@@ -1,5 +1,5 @@
-"""The phantom writers: the easy phantom unchanged by the move to phantom.py, the hard
-phantom's properties (issue 13 item 1), and the synthesize CLI."""
+"""The phantom writers: the easy phantom byte-identical to commit dfb29f7's, the hard
+phantom's properties, and the synthesize CLI."""
 
 import csv
 import hashlib

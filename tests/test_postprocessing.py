@@ -1,4 +1,4 @@
-"""The post-processing choice (issue 21): candidates on hand-made masks against scipy, the
+"""The post-processing choice: candidates on hand-made masks against scipy, the
 choice on validation patients only, its record in the checkpoint, and its use by predict.py
 and the hub pipeline."""
 
@@ -15,10 +15,11 @@ import inference
 import postprocessing
 import postprocessing_choice
 import predict
+import study_postprocessing
 import train
 from checkpoint import CheckpointError, save_checkpoint
 from dataset import discover_patients
-from metrics import dice_score
+from metrics import dice_score, label_components
 from postprocessing import (
     LCC,
     NO_FILTER,
@@ -71,7 +72,7 @@ def test_two_far_apart_lesions_choose_a_filter_that_keeps_both():
     truth = BIG | SMALL
     probabilities = np.where(truth, 0.9, 0.1).astype(np.float32)  # a perfect prediction of both lesions
     scores = {f"patient{i}": candidate_dice(probabilities, truth) for i in range(3)}
-    assert scores["patient0"]["lcc"] == pytest.approx(2 * 256 / (256 + 328))  # the seed deletes SMALL
+    assert scores["patient0"]["lcc"] == pytest.approx(2 * 256 / (256 + 328))  # lcc deletes SMALL
     assert scores["patient0"]["none"] == 1.0 and scores["patient0"]["min_share 50%"] < 1.0
     record, table = choose_postprocessing(scores)
     assert record != LCC and record["method"] == "min_share" and record["share"] <= 72 / 256
@@ -94,6 +95,44 @@ def test_a_far_speck_of_false_positive_is_removed_and_ties_go_to_lcc():
     assert means["none"] == pytest.approx((2 * 256 / 520 + 1) / 2) and means["lcc"] == 1.0
     with pytest.raises(ValueError):
         choose_postprocessing({})
+
+
+def test_label_components_numbers_by_first_voxel_and_counts_sizes():
+    mask = np.zeros((3, 6, 6), bool)
+    mask[0, 0, 5] = True  # a lone corner voxel: starts first in (slice, row, column) order
+    mask[1, 0:4, 0] = mask[1, 3, 0:3] = True  # an L of 6 voxels: starts second
+    mask[2, 4, 4] = mask[2, 5, 5] = True  # two voxels that touch by an edge only: the third component
+    labels, sizes = label_components(mask)
+    assert sizes.tolist() == [0, 1, 6, 2] and labels[0, 0, 5] == 1 and labels[1, 3, 2] == 2
+    assert labels[2, 5, 5] == labels[2, 4, 4] == 3
+    faces, face_sizes = label_components(mask, connectivity=1)  # faces only: the edge pair splits
+    assert face_sizes.tolist() == [0, 1, 6, 1, 1] and faces[2, 4, 4] != faces[2, 5, 5]
+    empty_labels, empty_sizes = label_components(np.zeros((2, 3, 3), bool))
+    assert not empty_labels.any() and empty_sizes.tolist() == [0]
+    plane = np.eye(4, dtype=bool)  # 2-D: a diagonal is one 8-connected component, four 4-connected ones
+    assert len(label_components(plane)[1]) == 2 and len(label_components(plane, connectivity=1)[1]) == 5
+    with pytest.raises(ValueError, match="connectivity 4"):
+        label_components(mask, connectivity=4)
+
+
+def test_largest_component_tie_keeps_the_one_that_starts_first():
+    later_rows = blob(SHAPE, (2, 4), (0, 2), (0, 2))  # 2 x 2 x 2, starts at slice 2
+    earlier_slice = blob(SHAPE, (1, 3), (20, 22), (20, 22))  # 2 x 2 x 2, starts at slice 1: first in C order
+    tie = later_rows | earlier_slice
+    np.testing.assert_array_equal(largest_connected_component(tie), earlier_slice)
+    np.testing.assert_array_equal(postprocess(tie, LCC), earlier_slice)
+    same_slice = blob(SHAPE, (2, 4), (20, 22), (20, 22))  # the same start slice: the earlier row wins
+    np.testing.assert_array_equal(largest_connected_component(later_rows | same_slice), later_rows)
+    for share in postprocessing.MIN_SHARES:  # a share keeps components of equal size together
+        np.testing.assert_array_equal(postprocess(tie, {"method": "min_share", "share": share}), tie)
+
+
+def test_lesion_count_is_the_number_of_26_connected_components():
+    assert study_postprocessing.lesion_count(BIG | SMALL | SPECK) == 2  # SMALL and SPECK touch
+    assert study_postprocessing.lesion_count(BIG | SPECK) == 2 and study_postprocessing.lesion_count(BIG) == 1
+    corner = np.zeros((2, 2, 2), bool)
+    corner[0, 0, 0] = corner[1, 1, 1] = True  # touch by a corner only
+    assert study_postprocessing.lesion_count(corner) == 1 and study_postprocessing.lesion_count(0 * corner) == 0
 
 
 @pytest.mark.parametrize(
@@ -308,7 +347,7 @@ def test_hub_pipeline_uses_the_checkpoint_choice_unless_lcc_is_given(hand_made, 
     for weights, lcc, expected, record in [
         (with_record, None, BIG | SMALL, NO_FILTER),
         (with_record, True, BIG, LCC),
-        (path, None, BIG, LCC),  # no record: the seed's largest component
+        (path, None, BIG, LCC),  # no record: the largest component (LCC)
         (path, False, BIG | SMALL, NO_FILTER),
     ]:
         segment = hub_load("segmentation_pipeline", weights_path=str(weights), device="cpu", lcc=lcc)

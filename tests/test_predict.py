@@ -97,8 +97,6 @@ def run_predict(checkpoints, data_dir, out, *extra):
             str(out / "dice.png"),
             "--cache-dir",
             str(out / "cache"),
-            "--num-workers",
-            "0",
             *([] if "--backend" in extra else ["--backend", "torch"]),  # no ONNX export per run (test_export has it)
             *extra,
         ]

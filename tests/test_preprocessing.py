@@ -90,7 +90,7 @@ def test_probability_maps_restore_bilinear():
     assert back[:, :y0].sum() == 0
 
 
-# ------------------------------------------------------------ stray bright pixels (issue 11)
+# --------------------------------------------------------------------- stray bright pixels
 
 
 def all_bright_box(volume):

@@ -1,13 +1,15 @@
-"""train.py's issue-13 flags: --sampling, --sampling-floor, --lesion-fraction, --norm-region,
+"""train.py's recipe flags: --sampling, --sampling-floor, --lesion-fraction, --norm-region,
 --context-slices; each changes what training draws or what every prediction path feeds the
 model, and each is part of the resume contract."""
 
 import numpy as np
+import onnx
 import pytest
 import tifffile
 import torch
 from conftest import tiny_train_args
 
+import export
 import inference
 import predict
 import train
@@ -91,7 +93,7 @@ def test_sampling_flags_set_the_share_of_lesion_slices_in_training_batches(
     else:  # pooled area weights with a floor of 3 x the mean area
         weights = areas + 3.0 * areas.mean()
         expected = weights[areas > 0].sum() / weights.sum()
-    # 320 draws: the binomial SD is under 0.03; today's recipe (floor 0.1) would draw ~0.9
+    # 320 draws: the binomial SD is under 0.03; the default floor 0.1 would draw ~0.9
     assert abs(lesion.mean().item() - expected) < 0.1, (lesion.mean().item(), expected)
 
 
@@ -141,6 +143,11 @@ def test_context_slices_builds_a_9_channel_model_that_predict_and_hub_feed_alike
         + ["--figure-path", str(tmp_path / "onnx" / "d.png"), "--backend", "onnxruntime"]
     )
     assert not summary["failed_patients"]
+    export.main(["--model-path", str(tmp_path / "ckpt" / "best_model.pt"), "--output", str(tmp_path / "m.onnx")])
+    metadata = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    assert (
+        metadata["input"].startswith("images: (batch, 9, H, W) float32") and "stacked as channels" in metadata["input"]
+    )
 
 
 def test_head_normalised_checkpoint_is_preprocessed_with_head_statistics(phantom_dir, tmp_path, monkeypatch):
@@ -188,7 +195,7 @@ def test_checkpoint_from_before_the_flags_resumes_only_with_their_old_behaviour(
     train.main([*first, "--stop-after-epoch", "1"])
     checkpoint = load_checkpoint(tmp_path / "ckpt" / "last.pt")
     for name in ("sampling", "sampling_floor", "lesion_fraction", "norm_region", "context_slices"):
-        del checkpoint["args"][name]  # as saved before issue 13
+        del checkpoint["args"][name]  # a checkpoint whose args lack the recipe flags
     torch.save(checkpoint, tmp_path / "ckpt" / "last.pt")
     with pytest.raises(SystemExit, match="trained with --sampling area, this run asks for --sampling foreground"):
         train.main([*first, "--sampling", "foreground", "--resume", "auto"])

@@ -20,7 +20,7 @@ def assert_partition(split, ids):
     assert len(split["train"]) + len(split["val"]) + len(split["test"]) == len(ids)
 
 
-def test_default_protocol_keeps_the_validation_list_of_earlier_versions():
+def test_default_protocol_keeps_the_validation_list_of_commit_dfb29f7():
     # Produced by make_split at commit dfb29f7 (before test sets existed); a checkpoint's
     # split must stay reproducible from the seed, so these lists must never change.
     assert make_split(IDS)["val"] == [f"TCGA_{i:02d}" for i in (5, 7, 10, 16, 21, 22, 24, 25, 26, 29)]
@@ -50,8 +50,8 @@ def test_folds_every_patient_test_exactly_once_and_val_never_test():
             assert split["folds"] == 4 and split["fold"] == i
 
 
-def test_folds_of_older_versions_are_the_test_sets_now():
-    # dfb29f7 made fold i the validation set; the same patients are now its test set
+def test_folds_of_commit_dfb29f7_are_the_test_sets():
+    # at dfb29f7 fold i was the validation set; the same patients are its test set here
     assert make_split(IDS, 4, folds=3, fold=1, strata=STRATA)["test"] == [
         f"TCGA_{i:02d}" for i in (1, 3, 4, 13, 20, 24, 25, 26, 27, 29)
     ]

@@ -19,6 +19,7 @@ import runtime
 import train
 import training_log
 from dataset import discover_patients, load_volumes, select_patients
+from losses import build_loss
 from metrics import dice_score
 from pictures import LEARNING_CURVE_KEYS
 
@@ -442,7 +443,14 @@ def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks (OMP_NUM_THREADS=1): the same convolution kernels and sums
     try:
-        expected = train.evaluate(model, volumes, runtime.Runtime(torch.device("cpu")), 16)
+        # train.py's validation path in one process (its batch size and loss): the device part,
+        # the largest-component step and Dice, the summary
+        one_process, saved = runtime.Runtime(torch.device("cpu")), checkpoint["args"]
+        inputs = train.validation_inputs(volumes, one_process.device, "host")
+        criterion = build_loss(saved["loss"], from_logits=False)
+        parts = train.validation_masks(model, inputs, one_process, 2 * saved["batch_size"], criterion)
+        truths = {v.patient_id: np.asarray(v.masks) for v in volumes}
+        expected = train.summarize_validation(train.score_patients(parts, truths, not saved["no_lcc"], False))
     finally:
         torch.set_num_threads(threads)
     (run_dir,) = (tmp_path / "tb").iterdir()

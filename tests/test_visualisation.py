@@ -125,7 +125,7 @@ def test_write_overlays_names_sort_by_slice(small_phantom, tmp_path):
     assert written == len(numbers) and names == [f"{patient.patient_id}_{k:03d}.png" for k in numbers]
 
 
-# ------------------------------------------------------------- errors, crop, zoom (issue 20)
+# ------------------------------------------------------------------------ errors, crop, zoom
 
 
 def disc(size: int, radius: float, centre=None) -> np.ndarray:
@@ -144,8 +144,8 @@ def centres(rgb: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
 
 @pytest.mark.parametrize("error", ["prediction_only", "truth_only"])
 def test_a_one_pixel_error_rim_is_visible_above_the_outlines(error):
-    """The case of the issue: a 256-px slice drawn 640 px wide (2.5 px per pixel), a rim of
-    ~190 false-positive (or missed) pixels around the lesion; the outlines used to hide it."""
+    """A 256-px slice drawn 640 px wide (2.5 px per pixel), a rim of ~190 false-positive (or
+    missed) pixels around the lesion: outlines drawn over the fill would hide it."""
     size = 256
     flair = np.where(disc(size, 100), 0.5, 0.0)  # the head: white after the grey scaling
     inner, outer = disc(size, 30), disc(size, 31)

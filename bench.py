@@ -128,7 +128,7 @@ def plain_training_rate(
     batches = data.batches(steps + 1, batch_size, generator)
 
     def step(images, masks):
-        loss = criterion(model(images), masks)
+        loss = criterion(model(images, return_logits=True), masks)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -145,9 +145,9 @@ def plain_training_rate(
 
 
 def training_loss() -> torch.nn.Module:
-    """The loss train.py trains with by default (`--loss dice`, from logits: train_one_epoch
-    hands the model's logits to the loss)."""
-    return build_loss(train.get_args_parser().get_default("loss"), from_logits=True)
+    """The loss train.py trains with by default (`--loss`'s default; it takes the logits that
+    train_one_epoch hands it)."""
+    return build_loss(train.get_args_parser().get_default("loss"))
 
 
 def configured_training_rate(

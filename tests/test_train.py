@@ -84,6 +84,7 @@ def test_help_lists_every_flag_with_default(capsys):
         "--image-size",
         "--aug-scale",
         "--aug-angle",
+        "--loss",
         "--device",
         "--num-workers",
         "--vis-frequency",
@@ -310,7 +311,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(phantom_dir, tmp_path, m
         def forward(self, logits, target):
             return logits.float().mean() * float("nan")
 
-    monkeypatch.setattr(train, "build_loss", lambda name, from_logits: NaNLoss())
+    monkeypatch.setattr(train, "build_loss", lambda name: NaNLoss())
     with pytest.raises(SystemExit) as exit_info:
         train.main([*args, "--resume", "auto"])
     assert "nan" in str(exit_info.value.code).lower()

@@ -48,6 +48,7 @@ RUN_DEFINING_FLAGS = (
     "base_filters",
     "aug_scale",
     "aug_angle",
+    "aug_flip",
     "amp",
     "loss",
     "steps_per_epoch",
@@ -67,7 +68,13 @@ CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
 
 # What a checkpoint saved before a run-defining flag existed was trained with (the behaviour
 # of the code then), whatever the flag's default is now.
-VALUES_BEFORE_FLAG = {"sampling": "area", "sampling_floor": 0.1, "norm_region": "crop", "context_slices": 0}
+VALUES_BEFORE_FLAG = {
+    "sampling": "area",
+    "sampling_floor": 0.1,
+    "norm_region": "crop",
+    "context_slices": 0,
+    "aug_flip": 0.5,
+}
 
 
 def rng_state() -> dict:

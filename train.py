@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from augmentations import BatchAugmentation, apply_affine
+import augmentations
 from background import BackgroundWorker
 from checkpoint import (
     CheckpointError,
@@ -152,8 +152,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=16, help="slices per step (per process under torchrun)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
     add("--image-size", type=int, default=256, help="preprocessed slice size, divisible by 16")
-    add("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
-    add("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
+    augmentations.add_augmentation_flags(add)
     add_loss_flag(add)
     add("--val-patients", type=int, default=10, help="patients whose Dice chooses best_model.pt (validation)")
     add(
@@ -294,8 +293,7 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr}: must be positive")
-    if not 0 <= args.aug_scale < 1 or args.aug_angle < 0:
-        raise UsageError("--aug-scale must be in [0, 1) and --aug-angle >= 0")
+    augmentations.validate_augmentation_args(args)
     if args.steps_per_epoch is not None and args.steps_per_epoch <= 0:
         raise UsageError(f"--steps-per-epoch {args.steps_per_epoch}: must be positive")
     if args.num_workers < 0 or args.vis_frequency < 0 or args.n_vis_images < 0:
@@ -361,7 +359,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     criterion: nn.Module,
-    augment: BatchAugmentation,
+    augment: augmentations.Augment,
     runtime: Runtime,
     steps: int,
     batch_size: int,
@@ -371,8 +369,8 @@ def train_one_epoch(
     progress: bool = True,
     desc: str | None = None,
 ) -> dict[str, float]:
-    """One epoch of `steps` sampled batches, each augmented on the device (`augment`'s epoch
-    matrices) and trained on (`train_step`). Every `log_interval`
+    """One epoch of `steps` sampled batches, each augmented (`augment`, built for this epoch
+    by `augmentations.build_augmentation`) and trained on (`train_step`). Every `log_interval`
     steps (and at the last) the loss is averaged over all ranks, so a non-finite loss on any
     rank stops every rank at the same step. `desc` labels the progress bar (default "epoch
     N"). Returns the loss (mean over steps and ranks), slices/s and seconds."""
@@ -381,10 +379,8 @@ def train_one_epoch(
     start = time.perf_counter()
     hide = None if progress and runtime.is_main else True  # None: tqdm hides the bar when stderr is no terminal
     bar = tqdm(total=steps, desc=desc or f"epoch {epoch}", unit="step", disable=hide, leave=False)
-    matrices = augment.epoch_matrices(steps, batch_size, runtime.device)  # one host-to-device copy per epoch
     for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator), start=1):
-        if matrices is not None:
-            images, masks = apply_affine(images, masks, matrices[step - 1])  # on the device, whole batch at once
+        images, masks = augment(images, masks)
         loss_sum += train_step(model, optimizer, scaler, criterion, images, masks, runtime)
         if step % log_interval == 0 or step == steps:
             mean_loss = mean_over_ranks(loss_sum, runtime).item() / step  # the only host sync (bf16, fp32)
@@ -715,9 +711,8 @@ def run_epoch(run: Run, epoch: int) -> None:
     args, runtime = run.args, run.runtime
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(stream_seed(args.seed, epoch, runtime.rank, 0))
-    augment = BatchAugmentation(
-        args.aug_scale, args.aug_angle, 0.5, seed=stream_seed(args.seed, epoch, runtime.rank, 1)
-    )
+    augment_seed = stream_seed(args.seed, epoch, runtime.rank, 1)
+    augment = augmentations.build_augmentation(args, augment_seed, run.steps, args.batch_size, runtime.device)
     label = progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch)
     train_stats = train_one_epoch(
         run.model, run.data, run.optimizer, run.scaler, run.criterion, augment, runtime,

@@ -84,6 +84,7 @@ def test_help_lists_every_flag_with_default(capsys):
         "--image-size",
         "--aug-scale",
         "--aug-angle",
+        "--aug-flip",
         "--loss",
         "--device",
         "--num-workers",
@@ -241,7 +242,7 @@ def test_run_defining_flags_are_flags():
     dests = {action.dest for action in train.get_args_parser()._actions}
     assert set(resume.RUN_DEFINING_FLAGS) - {"world_size"} <= dests
     required = {"epochs", "lr", "batch_size", "seed", "folds", "fold", "val_patients", "image_size"}
-    required |= {"base_filters", "aug_scale", "aug_angle", "amp", "loss", "steps_per_epoch"}
+    required |= {"base_filters", "aug_scale", "aug_angle", "aug_flip", "amp", "loss", "steps_per_epoch"}
     assert required <= set(resume.RUN_DEFINING_FLAGS)
     how_to_run = {"device", "num_workers", "log_interval", "stop_after_epoch", "data_placement", "cache_dir"}
     assert not (how_to_run | {"compile", "deterministic"}) & set(resume.RUN_DEFINING_FLAGS)

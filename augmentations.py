@@ -1,15 +1,52 @@
 """Batched, on-device training augmentation: random isotropic scale, rotation and
 horizontal flip composed into one affine transform and applied with one resampling.
 
-Training draws a whole epoch's parameters at once (`BatchAugmentation.epoch_matrices`) and
-copies them to the device in one transfer, so the step loop never waits for the host."""
+Everything training knows about augmentation is here: the flags and their checks
+(`add_augmentation_flags`, `validate_augmentation_args`) and `build_augmentation`, which
+gives train.py one callable per epoch, `images, masks = augment(images, masks)` once per
+batch. That callable (`EpochAugmentation`) draws the whole epoch's parameters at once
+(`BatchAugmentation.epoch_matrices`) and copies them to the device in one transfer, so the
+step loop never waits for the host."""
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from utils import UsageError
+
+# What training calls once per batch: (images (B, C, H, W), masks (B, 1, H, W)) -> the same.
+Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def add_augmentation_flags(add: Callable[..., Any]) -> None:
+    """Declare the augmentation's flags through the parser's `add` (train.py's, which files
+    them with the flags that define a run: resume.RUN_DEFINING_FLAGS names each)."""
+    add("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
+    add("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
+    add("--aug-flip", type=float, default=0.5, help="probability of a horizontal flip")
+
+
+def validate_augmentation_args(args: argparse.Namespace) -> None:
+    """Raise UsageError (one line) for values `BatchAugmentation` cannot use."""
+    if not 0 <= args.aug_scale < 1 or not (math.isfinite(args.aug_angle) and args.aug_angle >= 0):
+        raise UsageError("--aug-scale must be in [0, 1) and --aug-angle >= 0")
+    if not 0 <= args.aug_flip <= 1:
+        raise UsageError(f"--aug-flip {args.aug_flip}: must be in [0, 1]")
+
+
+def build_augmentation(
+    args: argparse.Namespace, seed: int, steps: int, batch_size: int, device: torch.device
+) -> Augment:
+    """The augmentation of one training epoch of `steps` batches of `batch_size` slices on
+    `device`, from the run's flags and this epoch's `seed`: a callable, once per batch."""
+    augmentation = BatchAugmentation(args.aug_scale, args.aug_angle, args.aug_flip, seed=seed)
+    return EpochAugmentation(augmentation, steps, batch_size, device)
 
 
 def random_affine_parameters(
@@ -64,8 +101,8 @@ class BatchAugmentation:
         return self.scale == 0 and self.angle == 0 and self.flip_prob == 0
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch with freshly drawn parameters (a host-to-device copy per call; the
-        training loop uses `epoch_matrices` instead)."""
+        """One batch with freshly drawn parameters (a host-to-device copy per call; training
+        uses `EpochAugmentation`, which draws an epoch's at once)."""
         if self.is_identity:
             return images, masks
         params = random_affine_parameters(images.shape[0], self.scale, self.angle, self.flip_prob, self.generator)
@@ -89,3 +126,24 @@ class BatchAugmentation:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+
+
+class EpochAugmentation:
+    """`BatchAugmentation` for the batches of one epoch: the transforms of all `steps`
+    batches are drawn and copied to `device` when it is made (`epoch_matrices`); each call
+    applies the next batch's, with no host sync. Should more batches come than planned, the
+    next `steps` batches' transforms are drawn from the same generator."""
+
+    def __init__(self, augmentation: BatchAugmentation, steps: int, batch_size: int, device: torch.device):
+        self.augmentation, self.steps, self.batch_size, self.device = augmentation, steps, batch_size, device
+        self.matrices = augmentation.epoch_matrices(steps, batch_size, device)  # None: the identity
+        self.next = 0  # the batch whose transforms the next call applies
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.matrices is None:
+            return images, masks
+        if self.next == len(self.matrices):
+            self.matrices, self.next = self.augmentation.epoch_matrices(self.steps, self.batch_size, self.device), 0
+        theta = self.matrices[self.next][: len(images)]
+        self.next += 1
+        return apply_affine(images, masks, theta)  # on the device, the whole batch at once

@@ -32,7 +32,7 @@ import torch
 
 import runtime
 import train
-from augmentations import BatchAugmentation
+from augmentations import Augment, BatchAugmentation, build_augmentation
 from dataset import (
     MRISegmentationDataset,
     discover_patients,
@@ -135,7 +135,7 @@ def plain_training_rate(
     batches = data.batches(steps + 1, batch_size, generator)
 
     def step(images, masks):
-        loss = criterion(model(images), masks)
+        loss = criterion(model(images, return_logits=True), masks)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -152,9 +152,14 @@ def plain_training_rate(
 
 
 def training_loss() -> torch.nn.Module:
-    """The loss train.py trains with by default (`--loss dice`, from logits: train_one_epoch
-    hands the model's logits to the loss)."""
-    return build_loss(train.get_args_parser().get_default("loss"), from_logits=True)
+    """The loss train.py trains with by default (`--loss`'s default; it takes the logits that
+    train_one_epoch hands it)."""
+    return build_loss(train.get_args_parser().get_default("loss"))
+
+
+def training_augmentation(steps: int, batch_size: int, device: torch.device, seed: int = 0) -> Augment:
+    """The augmentation train.py builds for an epoch of `steps` batches, with its default flags."""
+    return build_augmentation(argparse.Namespace(**train.run_defaults()), seed, steps, batch_size, device)
 
 
 def configured_training_rate(
@@ -173,14 +178,19 @@ def configured_training_rate(
     optimizer = torch.optim.Adam(raw.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     runtime = Runtime(device, amp_dtype=amp_dtype)
-    args = (optimizer, scaler, training_loss(), BatchAugmentation(seed=0), runtime)
-    warmup = 3 if compile_model else 1
-    train_one_epoch(model, data, *args, warmup, batch_size, torch.Generator().manual_seed(0), 0, 10**9, progress=False)
+    criterion = training_loss()
+
+    def epoch(count: int, seed: int) -> dict:  # `count` steps, train.py's augmentation and loss
+        augment = training_augmentation(count, batch_size, device, seed)
+        generator = torch.Generator().manual_seed(seed)
+        return train_one_epoch(
+            model, data, optimizer, scaler, criterion, augment, runtime, count, batch_size, generator, seed, 10**9,
+            progress=False,
+        )  # fmt: skip
+
+    epoch(3 if compile_model else 1, 0)  # warm-up
     synchronize(device)
-    stats = train_one_epoch(
-        model, data, *args, steps, batch_size, torch.Generator().manual_seed(1), 1, 10**9, progress=False
-    )
-    return stats["slices_per_s"]
+    return epoch(steps, 1)["slices_per_s"]
 
 
 def bench_inference(volumes, base_filters: int, device: torch.device) -> dict:

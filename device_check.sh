@@ -65,9 +65,9 @@ import torch
 
 import bench
 import train
-from dataset import MRISegmentationDataset, ResidentSlices, discover_patients, load_volumes, make_synthetic_dataset
+from dataset import MRISegmentationDataset, discover_patients, load_volumes, make_synthetic_dataset
+from sampling import ResidentSlices
 from inference import AMP_DTYPES
-from augmentations import BatchAugmentation
 from network import UNetModel
 
 device, size, filters, steps, out = torch.device(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -88,12 +88,18 @@ with tempfile.TemporaryDirectory() as tmp:
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             scaler = torch.amp.GradScaler("cuda", enabled=False)
             runtime = train.Runtime(device, amp_dtype=torch.bfloat16)
-            args = (optimizer, scaler, bench.training_loss(), BatchAugmentation(seed=0), runtime)
-            train.train_one_epoch(model, data, *args, 3, 16, torch.Generator().manual_seed(0), 0, 10**9, progress=False)
+            criterion = bench.training_loss()
+
+            def epoch(count, seed):  # train.py's own epoch: its loss and its augmentation, built per epoch
+                augment = bench.training_augmentation(count, 16, device, seed)
+                args = (optimizer, scaler, criterion, augment, runtime, count, 16, torch.Generator().manual_seed(seed))
+                train.train_one_epoch(model, data, *args, seed, 10**9, progress=False)
+
+            epoch(3, 0)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
-                train.train_one_epoch(model, data, *args, steps, 16, torch.Generator().manual_seed(1), 1, 10**9, progress=False)
+                epoch(steps, 1)
                 torch.cuda.set_sync_debug_mode("default")
             syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
             figures["host syncs in the step loop"] = f"{len(syncs)} in {steps} steps"

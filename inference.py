@@ -5,13 +5,14 @@ predict.py, the torch.hub pipeline, export.py and bench.py share.
   `model_config` record saved beside the weights (`network.build_model`) and loads them,
   `load_model` does all of it for a file.
 - Inference: `predict_probabilities` / `predict_volume` (batched forward pass, on the device
-  / as a host array), `binarize` and `to_native` (threshold and post-processing on the native
+  / as a host array), `predict_logits` (the same pass before the sigmoid: training's
+  validation loss), `binarize` and `to_native` (threshold and post-processing on the native
   grid), `autocast_dtype` (mixed precision), `resolve_backend` (torch or onnxruntime).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,48 @@ def predict_probabilities(
 ) -> torch.Tensor:
     """Probabilities (S, H, W) float32 on `device` for a preprocessed volume (S, 3, H, W)
     (a host array, or a tensor that may already be on `device`), in batches of `batch_size`
-    slices, with no host sync: training's validation keeps them on the device.
+    slices, with no host sync.
     With `tta` the prediction is averaged with that of the horizontally flipped input.
     `context_slices` C > 0 (a 2.5-D model, `context_slices_of`): each slice is fed with its
     C neighbours on each side as channels, (S, 3, H, W) -> (S, 3 (2C+1), H, W), as in training."""
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        probs = model(batch)  # (B, 3 (2C+1), H, W) -> (B, 1, H, W)
+        return (probs + model(batch.flip(-1)).flip(-1)) / 2 if tta else probs
+
+    return batched_forward(forward, model, images, device, batch_size, amp_dtype, context_slices)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    amp_dtype: torch.dtype | None = None,
+    context_slices: int = 0,
+) -> torch.Tensor:
+    """The logits (S, H, W), cast to float32, of a `UNetModel` (`return_logits=True`) for a
+    preprocessed volume, batched as `predict_probabilities` (no TTA): what training's
+    validation gives its loss; sigmoid(logits) are `predict_probabilities`' values."""
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        return model(batch, return_logits=True)  # (B, 3 (2C+1), H, W) -> (B, 1, H, W)
+
+    return batched_forward(forward, model, images, device, batch_size, amp_dtype, context_slices)
+
+
+def batched_forward(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device | str,
+    batch_size: int,
+    amp_dtype: torch.dtype | None,
+    context_slices: int,
+) -> torch.Tensor:
+    """`forward(batch)` -> (B, 1, H, W) over a volume in eval mode, under autocast, each batch
+    copied to `device` (channels_last) after stacking the context slices; (S, H, W) float32."""
     device = torch.device(device)
     model.eval()
     images = stack_context(images, context_slices)
@@ -175,10 +214,8 @@ def predict_probabilities(
         batch = torch.from_numpy(np.array(batch)) if isinstance(batch, np.ndarray) else batch
         batch = batch.to(device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            probs = model(batch)  # (B, 3 (2C+1), H, W) -> (B, 1, H, W)
-            if tta:
-                probs = (probs + model(batch.flip(-1)).flip(-1)) / 2
-        out.append(probs[:, 0].float())
+            prediction = forward(batch)
+        out.append(prediction[:, 0].float())
     return torch.cat(out) if out else torch.zeros((0, *images.shape[-2:]), device=device)
 
 

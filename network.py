@@ -76,7 +76,7 @@ class UNetModel(nn.Module):
         Returns float32 probabilities in [0, 1] of shape (B, out_channels, H, W): the sigmoid
         runs in float32 even under autocast. With `return_logits=True` it returns the logits
         (in the autocast dtype, if any) for a loss that applies the sigmoid itself in float32
-        (`SoftDiceLoss(from_logits=True)`): in bf16, sigmoid(x) rounds to exactly 1.0 above
+        (every loss in `losses.py`): in bf16, sigmoid(x) rounds to exactly 1.0 above
         x ~ 6.2, which would make the gradient of a confident false positive exactly 0.
         """
         height, width = x.shape[-2:]

@@ -52,6 +52,7 @@ RUN_DEFINING_FLAGS = (
     "base_filters",
     "aug_scale",
     "aug_angle",
+    "aug_flip",
     "amp",
     "loss",
     "steps_per_epoch",
@@ -77,6 +78,7 @@ VALUES_BEFORE_FLAG = {
     "norm_region": "crop",
     "context_slices": 0,
     "architecture": "unet",
+    "aug_flip": 0.5,
 }
 
 

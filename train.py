@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from augmentations import BatchAugmentation, apply_affine
+import augmentations
 from background import BackgroundWorker
 from checkpoint import (
     CheckpointError,
@@ -47,8 +47,8 @@ from dataset import (
     Volume,
     load_volumes,
 )
-from inference import AMP_CHOICES, context_slices_of, predict_probabilities
-from losses import LOSSES, build_loss
+from inference import AMP_CHOICES, context_slices_of, predict_logits
+from losses import add_loss_flag, build_loss
 from metrics import dice_score
 from network import DEFAULT_ARCHITECTURE, architecture_help, architecture_names, build_model, count_parameters
 from patients import DataError, Patient
@@ -161,9 +161,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=16, help="slices per step (per process under torchrun)")
     add("--lr", type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
     add("--image-size")
-    add("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
-    add("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
-    add("--loss", choices=LOSSES, default="dice", help="soft Dice, or soft Dice + BCE (1:1)")
+    augmentations.add_augmentation_flags(add)
+    add_loss_flag(add)
     add("--val-patients", type=int, default=10, help="patients whose Dice chooses best_model.pt (validation)")
     add(
         "--test-patients",
@@ -308,8 +307,7 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr}: must be positive")
-    if not 0 <= args.aug_scale < 1 or args.aug_angle < 0:
-        raise UsageError("--aug-scale must be in [0, 1) and --aug-angle >= 0")
+    augmentations.validate_augmentation_args(args)
     if args.steps_per_epoch is not None and args.steps_per_epoch <= 0:
         raise UsageError(f"--steps-per-epoch {args.steps_per_epoch}: must be positive")
     if args.num_workers < 0 or args.vis_frequency < 0 or args.n_vis_images < 0:
@@ -375,7 +373,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     criterion: nn.Module,
-    augment: BatchAugmentation,
+    augment: augmentations.Augment,
     runtime: Runtime,
     steps: int,
     batch_size: int,
@@ -385,32 +383,19 @@ def train_one_epoch(
     progress: bool = True,
     desc: str | None = None,
 ) -> dict[str, float]:
-    """One epoch of `steps` weighted-sampled batches. `criterion` takes the model's logits
-    (e.g. `SoftDiceLoss(from_logits=True)`): the sigmoid then runs in float32 even under
-    autocast. Every `log_interval` steps (and at the last) the loss is averaged over all
-    ranks, so a non-finite loss on any rank stops every rank at the same step.
-    `desc` labels the progress bar (default "epoch N"). Returns the loss (mean over steps
-    and ranks), slices/s and seconds."""
+    """One epoch of `steps` sampled batches, each augmented (`augment`, built for this epoch
+    by `augmentations.build_augmentation`) and trained on (`train_step`). Every `log_interval`
+    steps (and at the last) the loss is averaged over all ranks, so a non-finite loss on any
+    rank stops every rank at the same step. `desc` labels the progress bar (default "epoch
+    N"). Returns the loss (mean over steps and ranks), slices/s and seconds."""
     model.train()
-    loss_sum = torch.zeros((), device=runtime.device)
-    mean_loss = 0.0
+    loss_sum, mean_loss = torch.zeros((), device=runtime.device), 0.0
     start = time.perf_counter()
     hide = None if progress and runtime.is_main else True  # None: tqdm hides the bar when stderr is no terminal
     bar = tqdm(total=steps, desc=desc or f"epoch {epoch}", unit="step", disable=hide, leave=False)
-    matrices = augment.epoch_matrices(steps, batch_size, runtime.device)  # one host-to-device copy per epoch
     for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator), start=1):
-        if matrices is not None:
-            images, masks = apply_affine(images, masks, matrices[step - 1])  # on the device, whole batch at once
-        images = images.contiguous(memory_format=torch.channels_last)
-        device_type, amp_dtype = runtime.device.type, runtime.amp_dtype
-        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images, return_logits=True)  # (B, 3 (2C+1), H, W) -> (B, 1, H, W), C context slices
-        loss = criterion(logits, masks)  # float32, sigmoid inside
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)  # fp16 only: the scaler reads its inf check on the host, a sync per step
-        scaler.update()
-        loss_sum += loss.detach()
+        images, masks = augment(images, masks)
+        loss_sum += train_step(model, optimizer, scaler, criterion, images, masks, runtime)
         if step % log_interval == 0 or step == steps:
             mean_loss = mean_over_ranks(loss_sum, runtime).item() / step  # the only host sync (bf16, fp32)
             if not math.isfinite(mean_loss):
@@ -421,6 +406,30 @@ def train_one_epoch(
     bar.close()
     seconds = time.perf_counter() - start
     return {"loss": mean_loss, "slices_per_s": steps * batch_size * runtime.world_size / seconds, "seconds": seconds}
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    criterion: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    runtime: Runtime,
+) -> torch.Tensor:
+    """One optimiser step on a batch: the model in channels_last under autocast, `criterion`
+    on its logits (the losses apply the sigmoid in float32), the GradScaler (active for fp16).
+    Returns the loss, detached, on the device (no host sync)."""
+    images = images.contiguous(memory_format=torch.channels_last)
+    amp_dtype = runtime.amp_dtype
+    with torch.autocast(runtime.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(images, return_logits=True)  # (B, 3 (2C+1), H, W) -> (B, 1, H, W), C context slices
+    loss = criterion(logits, masks)  # float32
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # fp16 only: the scaler reads its inf check on the host, a sync per step
+    scaler.update()
+    return loss.detach()
 
 
 @dataclass
@@ -455,20 +464,20 @@ def validation_masks(
     criterion: nn.Module,
 ) -> list[dict]:
     """The device part of validation for this rank's share of the patients (every
-    world_size-th): per patient the loss (`criterion` on the probabilities, averaged over
-    slices) and the thresholded mask (probability >= 0.5), computed on the device; only the
-    mask (bool (S, H, W)) and the loss come to the host, one transfer each per patient.
-    `score_patients` does the rest (the 3-D component step and Dice) on the host."""
+    world_size-th): per patient the loss (`criterion`, the training loss, on the logits,
+    averaged over slices) and the thresholded mask (sigmoid(logits) >= 0.5, as predict.py
+    thresholds probabilities), computed on the device; only the mask (bool (S, H, W)) and
+    the loss come to the host, one transfer each per patient. `score_patients` does the
+    rest (the 3-D component step and Dice) on the host."""
     context = context_slices_of(model.config["in_channels"], "model")
     parts = []
     for volume in volumes[runtime.rank :: runtime.world_size]:
         amp = runtime.amp_dtype
-        probs = predict_probabilities(
-            model, volume.images, runtime.device, batch_size, amp_dtype=amp, context_slices=context
-        )
-        truth = volume.masks.to(probs.device)
-        loss = criterion(probs[:, None], truth[:, None].float())
-        parts.append({"patient": volume.patient_id, "loss": loss, "slices": len(probs), "mask": probs >= 0.5})
+        logits = predict_logits(model, volume.images, runtime.device, batch_size, amp_dtype=amp, context_slices=context)
+        truth = volume.masks.to(logits.device)
+        loss = criterion(logits[:, None], truth[:, None].float())
+        mask = torch.sigmoid(logits) >= 0.5
+        parts.append({"patient": volume.patient_id, "loss": loss, "slices": len(logits), "mask": mask})
     return [{**part, "loss": part["loss"].item(), "mask": part["mask"].cpu().numpy()} for part in parts]
 
 
@@ -554,6 +563,7 @@ class Run:
     steps: int
     split: dict
     val_volumes: list[Volume]
+    criterion: nn.Module  # --loss: training and validation call this one object, on logits
     start_epoch: int = 1
     best_dice: float = -1.0
     log_run: str = ""
@@ -607,6 +617,7 @@ def set_up(args: argparse.Namespace, runtime: Runtime) -> Run:
     run = Run(
         args, runtime, config, raw_model, model, optimizer, scheduler, scaler, data, placement,
         len(train_set), steps_per_epoch(args, len(train_set), runtime.world_size), split, val_volumes,
+        build_loss(args.loss),
     )  # fmt: skip
     if resumed is not None:
         restore(run, resumed)
@@ -687,16 +698,14 @@ def run_epoch(run: Run, epoch: int) -> None:
     """Train one epoch on this rank's own random streams, then hand its end (validation,
     checkpoints, pictures, the epoch line) to `end_epoch`."""
     args, runtime = run.args, run.runtime
-    generator = torch.Generator().manual_seed(stream_seed(args.seed, epoch, runtime.rank, 0))
-    augment = BatchAugmentation(
-        args.aug_scale, args.aug_angle, 0.5, seed=stream_seed(args.seed, epoch, runtime.rank, 1)
-    )
-    criterion = build_loss(args.loss, from_logits=True)
     start = time.perf_counter()
+    generator = torch.Generator().manual_seed(stream_seed(args.seed, epoch, runtime.rank, 0))
+    augment_seed = stream_seed(args.seed, epoch, runtime.rank, 1)
+    augment = augmentations.build_augmentation(args, augment_seed, run.steps, args.batch_size, runtime.device)
+    label = progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch)
     train_stats = train_one_epoch(
-        run.model, run.data, run.optimizer, run.scaler, criterion, augment, runtime,
-        run.steps, args.batch_size, generator, epoch, args.log_interval,
-        desc=progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch),
+        run.model, run.data, run.optimizer, run.scaler, run.criterion, augment, runtime,
+        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=label,
     )  # fmt: skip
     end_epoch(run, epoch, train_stats)
     run.epoch_seconds.append(time.perf_counter() - start)
@@ -733,8 +742,7 @@ def end_epoch(run: Run, epoch: int, train_stats: dict) -> None:
     parts, scored = None, runtime.distributed
     if validated:
         sync_buffers(run.raw_model, runtime)  # validate exactly the model that rank 0 saves
-        criterion = build_loss(args.loss, from_logits=False)
-        parts = validation_masks(run.raw_model, run.val_inputs, runtime, args.batch_size * 2, criterion)
+        parts = validation_masks(run.raw_model, run.val_inputs, runtime, args.batch_size * 2, run.criterion)
         if scored:
             parts = gather_over_ranks(score_patients(parts, run.val_truths, not args.no_lcc, visualise), runtime)
     val_seconds = time.perf_counter() - start

@@ -14,17 +14,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train
 
 RANK = int(os.environ.get("RANK", "0"))
-predict_probabilities, build_loss, validation_masks = (
-    train.predict_probabilities,
+predict_logits, build_loss, validation_masks = (
+    train.predict_logits,
     train.build_loss,
     train.validation_masks,
 )
 
 
-def recording_predict_probabilities(model, images, *args, **kwargs):
+def recording_predict_logits(model, images, *args, **kwargs):
     with open(Path(os.environ["PROBE_DIR"]) / f"rank{RANK}.txt", "a") as log:
         log.write(f"{len(images)}\n")
-    return predict_probabilities(model, images, *args, **kwargs)
+    return predict_logits(model, images, *args, **kwargs)
 
 
 def recording_validation_masks(model, *args, **kwargs):
@@ -43,14 +43,16 @@ class NaNAfterFirstStep(torch.nn.Module):
         return value * float("nan") if self.calls >= 2 else value
 
 
-def probed_build_loss(name, from_logits):
-    loss = build_loss(name, from_logits)
-    if from_logits and os.environ.get("PROBE_NAN_RANK") == str(RANK):
+def probed_build_loss(name):
+    """The run's one loss (training and validation call it): its second call is the second
+    training step, so validation never comes before the NaN stops the run."""
+    loss = build_loss(name)
+    if os.environ.get("PROBE_NAN_RANK") == str(RANK):
         return NaNAfterFirstStep(loss)
     return loss
 
 
-train.predict_probabilities, train.build_loss = recording_predict_probabilities, probed_build_loss
+train.predict_logits, train.build_loss = recording_predict_logits, probed_build_loss
 train.validation_masks = recording_validation_masks
 
 if __name__ == "__main__":

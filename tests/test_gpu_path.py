@@ -10,14 +10,15 @@ import train
 
 
 def test_bench_times_the_loss_train_py_trains_with(monkeypatch):
-    """train_one_epoch hands the model's logits to the loss: bench must build it from logits,
-    as train.py does (a loss on probabilities would optimise sigmoid(sigmoid(x)))."""
+    """train_one_epoch hands the model's logits to the loss: bench must time the loss train.py
+    builds for its default --loss (every registered loss takes logits; one on probabilities
+    would optimise sigmoid(sigmoid(x)))."""
     seen = []
     monkeypatch.setattr(bench, "train_one_epoch", lambda model, data, opt, scaler, criterion, *a, **k: seen.append(
         criterion) or {"slices_per_s": 1.0})  # fmt: skip
     bench.configured_training_rate(None, 4, 2, 1, torch.device("cpu"), None, False)
-    expected = train.build_loss(train.get_args_parser().get_default("loss"), from_logits=True)
-    assert seen and all(type(c) is type(expected) and c.from_logits for c in seen)
+    expected = train.build_loss(train.get_args_parser().get_default("loss"))
+    assert seen and all(type(c) is type(expected) for c in seen)
     logits = torch.randn(2, 1, 8, 8)
     target = (torch.rand(2, 1, 8, 8) > 0.5).float()
     assert torch.equal(seen[0](logits, target), expected(logits, target))

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from augmentations import BatchAugmentation, affine_matrices, apply_affine, random_affine_parameters
-from losses import DiceBCELoss, SoftDiceLoss, build_loss
+from losses import DiceBCELoss, SoftDiceLoss, build_loss, soft_dice
 from network import UNetModel, count_parameters
 
 
@@ -42,27 +43,34 @@ def test_channels_last_and_bf16_autocast_match_fp32():
 # --------------------------------------------------------------------------------- loss
 
 
+def confident(mask: torch.Tensor) -> torch.Tensor:
+    """Logits whose sigmoid is the 0/1 `mask` to float32 precision (sigmoid(+-40) = 1, 4e-18)."""
+    return mask * 80.0 - 40.0
+
+
 def test_soft_dice_loss_cases():
     loss = SoftDiceLoss(smooth=1.0)
     g = torch.zeros(2, 1, 16, 16)
     g[:, :, 4:12, 4:12] = 1
-    assert loss(g, g).item() == pytest.approx(0.0, abs=1e-6)
-    assert loss(torch.zeros_like(g), torch.zeros_like(g)).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(confident(g), g).item() == pytest.approx(0.0, abs=1e-6)
+    zeros = torch.zeros_like(g)
+    assert loss(confident(zeros), zeros).item() == pytest.approx(0.0, abs=1e-6)
     disjoint = torch.zeros_like(g)
     disjoint[:, :, :2, :2] = 1
-    assert loss(disjoint, g).item() > 0.98
-    # per-sample average, against a hand computation
+    assert loss(confident(disjoint), g).item() > 0.98
+    # per-sample average, against a hand computation: logit 0 is probability 0.5
     p = torch.full_like(g, 0.5)
     per_sample = (2 * 0.5 * 64 + 1) / (0.5 * 256 + 64 + 1)
-    assert loss(p, g).item() == pytest.approx(1 - per_sample, rel=1e-6)
+    assert loss(torch.zeros_like(g), g).item() == pytest.approx(1 - per_sample, rel=1e-6)
+    assert 1 - soft_dice(p.flatten(1), g.flatten(1), 1.0).item() == pytest.approx(1 - per_sample, rel=1e-6)
 
 
 def test_soft_dice_loss_gradient_finite_and_float32_under_autocast():
-    p = torch.rand(2, 1, 8, 8, dtype=torch.bfloat16, requires_grad=True)
-    value = SoftDiceLoss()(p, torch.zeros(2, 1, 8, 8))
+    logits = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    value = SoftDiceLoss()(logits, torch.zeros(2, 1, 8, 8))
     assert value.dtype == torch.float32
     value.backward()
-    assert torch.isfinite(p.grad.float()).all()
+    assert torch.isfinite(logits.grad.float()).all()
 
 
 # -------------------------------------------------------------------------- augmentation
@@ -156,7 +164,7 @@ def confident_false_positive_gradient(loss: torch.nn.Module, autocast: bool) -> 
 
 @pytest.mark.parametrize("name", ["dice", "dice+bce"])
 def test_bf16_keeps_the_gradient_of_a_confident_false_positive(name):
-    loss = build_loss(name, from_logits=True)
+    loss = build_loss(name)
     fp32 = confident_false_positive_gradient(loss, autocast=False)
     bf16 = confident_false_positive_gradient(loss, autocast=True)
     # by hand: sigmoid'(6.5) = s (1 - s); soft Dice with empty truth: 1 - 1 / (sum p + 1)
@@ -168,11 +176,12 @@ def test_bf16_keeps_the_gradient_of_a_confident_false_positive(name):
 
 
 def test_sigmoid_in_bf16_would_zero_that_gradient():
-    """The failure the float32 sigmoid prevents: in bf16, sigmoid(6.5) == 1.0 exactly."""
+    """The failure the float32 sigmoid prevents: in bf16, sigmoid(6.5) == 1.0 exactly,
+    so a soft Dice taken on those probabilities has no gradient left for the logit."""
     logit = torch.tensor([6.5], dtype=torch.bfloat16, requires_grad=True)
     p = torch.sigmoid(logit)
     assert p.item() == 1.0
-    SoftDiceLoss()(p[None, None], torch.zeros(1, 1, 1)).backward()
+    (1 - soft_dice(p.float()[None], torch.zeros(1, 1), 1.0)).backward()
     assert logit.grad.item() == 0.0
 
 
@@ -183,8 +192,10 @@ def test_dice_bce_matches_a_hand_computation():
     p, g = torch.sigmoid(logits).numpy().reshape(3, -1), target.numpy().reshape(3, -1)
     dice = 1 - np.mean((2 * (p * g).sum(1) + 1) / (p.sum(1) + g.sum(1) + 1))
     bce = -np.mean(g * np.log(p) + (1 - g) * np.log(1 - p))
-    from_logits = DiceBCELoss(from_logits=True)(logits, target).item()
-    from_probabilities = DiceBCELoss()(torch.sigmoid(logits), target).item()
+    from_logits = DiceBCELoss()(logits, target).item()
+    # the same sum taken on float32 probabilities (how validation computed it before it took logits)
+    probs, g32 = torch.sigmoid(logits.float()).flatten(1), target.float().flatten(1)
+    from_probabilities = (1 - soft_dice(probs, g32, 1.0) + F.binary_cross_entropy(probs, g32)).item()
     assert from_logits == pytest.approx(dice + bce, rel=1e-6)
     assert from_probabilities == pytest.approx(dice + bce, rel=1e-5)
-    assert SoftDiceLoss(from_logits=True)(logits, target).item() == pytest.approx(dice, rel=1e-6)
+    assert SoftDiceLoss()(logits, target).item() == pytest.approx(dice, rel=1e-6)

@@ -40,17 +40,17 @@ def test_invalid_recipe_flags_rejected_with_one_line(flags, message, phantom_dir
 
 
 def recorded_training_masks(monkeypatch) -> list[torch.Tensor]:
-    """Patch train.build_loss so that the training criterion records each batch's masks."""
+    """Patch train.build_loss so that the run's criterion records each training batch's masks
+    (validation calls the same criterion, without gradients: those calls are not recorded)."""
     batches: list[torch.Tensor] = []
     real = build_loss
 
-    def recording(name, from_logits=False):
-        criterion = real(name, from_logits=from_logits)
-        if not from_logits:
-            return criterion
+    def recording(name):
+        criterion = real(name)
 
         def record(logits, masks):
-            batches.append(masks.detach().clone())
+            if torch.is_grad_enabled():
+                batches.append(masks.detach().clone())
             return criterion(logits, masks)
 
         return record

@@ -85,6 +85,8 @@ def test_help_lists_every_flag_with_default(capsys):
         "--image-size",
         "--aug-scale",
         "--aug-angle",
+        "--aug-flip",
+        "--loss",
         "--device",
         "--num-workers",
         "--vis-frequency",
@@ -246,7 +248,7 @@ def test_run_defining_flags_are_flags():
     dests = {action.dest for action in train.get_args_parser()._actions}
     assert set(resume.RUN_DEFINING_FLAGS) - {"world_size"} <= dests
     required = {"epochs", "lr", "batch_size", "seed", "folds", "fold", "val_patients", "image_size"}
-    required |= {"architecture", "base_filters", "aug_scale", "aug_angle", "amp", "loss", "steps_per_epoch"}
+    required |= {"architecture", "base_filters", "aug_scale", "aug_angle", "aug_flip", "amp", "loss", "steps_per_epoch"}
     assert required <= set(resume.RUN_DEFINING_FLAGS)
     how_to_run = {"device", "num_workers", "log_interval", "stop_after_epoch", "data_placement", "cache_dir"}
     assert not (how_to_run | {"compile", "deterministic"}) & set(resume.RUN_DEFINING_FLAGS)
@@ -316,7 +318,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(phantom_dir, tmp_path, m
         def forward(self, logits, target):
             return logits.float().mean() * float("nan")
 
-    monkeypatch.setattr(train, "build_loss", lambda name, from_logits: NaNLoss())
+    monkeypatch.setattr(train, "build_loss", lambda name: NaNLoss())
     with pytest.raises(SystemExit) as exit_info:
         train.main([*args, "--resume", "auto"])
     assert "nan" in str(exit_info.value.code).lower()
@@ -447,7 +449,7 @@ def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir,
         # the largest-component step and Dice, the summary
         one_process, saved = runtime.Runtime(torch.device("cpu")), checkpoint["args"]
         inputs = train.validation_inputs(volumes, one_process.device, "host")
-        criterion = build_loss(saved["loss"], from_logits=False)
+        criterion = build_loss(saved["loss"])
         parts = train.validation_masks(model, inputs, one_process, 2 * saved["batch_size"], criterion)
         truths = {v.patient_id: np.asarray(v.masks) for v in volumes}
         expected = train.summarize_validation(train.score_patients(parts, truths, not saved["no_lcc"], False))

@@ -11,7 +11,7 @@ import losses
 import train
 from checkpoint import load_checkpoint
 from dataset import discover_patients, load_volumes, select_patients
-from inference import build_model, predict_logits
+from inference import model_from_checkpoint, predict_logits
 
 
 def test_loss_flag_lists_the_registry_in_order_with_descriptions(capsys):
@@ -73,7 +73,7 @@ def test_a_registered_loss_trains_and_validates_on_logits(phantom_dir, tmp_path,
         values = torch.cat([c["input"].flatten() for c in part])
         assert values.min() < 0 or values.max() > 1
     # validation's input is exactly the saved model's logits of each validation patient ...
-    model = build_model(checkpoint)
+    model = model_from_checkpoint(checkpoint)
     volumes = load_volumes(select_patients(discover_patients(phantom_dir), val_ids), 32, None, 1)
     by_id = {v.patient_id: v for v in volumes}
     for call, patient in zip(validation, val_ids):

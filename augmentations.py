@@ -25,11 +25,11 @@ Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 
 
 def add_augmentation_flags(add: Callable[..., Any]) -> None:
-    """Declare the augmentation's flags through the parser's `add` (train.py's, which files
-    them with the flags that define a run: resume.RUN_DEFINING_FLAGS names each)."""
-    add("--aug-scale", type=float, default=0.05, help="random scale in [1-s, 1+s]")
-    add("--aug-angle", type=float, default=15.0, help="random rotation in [-a, a] degrees")
-    add("--aug-flip", type=float, default=0.5, help="probability of a horizontal flip")
+    """Declare the augmentation's flags through `add` (`utils.RunFlags.add`); each defines
+    the run, so a resumed run may not change it."""
+    add("--aug-scale", defines_run=True, type=float, default=0.05, help="random scale in [1-s, 1+s]")
+    add("--aug-angle", defines_run=True, type=float, default=15.0, help="random rotation in [-a, a] degrees")
+    add("--aug-flip", defines_run=True, type=float, default=0.5, help="probability of a horizontal flip")
 
 
 def validate_augmentation_args(args: argparse.Namespace) -> None:

@@ -33,16 +33,6 @@ from utils import (
 )
 
 
-def fold_choice(text: str) -> int | str:
-    """--fold: a fold number or 'all'."""
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fold number (0..K-1) or 'all', not {text!r}") from None
-
-
 def fold_args(args: argparse.Namespace, fold: int) -> argparse.Namespace:
     """The arguments of one fold of --fold all: --fold i, checkpoints in <checkpoint-dir>/fold<i>."""
     folder = str(Path(args.checkpoint_dir) / f"fold{fold}")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
@@ -680,3 +680,15 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def add_dataset_flags(add: Callable[..., Any]) -> None:
+    """Declare the training set's flags through `add` (`utils.RunFlags.add`)."""
+    add(
+        "--context-slices",
+        defines_run=True,
+        type=int,
+        default=0,
+        help="2.5-D: C neighbouring slices on each side as channels",
+    )
+    add("--no-cache")

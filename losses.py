@@ -54,10 +54,11 @@ def build_loss(name: str) -> nn.Module:
 
 
 def add_loss_flag(add: Callable[..., Any]) -> None:
-    """Declare `--loss` through the parser's `add` (train.py's, which files it with the flags
-    that define a run): its choices and help come from LOSSES as registered at that moment."""
+    """Declare `--loss` through `add` (`utils.RunFlags.add`; it defines the run): its choices
+    and help come from LOSSES as registered at that moment."""
     described = "; ".join(f"{name}: {entry.description}" for name, entry in LOSSES.items())
-    add("--loss", choices=list(LOSSES), default=DEFAULT_LOSS, help=f"training and validation loss ({described})")
+    help = f"training and validation loss ({described})"
+    add("--loss", defines_run=True, choices=list(LOSSES), default=DEFAULT_LOSS, help=help)
 
 
 def soft_dice(p: torch.Tensor, g: torch.Tensor, smooth: float) -> torch.Tensor:

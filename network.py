@@ -12,7 +12,7 @@ checkpoint readers turn into their own CheckpointError.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +120,18 @@ UNNAMED_ARCHITECTURE = "unet"  # what a record without "architecture" is (older 
 def architecture_names() -> list[str]:
     """The registered architecture names (train.py's --architecture choices)."""
     return list(ARCHITECTURES)
+
+
+def add_network_flags(add: Callable[..., Any]) -> None:
+    """Declare the network's flags through `add` (`utils.RunFlags.add`; they define the run)."""
+    add(
+        "--architecture",
+        defines_run=True,
+        choices=architecture_names(),
+        default=DEFAULT_ARCHITECTURE,
+        help=architecture_help(),
+    )
+    add("--base-filters", defines_run=True, type=int, default=32, help="U-Net width (32: 7.8 M parameters)")
 
 
 def architecture_help() -> str:

@@ -5,6 +5,7 @@ back to the native grid (`restore_geometry`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -206,3 +207,15 @@ def restore_geometry(array: np.ndarray, geometry: Geometry, mode: str = "nearest
     out = np.zeros((array.shape[0], *geometry.original_shape), dtype=crop.dtype)
     out[:, y0:y1, x0:x1] = crop
     return out
+
+
+def add_preprocessing_flags(add: Callable[..., Any]) -> None:
+    """Declare the preprocessing flags through `add` (`utils.RunFlags.add`; they define the run)."""
+    add("--image-size", defines_run=True)
+    add(
+        "--norm-region",
+        defines_run=True,
+        choices=NORM_REGIONS,
+        default="crop",
+        help="normalisation statistics per channel and volume from the whole padded crop or the head only",
+    )

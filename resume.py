@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import random
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,46 +26,12 @@ from runtime import (
     Runtime,
     on_rank_zero,
 )
-from splits import make_split
+from splits import split_of_args
 from utils import (
     UsageError,
     check_writable_dir,
     ensure_writable_dir,
 )
-
-# The resume contract: the flags that define a run. `--resume` refuses a change of any of
-# them, naming the flag with the saved and the given value; every other flag says only how
-# to run (device, workers, logging, data placement, cache, compile, determinism) and may
-# change. A new run-defining flag is one more line here. `world_size` is the number of
-# processes (torchrun --nproc_per_node), recorded with the flags in the checkpoint's `args`.
-RUN_DEFINING_FLAGS = (
-    "epochs",
-    "lr",
-    "batch_size",
-    "seed",
-    "folds",
-    "fold",
-    "val_patients",
-    "test_patients",
-    "image_size",
-    "architecture",
-    "base_filters",
-    "aug_scale",
-    "aug_angle",
-    "aug_flip",
-    "amp",
-    "loss",
-    "steps_per_epoch",
-    "sync_bn",
-    "no_lcc",
-    "world_size",
-    "sampling",
-    "sampling_floor",
-    "lesion_fraction",
-    "norm_region",
-    "context_slices",
-)
-
 
 CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
 
@@ -114,14 +80,14 @@ def flag_text(name: str, value: Any) -> str:
     return f"{flag} {value}"
 
 
-def check_resume_contract(checkpoint: dict, path: Path, config: dict, defaults: Mapping[str, Any]) -> None:
-    """Refuse to resume with a change of any flag in RUN_DEFINING_FLAGS. A flag missing from
-    an older checkpoint counts as VALUES_BEFORE_FLAG's value, else as its default in
-    `defaults` (flag name -> train.py's default)."""
+def check_resume_contract(checkpoint: dict, path: Path, config: dict, defining: Mapping[str, Any]) -> None:
+    """Refuse to resume with a change of any run-defining flag (`defining`: flag name ->
+    default, train.run_defining_flags) or of the number of processes. A flag missing from an
+    older checkpoint counts as VALUES_BEFORE_FLAG's value, else as its default."""
     require_training_checkpoint(checkpoint, path, resume=True)
-    defaults = {**defaults, "world_size": 1, **VALUES_BEFORE_FLAG}
+    defaults = {**defining, "world_size": 1, **VALUES_BEFORE_FLAG}
     saved_config = checkpoint["args"]
-    for name in RUN_DEFINING_FLAGS:
+    for name in [*defining, "world_size"]:
         saved, given = saved_config.get(name, defaults[name]), config[name]
         if saved != given:
             raise CheckpointError(
@@ -214,7 +180,7 @@ def check_before_work(
         raise DataError(f"training needs masks, but these patients have no {kinds} files: {listing}")
     if resumed is None:  # checks --val-patients / --folds against the data
         ids = [p.patient_id for p in patients]
-        make_split(ids, args.val_patients, args.seed, args.folds, args.fold, test_patients=args.test_patients)
+        split_of_args(args, ids)
     # every check passed: preprocessing may start. --checkpoint-dir and --log-dir are made when
     # the first file is written to them (args.json, TensorBoard), after the data has loaded,
     # so that an unreadable slice found while preprocessing leaves no empty run folders.
@@ -242,3 +208,24 @@ def agree_on_inputs(
     path, patients = on_rank_zero(runtime, work)
     resumed = own["resumed"] if runtime.is_main else (load_checkpoint(path) if path else None)
     return path, resumed, patients
+
+
+def add_resume_flags(add: Callable[..., Any]) -> None:
+    """Declare where a run's checkpoints go and how it continues, through `add`
+    (`utils.RunFlags.add`)."""
+    add("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json, learning_curves.png")
+    add("--resume", default=None, help="'auto' (last.pt in --checkpoint-dir, if any) or a checkpoint path")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a --checkpoint-dir that holds one (deletes its last.pt and best_model.pt)",
+    )
+    add("--stop-after-epoch", type=int, default=None, help="exit after this epoch, to split a run over jobs")
+
+
+def validate_resume_args(args: argparse.Namespace) -> None:
+    """Raise UsageError (one line) for --stop-after-epoch out of range or --overwrite with --resume."""
+    if args.stop_after_epoch is not None and args.stop_after_epoch <= 0:
+        raise UsageError("--stop-after-epoch must be positive")
+    if args.overwrite and args.resume is not None:
+        raise UsageError(f"--overwrite starts a new run and --resume {args.resume} continues one: pass only one")

@@ -20,7 +20,7 @@ from torch import nn
 from checkpoint import (
     CheckpointError,
 )
-from inference import amp_name, autocast_dtype
+from inference import AMP_CHOICES, amp_name, autocast_dtype
 from patients import DataError
 from utils import (
     UsageError,
@@ -144,3 +144,21 @@ def exit_now(message: str) -> None:
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite."""
+
+
+def add_runtime_flags(add: Callable[..., Any]) -> None:
+    """Declare where and how the processes run through `add` (`utils.RunFlags.add`)."""
+    add(
+        "--amp",
+        defines_run=True,
+        choices=AMP_CHOICES,
+        default="auto",
+        help="mixed precision; auto = bf16 on GPUs that support it, else fp16; off on CPU",
+    )
+    add("--sync-bn", defines_run=True, action="store_true", help="synchronise BatchNorm across processes (CUDA)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms, cudnn.benchmark off: two GPU runs with the same seed match",
+    )

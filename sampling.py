@@ -4,7 +4,10 @@ lives (on the training device, or streamed from the host).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import argparse
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +16,7 @@ from torch.utils.data import DataLoader
 from dataset import (
     MRISegmentationDataset,
 )
+from utils import UsageError
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -210,3 +214,53 @@ def training_data(
     if placement == "device":
         return ResidentSlices(dataset, device, sampler), placement
     return StreamedSlices(dataset, device, num_workers, sampler), placement
+
+
+SAMPLING_FLOOR, LESION_FRACTION = 0.1, 0.333  # the defaults of --sampling-floor and --lesion-fraction
+
+
+def add_sampling_flags(add: Callable[..., Any]) -> None:
+    """Declare the sampling and placement flags through `add` (`utils.RunFlags.add`)."""
+    add(
+        "--sampling",
+        defines_run=True,
+        choices=SAMPLING_SCHEMES,
+        default="area",
+        help="training slices: area = weight lesion area + floor (pooled); foreground = nnU-Net's "
+        "foreground oversampling (--lesion-fraction of each batch from lesion slices by area, the rest "
+        "uniform); patient = a patient uniformly, then a slice by area + floor within it",
+    )
+    add(
+        "--sampling-floor",
+        defines_run=True,
+        type=float,
+        default=SAMPLING_FLOOR,
+        help="area/patient: floor weight as a share of the mean area",
+    )
+    add(
+        "--lesion-fraction",
+        defines_run=True,
+        type=float,
+        default=LESION_FRACTION,
+        help="foreground: share of each batch from lesion slices",
+    )
+    add(
+        "--data-placement",
+        choices=PLACEMENTS,
+        default="auto",
+        help="device: keep the training set on the training device; stream: DataLoader from "
+        "the cache; auto: device if it fits in GPU memory (always on CPU)",
+    )
+
+
+def validate_sampling_args(args: argparse.Namespace) -> None:
+    """Raise UsageError (one line) for a sampling floor or lesion fraction that cannot be used
+    or that the chosen scheme would ignore."""
+    if not (math.isfinite(args.sampling_floor) and args.sampling_floor >= 0):
+        raise UsageError(f"--sampling-floor {args.sampling_floor}: must be >= 0 (a share of the mean lesion area)")
+    if not 0 <= args.lesion_fraction <= 1:
+        raise UsageError(f"--lesion-fraction {args.lesion_fraction}: must be in [0, 1]")
+    if args.sampling != "foreground" and args.lesion_fraction != LESION_FRACTION:
+        raise UsageError(f"--lesion-fraction {args.lesion_fraction}: only used with --sampling foreground")
+    if args.sampling == "foreground" and args.sampling_floor != SAMPLING_FLOOR:
+        raise UsageError(f"--sampling-floor {args.sampling_floor}: used with --sampling area or patient only")

@@ -4,12 +4,15 @@ reproducible from a seed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from patients import DataError
+from utils import UsageError
 
 
 def make_split(
@@ -141,3 +144,80 @@ def _stratified_order(ids: list[str], strata: dict[str, bool], rng: np.random.Ge
         members = [groups[key][j] for j in rng.permutation(len(groups[key]))]
         keyed += [((rank + 0.5) / len(members), rng.random(), pid) for rank, pid in enumerate(members)]
     return [pid for _, _, pid in sorted(keyed)]
+
+
+def fold_choice(text: str) -> int | str:
+    """--fold: a fold number or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number (0..K-1) or 'all', not {text!r}") from None
+
+
+def add_split_flags(add: Callable[..., Any]) -> None:
+    """Declare the split's flags through `add` (`utils.RunFlags.add`; they define the run)."""
+    add(
+        "--val-patients",
+        defines_run=True,
+        type=int,
+        default=10,
+        help="patients whose Dice chooses best_model.pt (validation)",
+    )
+    add(
+        "--test-patients",
+        defines_run=True,
+        type=int,
+        default=0,
+        help="patients held out as a test set, never used in training (not with --folds)",
+    )
+    add(
+        "--test-patients-file",
+        defines_run=True,
+        default=None,
+        metavar="FILE",
+        help="a fixed test set: the patient ids in FILE, one per line (e.g. lgg/locked_test.txt); "
+        "not with --test-patients or --folds",
+    )
+    add("--folds", defines_run=True, type=int, default=None, help="K-fold cross-validation: number of folds")
+    add(
+        "--fold",
+        defines_run=True,
+        type=fold_choice,
+        default=None,
+        help="fold i (0..K-1) is the TEST set; --val-patients come from the other folds, the rest train. "
+        "'all': train folds 0..K-1 one after the other into <checkpoint-dir>/fold<i>/",
+    )
+
+
+def split_of_args(args: argparse.Namespace, patient_ids: Sequence[str], strata: dict[str, bool] | None = None) -> dict:
+    """`make_split` of train.py's split flags (reading --test-patients-file when given)."""
+    test_ids = read_patient_list(args.test_patients_file) if args.test_patients_file else None
+    return make_split(
+        patient_ids, args.val_patients, args.seed, args.folds, args.fold, strata, args.test_patients, test_ids
+    )
+
+
+def validate_split_args(args: argparse.Namespace) -> None:
+    """Raise UsageError (one line) for split flags that cannot go together or be met."""
+    if args.val_patients <= 0:
+        raise UsageError(f"--val-patients {args.val_patients}: must be positive")
+    if args.test_patients < 0:
+        raise UsageError(f"--test-patients {args.test_patients}: must be >= 0")
+    if (args.folds is None) != (args.fold is None):
+        raise UsageError("--folds and --fold go together")
+    if args.test_patients_file is not None and (args.test_patients or args.folds is not None):
+        raise UsageError("--test-patients-file fixes the test set: drop --test-patients and --folds")
+    if args.folds is None:
+        return
+    if args.folds < 2:
+        raise UsageError(f"--folds {args.folds}: cross-validation needs at least 2 folds")
+    if args.fold != "all" and not 0 <= args.fold < args.folds:
+        raise UsageError(f"--fold {args.fold}: must be in 0..{args.folds - 1} or 'all'")
+    if args.test_patients:
+        raise UsageError(f"--test-patients {args.test_patients}: not used with --folds (there fold i is the test set)")
+    if args.fold == "all" and args.resume not in (None, "auto"):
+        raise UsageError(
+            f"--fold all --resume {args.resume}: each fold continues from its own folder; use --resume auto"
+        )

@@ -22,7 +22,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,34 +40,41 @@ from checkpoint import (
     training_state,
     write_checkpoint,
 )
-from crossval import fold_choice, train_folds
+from crossval import train_folds
 from dataset import (
     MRISegmentationDataset,
     Volume,
+    add_dataset_flags,
     load_volumes,
 )
-from inference import AMP_CHOICES, context_slices_of, predict_logits
+from inference import context_slices_of, predict_logits
 from losses import add_loss_flag, build_loss
 from metrics import dice_score
-from network import DEFAULT_ARCHITECTURE, architecture_help, architecture_names, build_model, count_parameters
+from network import (
+    add_network_flags,
+    build_model,
+    count_parameters,
+)
 from patients import DataError, Patient
 from pictures import plot_learning_curves, png_bytes
 from postprocessing import largest_connected_component
 from postprocessing_choice import ensure_postprocessing_choice, record_postprocessing_choice
-from preprocessing import NORM_REGIONS
+from preprocessing import add_preprocessing_flags
 from resume import (
-    RUN_DEFINING_FLAGS,
+    add_resume_flags,
     agree_on_inputs,
     continue_command,
     flag_text,
     restore_rng_state,
     rng_state,
     run_config,
+    validate_resume_args,
 )
 from runtime import (
     FollowRankZero,
     Runtime,
     TrainingDiverged,
+    add_runtime_flags,
     determinism,
     exit_now,
     gather_over_ranks,
@@ -77,12 +83,20 @@ from runtime import (
     setup_runtime,
     sync_buffers,
 )
-from sampling import PLACEMENTS, SAMPLING_SCHEMES, ResidentSlices, StreamedSlices, make_sampler, training_data
-from splits import make_split
+from sampling import (
+    ResidentSlices,
+    StreamedSlices,
+    add_sampling_flags,
+    make_sampler,
+    training_data,
+    validate_sampling_args,
+)
+from splits import add_split_flags, split_of_args, validate_split_args
 from tb_logger import TBLogger
 from training_log import (
     EPOCH_HEADER,
     LEARNING_CURVES,
+    add_logging_flags,
     epoch_line,
     learning_curves_path,
     log_epoch,
@@ -90,14 +104,14 @@ from training_log import (
     predict_command,
     print_line,
     progress_label,
+    validate_logging_args,
     write_learning_curves,
 )
 from utils import (
-    SHARED_FLAGS,
     CLIParser,
     HelpFormatter,
+    RunFlags,
     UsageError,
-    add_shared_flag,
     atomic_write_bytes,
     ensure_writable_dir,
     one_line_warnings,
@@ -135,117 +149,33 @@ def demo_flags() -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The CLI. Each flag lands in the help group that RUN_DEFINING_FLAGS gives it."""
+    """The CLI: this script's own flags, then each part's (declared beside the code they
+    steer), in the two help groups of `utils.RunFlags`; `parser.run_defining` holds the
+    run-defining flags' defaults."""
     parser = CLIParser(
         description=__doc__,
         formatter_class=HelpFormatter,
         allow_abbrev=False,
         parents=[shared_flags("--data-dir", "--cache-dir", "--num-workers", "--device")],
     )
-    groups = (
-        parser.add_argument_group("flags that define the run (--resume refuses a change)"),
-        parser.add_argument_group("flags that say how to run (may change on --resume)"),
-    )
-
-    def add(flag: str, **kwargs: Any) -> None:
-        """Add `flag` to its group: a flag of SHARED_FLAGS takes its shared definition
-        (`kwargs` may only give `help` or `note`, see `add_shared_flag`), any other flag is
-        defined by `kwargs`."""
-        group = groups[flag[2:].replace("-", "_") not in RUN_DEFINING_FLAGS]
-        if flag in SHARED_FLAGS:
-            add_shared_flag(group, flag, **kwargs)
-        else:
-            group.add_argument(flag, **kwargs)
-
-    add("--epochs", type=int, default=100, help="number of epochs")
-    add("--batch-size", type=int, default=16, help="slices per step (per process under torchrun)")
-    add("--lr", type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
-    add("--image-size")
-    augmentations.add_augmentation_flags(add)
-    add_loss_flag(add)
-    add("--val-patients", type=int, default=10, help="patients whose Dice chooses best_model.pt (validation)")
+    add = RunFlags(parser).add
+    add("--epochs", defines_run=True, type=int, default=100, help="number of epochs")
+    add("--batch-size", defines_run=True, type=int, default=16, help="slices per step (per process under torchrun)")
+    add("--lr", defines_run=True, type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
+    add("--seed", defines_run=True, type=int, default=42, help="seed for split, sampling, augmentation, init")
+    for add_flags in (add_preprocessing_flags, augmentations.add_augmentation_flags, add_loss_flag, add_split_flags,
+                      add_network_flags, add_dataset_flags, add_sampling_flags, add_runtime_flags,
+                      add_resume_flags, add_logging_flags):  # fmt: skip
+        add_flags(add)
     add(
-        "--test-patients",
-        type=int,
-        default=0,
-        help="patients held out as a test set, never used in training (not with --folds)",
-    )
-    add("--seed", type=int, default=42, help="seed for split, sampling, augmentation, init")
-    add("--folds", type=int, default=None, help="K-fold cross-validation: number of folds (default: none)")
-    add(
-        "--fold",
-        type=fold_choice,
-        default=None,
-        help="fold i (0..K-1) is the TEST set; --val-patients come from the other folds, the rest train. "
-        "'all': train folds 0..K-1 one after the other into <checkpoint-dir>/fold<i>/",
-    )
-    add("--architecture", choices=architecture_names(), default=DEFAULT_ARCHITECTURE, help=architecture_help())
-    add("--base-filters", type=int, default=32, help="U-Net width (32: 7.8 M parameters)")
-    add("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
-    add(
-        "--amp",
-        choices=AMP_CHOICES,
-        default="auto",
-        help="mixed precision; auto = bf16 on GPUs that support it, else fp16; off on CPU",
+        "--steps-per-epoch", defines_run=True, type=int, default=None, help="default: one pass over the training slices"
     )
     add(
         "--no-lcc",
+        defines_run=True,
         note="for the per-epoch validation masks, whose Dice picks best_model.pt (without it: the largest "
         "component only); the post-processing chosen at the end of the run is not affected",
     )
-    add("--sync-bn", action="store_true", help="synchronise BatchNorm across processes (CUDA)")
-    add_recipe_flags(add)
-    add_runtime_flags(add)
-    return parser
-
-
-def add_recipe_flags(add: Callable[..., None]) -> None:
-    """Sampling, normalisation region and 2.5-D input (see docs/ablation.md)."""
-    add(
-        "--sampling",
-        choices=SAMPLING_SCHEMES,
-        default="area",
-        help="training slices: area = weight lesion area + floor (pooled); foreground = nnU-Net's "
-        "foreground oversampling (--lesion-fraction of each batch from lesion slices by area, the rest "
-        "uniform); patient = a patient uniformly, then a slice by area + floor within it",
-    )
-    add("--sampling-floor", type=float, default=0.1, help="area/patient: floor weight as a share of the mean area")
-    add("--lesion-fraction", type=float, default=0.333, help="foreground: share of each batch from lesion slices")
-    add(
-        "--norm-region",
-        choices=NORM_REGIONS,
-        default="crop",
-        help="normalisation statistics per channel and volume from the whole padded crop or the head only",
-    )
-    add("--context-slices", type=int, default=0, help="2.5-D: C neighbouring slices on each side as channels")
-
-
-def add_runtime_flags(add: Callable[..., None]) -> None:
-    """Flags that say where and how to run: they may change when a run is resumed."""
-    add("--checkpoint-dir", default="./checkpoints", help="best_model.pt, last.pt, args.json, learning_curves.png")
-    add("--log-dir", default="./tb_logs", help="TensorBoard: one sub-folder per run")
-    add("--no-cache")
-    add("--vis-frequency", type=int, default=10, help="validation overlays every N epochs (0: never)")
-    add("--n-vis-images", type=int, default=200, help="at most this many overlays each time")
-    add(
-        "--no-learning-curves",
-        action="store_true",
-        help="do not draw learning_curves.png each epoch (the checkpoints keep the history it is drawn from)",
-    )
-    add("--compile", action="store_true", help="torch.compile the model")
-    add(
-        "--deterministic",
-        action="store_true",
-        help="deterministic algorithms, cudnn.benchmark off: two GPU runs with the same seed match",
-    )
-    add(
-        "--data-placement",
-        choices=PLACEMENTS,
-        default="auto",
-        help="device: keep the training set on the training device; stream: DataLoader from "
-        "the cache; auto: device if it fits in GPU memory (always on CPU)",
-    )
-    add("--log-interval", type=int, default=20, help="steps between progress-bar loss updates")
     add(
         "--val-interval",
         type=int,
@@ -257,13 +187,6 @@ def add_runtime_flags(add: Callable[..., None]) -> None:
         action="store_true",
         help="validate, save and draw on the training thread instead of overlapping the next epoch (slower)",
     )
-    add("--resume", default=None, help="'auto' (last.pt in --checkpoint-dir, if any) or a checkpoint path")
-    add(
-        "--overwrite",
-        action="store_true",
-        help="start a new run in a --checkpoint-dir that holds one (deletes its last.pt and best_model.pt)",
-    )
-    add("--stop-after-epoch", type=int, default=None, help="exit after this epoch, to split a run over jobs")
     add(
         "--choose-postprocessing",
         default=None,
@@ -276,11 +199,13 @@ def add_runtime_flags(add: Callable[..., None]) -> None:
         action="store_true",
         help=f"write a phantom to ./demo_3m if absent and train a small model on it (sets {demo_flags()} unless given)",
     )
+    return parser
 
 
-def run_defaults() -> dict[str, Any]:
-    """Every flag's default (what an older checkpoint without a flag was trained with)."""
-    return vars(get_args_parser().parse_args([]))
+def run_defining_flags() -> dict[str, Any]:
+    """The flags that define a run, with their defaults (what a checkpoint without one of
+    them was trained with, unless resume.VALUES_BEFORE_FLAG says otherwise)."""
+    return dict(get_args_parser().run_defining)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -293,9 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Reject invalid values before any work starts."""
-    positive = ["epochs", "batch_size", "image_size", "val_patients", "base_filters", "log_interval", "val_interval"]
-    for name in positive:
+    """Reject invalid values before any work starts (each part checks its own flags)."""
+    for name in ["epochs", "batch_size", "image_size", "base_filters", "val_interval"]:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
     if args.image_size % 16:
@@ -307,52 +231,15 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr}: must be positive")
-    augmentations.validate_augmentation_args(args)
     if args.steps_per_epoch is not None and args.steps_per_epoch <= 0:
         raise UsageError(f"--steps-per-epoch {args.steps_per_epoch}: must be positive")
-    if args.num_workers < 0 or args.vis_frequency < 0 or args.n_vis_images < 0:
+    if args.num_workers < 0:
         raise UsageError("--num-workers, --vis-frequency and --n-vis-images must be >= 0")
-    if (args.folds is None) != (args.fold is None):
-        raise UsageError("--folds and --fold go together")
-    validate_split_args(args)
-    validate_recipe_args(args)
-    if args.stop_after_epoch is not None and args.stop_after_epoch <= 0:
-        raise UsageError("--stop-after-epoch must be positive")
-    if args.overwrite and args.resume is not None:
-        raise UsageError(f"--overwrite starts a new run and --resume {args.resume} continues one: pass only one")
-
-
-def validate_split_args(args: argparse.Namespace) -> None:
-    """--test-patients, --folds and --fold (a number or 'all')."""
-    if args.test_patients < 0:
-        raise UsageError(f"--test-patients {args.test_patients}: must be >= 0")
-    if args.folds is None:
-        return
-    if args.folds < 2:
-        raise UsageError(f"--folds {args.folds}: cross-validation needs at least 2 folds")
-    if args.fold != "all" and not 0 <= args.fold < args.folds:
-        raise UsageError(f"--fold {args.fold}: must be in 0..{args.folds - 1} or 'all'")
-    if args.test_patients:
-        raise UsageError(f"--test-patients {args.test_patients}: not used with --folds (there fold i is the test set)")
-    if args.fold == "all" and args.resume not in (None, "auto"):
-        raise UsageError(
-            f"--fold all --resume {args.resume}: each fold continues from its own folder; use --resume auto"
-        )
-
-
-def validate_recipe_args(args: argparse.Namespace) -> None:
-    """The recipe flags (`add_recipe_flags`): sampling floor, lesion fraction, context slices."""
-    if not (math.isfinite(args.sampling_floor) and args.sampling_floor >= 0):
-        raise UsageError(f"--sampling-floor {args.sampling_floor}: must be >= 0 (a share of the mean lesion area)")
-    if not 0 <= args.lesion_fraction <= 1:
-        raise UsageError(f"--lesion-fraction {args.lesion_fraction}: must be in [0, 1]")
     if args.context_slices < 0:
         raise UsageError(f"--context-slices {args.context_slices}: must be >= 0")
-    default = get_args_parser().get_default
-    if args.sampling != "foreground" and args.lesion_fraction != default("lesion_fraction"):
-        raise UsageError(f"--lesion-fraction {args.lesion_fraction}: only used with --sampling foreground")
-    if args.sampling == "foreground" and args.sampling_floor != default("sampling_floor"):
-        raise UsageError(f"--sampling-floor {args.sampling_floor}: used with --sampling area or patient only")
+    for validate in (augmentations.validate_augmentation_args, validate_split_args, validate_sampling_args,
+                     validate_logging_args, validate_resume_args):  # fmt: skip
+        validate(args)
 
 
 # ---------------------------------------------------------------------- distributed
@@ -536,9 +423,7 @@ def load_split_volumes(
     by_id = {v.patient_id: v for v in volumes}
     if split is None:
         has_lesion = {v.patient_id: bool(np.asarray(v.masks).any()) for v in volumes}
-        split = make_split(
-            list(by_id), args.val_patients, args.seed, args.folds, args.fold, has_lesion, args.test_patients
-        )
+        split = split_of_args(args, list(by_id), has_lesion)
     return split, [by_id[i] for i in split["train"]], [by_id[i] for i in split["val"]]
 
 
@@ -605,7 +490,7 @@ def steps_per_epoch(args: argparse.Namespace, train_slices: int, world_size: int
 def set_up(args: argparse.Namespace, runtime: Runtime) -> Run:
     """Checks, data, model, optimiser; the state of the checkpoint resumed from, if any."""
     config = run_config(args, runtime)
-    resume_path, resumed, patients = agree_on_inputs(args, runtime, config, run_defaults())
+    resume_path, resumed, patients = agree_on_inputs(args, runtime, config, run_defining_flags())
     split, train_volumes, val_volumes = load_split_volumes(args, runtime, patients, resumed and resumed["split"])
     train_set = MRISegmentationDataset(train_volumes, args.context_slices)
     sampler = make_sampler(train_set, args.sampling, args.sampling_floor, args.lesion_fraction)
@@ -615,10 +500,22 @@ def set_up(args: argparse.Namespace, runtime: Runtime) -> Run:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=0.0)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     run = Run(
-        args, runtime, config, raw_model, model, optimizer, scheduler, scaler, data, placement,
-        len(train_set), steps_per_epoch(args, len(train_set), runtime.world_size), split, val_volumes,
+        args,
+        runtime,
+        config,
+        raw_model,
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        data,
+        placement,
+        len(train_set),
+        steps_per_epoch(args, len(train_set), runtime.world_size),
+        split,
+        val_volumes,
         build_loss(args.loss),
-    )  # fmt: skip
+    )
     if resumed is not None:
         restore(run, resumed)
     run.val_inputs = validation_inputs(val_volumes, runtime.device, placement)
@@ -704,9 +601,20 @@ def run_epoch(run: Run, epoch: int) -> None:
     augment = augmentations.build_augmentation(args, augment_seed, run.steps, args.batch_size, runtime.device)
     label = progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch)
     train_stats = train_one_epoch(
-        run.model, run.data, run.optimizer, run.scaler, run.criterion, augment, runtime,
-        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=label,
-    )  # fmt: skip
+        run.model,
+        run.data,
+        run.optimizer,
+        run.scaler,
+        run.criterion,
+        augment,
+        runtime,
+        run.steps,
+        args.batch_size,
+        generator,
+        epoch,
+        args.log_interval,
+        desc=label,
+    )
     end_epoch(run, epoch, train_stats)
     run.epoch_seconds.append(time.perf_counter() - start)
 
@@ -884,7 +792,9 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {error}")
     try:
         with determinism(args.deterministic, runtime.device):
-            result = train_folds(args, runtime, train, run_defaults()) if args.fold == "all" else train(args, runtime)
+            result = (
+                train_folds(args, runtime, train, run_defining_flags()) if args.fold == "all" else train(args, runtime)
+            )
             if runtime.distributed:  # leave together: a rank tearing down gloo while a peer still talks aborts it
                 dist.barrier()
     except FollowRankZero:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -120,3 +122,24 @@ def predict_command(args: argparse.Namespace) -> str:
         models, out = [str(folder / "best_model.pt")], "./demo_predictions"
     command = ["python", "predict.py", "--model-path", *models, "--data-dir", args.data_dir, "--output-dir", out]
     return shlex.join([*command, "--figure-path", f"{out}/dice_distribution.png"])
+
+
+def add_logging_flags(add: Callable[..., Any]) -> None:
+    """Declare what a run writes about itself through `add` (`utils.RunFlags.add`)."""
+    add("--log-dir", default="./tb_logs", help="TensorBoard: one sub-folder per run")
+    add("--vis-frequency", type=int, default=10, help="validation overlays every N epochs (0: never)")
+    add("--n-vis-images", type=int, default=200, help="at most this many overlays each time")
+    add(
+        "--no-learning-curves",
+        action="store_true",
+        help="do not draw learning_curves.png each epoch (the checkpoints keep the history it is drawn from)",
+    )
+    add("--log-interval", type=int, default=20, help="steps between progress-bar loss updates")
+
+
+def validate_logging_args(args: argparse.Namespace) -> None:
+    """Raise UsageError (one line) for a logging flag out of range."""
+    if args.log_interval <= 0:
+        raise UsageError(f"--log-interval {args.log_interval}: must be positive")
+    if args.vis_frequency < 0 or args.n_vis_images < 0:
+        raise UsageError("--num-workers, --vis-frequency and --n-vis-images must be >= 0")

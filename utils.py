@@ -179,6 +179,29 @@ def add_shared_flag(
     return container.add_argument(flag, **options)
 
 
+class RunFlags:
+    """train.py's flags in two help groups: those that define a run (a resumed run may not
+    change them: the resume contract) and those that say how to run. Each part of the
+    pipeline declares its own flags through `add` (e.g. `augmentations.add_augmentation_flags`);
+    `defaults` collects the run-defining ones (flag name -> default), and the parser keeps it
+    as `parser.run_defining`."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.defining = parser.add_argument_group("flags that define the run (--resume refuses a change)")
+        self.how = parser.add_argument_group("flags that say how to run (may change on --resume)")
+        self.defaults: dict[str, Any] = {}
+        parser.run_defining = self.defaults
+
+    def add(self, flag: str, defines_run: bool = False, **kwargs: Any) -> argparse.Action:
+        """Add `flag` to its group. A flag of SHARED_FLAGS takes its shared definition
+        (`kwargs` may then give only `help` or `note`, see `add_shared_flag`)."""
+        group = self.defining if defines_run else self.how
+        action = add_shared_flag(group, flag, **kwargs) if flag in SHARED_FLAGS else group.add_argument(flag, **kwargs)
+        if defines_run:
+            self.defaults[action.dest] = action.default
+        return action
+
+
 def shared_flags(*flags: str, **help_overrides: str) -> argparse.ArgumentParser:
     """A parent parser (`argparse.ArgumentParser(parents=[...])`, as torchvision's references
     do) holding the named SHARED_FLAGS in one help group, e.g. `shared_flags("--data-dir",

@@ -15,6 +15,7 @@ import resume
 import train
 from augmentations import affine_matrices, apply_affine, build_augmentation, random_affine_parameters
 from checkpoint import load_checkpoint
+from utils import RunFlags
 
 
 def flags(scale=0.05, angle=15.0, flip=0.5) -> argparse.Namespace:
@@ -26,9 +27,10 @@ def test_flags_are_declared_in_augmentations_and_define_the_run():
     defaults = {name: parser.get_default(name) for name in ("aug_scale", "aug_angle", "aug_flip")}
     assert defaults == {"aug_scale": 0.05, "aug_angle": 15.0, "aug_flip": 0.5}
     declared = argparse.ArgumentParser()
-    augmentations.add_augmentation_flags(declared.add_argument)
-    assert vars(declared.parse_args([])) == defaults
-    assert {"aug_scale", "aug_angle", "aug_flip"} <= set(resume.RUN_DEFINING_FLAGS)
+    flags = RunFlags(declared)
+    augmentations.add_augmentation_flags(flags.add)
+    assert vars(declared.parse_args([])) == defaults == flags.defaults  # all three define the run
+    assert {"aug_scale", "aug_angle", "aug_flip"} <= set(train.run_defining_flags())
     assert resume.VALUES_BEFORE_FLAG["aug_flip"] == 0.5  # what the code before the flag drew
     (run_defining,) = [g for g in parser._action_groups if g.title.startswith("flags that define the run")]
     assert {"aug_scale", "aug_angle", "aug_flip"} <= {a.dest for a in run_defining._group_actions}

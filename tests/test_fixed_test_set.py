@@ -3,8 +3,13 @@ exactly those patients out of training and validation."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import torch
+from conftest import tiny_train_args
+
+import train
 from patients import DataError
 from splits import make_split, read_patient_list
 
@@ -55,3 +60,18 @@ def test_patient_list_file_skips_comments_and_refuses_repeats(tmp_path):
 def test_the_locked_lgg_test_set_in_the_repo_has_22_kaggle_patients():
     ids = read_patient_list(REPO_LIST)
     assert len(ids) == 22 and all(i.startswith("TCGA_") for i in ids)
+
+
+def test_train_keeps_the_patients_of_the_file_as_its_test_set(phantom_dir, tmp_path):
+    ids = sorted(p.name for p in Path(phantom_dir).iterdir() if p.is_dir())
+    listed = tmp_path / "test.txt"
+    listed.write_text(f"# two fixed test patients\n{ids[-1]}\n{ids[0]}\n")
+    argv = tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "1")
+    train.main([*argv, "--test-patients-file", str(listed)])
+    split = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["split"]
+    assert split["test"] == [ids[0], ids[-1]] and not set(split["test"]) & set(split["train"] + split["val"])
+    with pytest.raises(SystemExit, match="--test-patients-file fixes the test set: drop --test-patients"):
+        train.main([*argv, "--test-patients-file", str(listed), "--test-patients", "2"])
+    listed.write_text("NOT_A_PATIENT\n")
+    with pytest.raises(SystemExit, match="not in the data folder: NOT_A_PATIENT"):
+        train.main([*argv, "--test-patients-file", str(listed), "--overwrite"])

@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import tiny_train_args
 
-import resume
 import runtime
 import train
 import training_log
@@ -246,12 +245,14 @@ def test_resume_refuses_a_changed_run_defining_flag(phantom_dir, tmp_path):
 
 def test_run_defining_flags_are_flags():
     dests = {action.dest for action in train.get_args_parser()._actions}
-    assert set(resume.RUN_DEFINING_FLAGS) - {"world_size"} <= dests
+    defining = train.run_defining_flags()
+    assert set(defining) <= dests
     required = {"epochs", "lr", "batch_size", "seed", "folds", "fold", "val_patients", "image_size"}
     required |= {"architecture", "base_filters", "aug_scale", "aug_angle", "aug_flip", "amp", "loss", "steps_per_epoch"}
-    assert required <= set(resume.RUN_DEFINING_FLAGS)
+    assert required <= set(defining)
     how_to_run = {"device", "num_workers", "log_interval", "stop_after_epoch", "data_placement", "cache_dir"}
-    assert not (how_to_run | {"compile", "deterministic"}) & set(resume.RUN_DEFINING_FLAGS)
+    assert not (how_to_run | {"compile", "deterministic"}) & set(defining)
+    assert defining["epochs"] == 100 and defining["loss"] == "dice"  # with their defaults
 
 
 def test_new_run_never_clobbers_an_earlier_one(phantom_dir, tmp_path, monkeypatch):

@@ -55,11 +55,7 @@ def random_affine_parameters(
     """Per-sample parameters drawn on the CPU: scale ~ U(1-s, 1+s), angle ~ U(-a, a)
     degrees, flip ~ Bernoulli(flip_prob). Returns float32 tensors of shape (B,)."""
     u = torch.rand(3, batch, generator=generator)
-    return {
-        "scale": 1 + scale * (2 * u[0] - 1),
-        "angle": angle * (2 * u[1] - 1),
-        "flip": (u[2] < flip_prob).float(),
-    }
+    return {"scale": 1 + scale * (2 * u[0] - 1), "angle": angle * (2 * u[1] - 1), "flip": (u[2] < flip_prob).float()}
 
 
 def affine_matrices(params: dict[str, torch.Tensor]) -> torch.Tensor:

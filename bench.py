@@ -30,22 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import runtime
+import distributed
 import train
 from augmentations import Augment, BatchAugmentation, build_augmentation
-from dataset import (
-    MRISegmentationDataset,
-    discover_patients,
-    load_volume,
-    load_volumes,
-    make_synthetic_dataset,
-)
+from dataset import MRISegmentationDataset, discover_patients, load_volume, load_volumes, make_synthetic_dataset
+from distributed import Runtime
 from inference import autocast_dtype, binarize, predict_volume
 from losses import SoftDiceLoss, build_loss
 from network import DEFAULT_ARCHITECTURE, build_model
 from preprocessing import restore_geometry
 from results_page import REPORT_ABOUT, ReportError, add_report_flags, report
-from runtime import Runtime
 from sampling import ResidentSlices
 from study_ablation import ABLATION_ABOUT, ablation, add_ablation_flags
 from study_postprocessing import POSTPROCESSING_ABOUT, add_postprocessing_flags, postprocessing
@@ -387,7 +381,7 @@ def speed(args: argparse.Namespace) -> dict:
             data.images[batch].cpu(), data.masks[batch].cpu(), device, repeats=3 if args.quick else 10
         )
         amp = autocast_dtype(device)
-        with runtime.determinism(False, device):  # train.py's cuDNN settings (cudnn.benchmark on CUDA)
+        with distributed.determinism(False, device):  # train.py's cuDNN settings (cudnn.benchmark on CUDA)
             plain = plain_training_rate(data, args.base_filters, args.batch_size, steps, device)
             configured = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, False)
             results["training"] = {

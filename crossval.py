@@ -9,28 +9,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-)
+from checkpoint import CheckpointError, load_checkpoint
+from distributed import Runtime, TrainingDiverged, on_rank_zero
 from patients import DataError
 from postprocessing_choice import ensure_postprocessing_choice
-from resume import (
-    CHECKPOINT_NAMES,
-    check_no_clobber,
-    check_resume_contract,
-    find_resume_checkpoint,
-    run_config,
-)
-from runtime import (
-    Runtime,
-    TrainingDiverged,
-    on_rank_zero,
-)
-from utils import (
-    UsageError,
-    check_writable_dir,
-)
+from resume import CHECKPOINT_NAMES, check_no_clobber, check_resume_contract, find_resume_checkpoint, run_config
+from utils import UsageError, check_writable_dir
 
 
 def fold_args(args: argparse.Namespace, fold: int) -> argparse.Namespace:

@@ -331,10 +331,7 @@ def find_metric(name: str) -> Metric | None:
 
 
 def patient_metrics(
-    prediction: np.ndarray,
-    truth: np.ndarray,
-    spacing: Spacing | None = None,
-    min_lesion_volume: float = 0.0,
+    prediction: np.ndarray, truth: np.ndarray, spacing: Spacing | None = None, min_lesion_volume: float = 0.0
 ) -> dict[str, float | int | None]:
     """Every registered metric of one patient, 3-D (S, H, W), in registry order. With
     `spacing` ((slice, row, col) mm) hd95 is in mm and volumes in mm3, else both in voxels

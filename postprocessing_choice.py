@@ -12,19 +12,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    require_training_checkpoint,
-    save_checkpoint,
-)
+from checkpoint import CheckpointError, load_checkpoint, require_training_checkpoint, save_checkpoint
 from dataset import discover_inputs, load_volume, read_volume
-from inference import (
-    LoadedModel,
-    autocast_dtype,
-    load_model,
-    predict_volume,
-)
+from inference import LoadedModel, autocast_dtype, load_model, predict_volume
 from patients import DataError, Patient
 from postprocessing import candidate_dice, check_postprocessing, choose_postprocessing, postprocessing_name
 from preprocessing import restore_geometry

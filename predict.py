@@ -394,10 +394,7 @@ def with_spacing(patients: list[Patient], spacing: list[float] | None) -> list[P
 
 
 def predict_patient(
-    patient: Patient,
-    models: Sequence[LoadedModel],
-    device: torch.device,
-    args: argparse.Namespace,
+    patient: Patient, models: Sequence[LoadedModel], device: torch.device, args: argparse.Namespace
 ) -> tuple[np.ndarray, np.ndarray]:
     """Average the models' probabilities, map them back to native space, binarize there.
     Returns native masks (S, H, W) bool and native probabilities (S, H, W)."""

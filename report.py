@@ -359,11 +359,7 @@ document.querySelectorAll("#patients th[data-col]").forEach(function (th) {
 
 
 def render_report(
-    rows: Sequence[dict],
-    summary: dict,
-    columns: Sequence[str],
-    out_dir: Path,
-    figure_path: str | Path | None = None,
+    rows: Sequence[dict], summary: dict, columns: Sequence[str], out_dir: Path, figure_path: str | Path | None = None
 ) -> str:
     """The page as a string. rows: predict.py's per-patient dicts (the metrics.csv columns,
     plus `pictures` from `write_thumbnails`); summary: summary.json's dict (its `headline`,

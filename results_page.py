@@ -181,11 +181,7 @@ def page_figures(
 
 
 def render_report(
-    facts: dict,
-    timings: list[tuple[str, float]],
-    demo: dict,
-    figures: list[tuple[str, Path]],
-    bench_text: str | None,
+    facts: dict, timings: list[tuple[str, float]], demo: dict, figures: list[tuple[str, Path]], bench_text: str | None
 ) -> str:
     """The Markdown of the report; figures are linked as `figures/<name>`, next to the file."""
     load = facts["load_average_1min"]

@@ -14,24 +14,13 @@ from typing import Any
 
 import torch
 
-from checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    require_training_checkpoint,
-)
+from checkpoint import CheckpointError, load_checkpoint, require_training_checkpoint
 from dataset import discover_inputs, select_patients
+from distributed import Runtime, on_rank_zero
 from patients import DataError, Patient
 from phantom import ensure_demo_data
-from runtime import (
-    Runtime,
-    on_rank_zero,
-)
 from splits import split_of_args
-from utils import (
-    UsageError,
-    check_writable_dir,
-    ensure_writable_dir,
-)
+from utils import UsageError, check_writable_dir, ensure_writable_dir
 
 CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
 

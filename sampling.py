@@ -13,9 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import (
-    MRISegmentationDataset,
-)
+from dataset import MRISegmentationDataset
 from utils import UsageError
 
 

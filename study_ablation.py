@@ -20,11 +20,7 @@ import numpy as np
 import torch
 
 import train
-from dataset import (
-    discover_patients,
-    make_synthetic_dataset,
-    read_mask,
-)
+from dataset import discover_patients, make_synthetic_dataset, read_mask
 from results_page import _local, run_timed
 
 

@@ -16,11 +16,7 @@ import numpy as np
 import torch
 
 import train
-from dataset import (
-    discover_patients,
-    make_synthetic_dataset,
-    read_volume,
-)
+from dataset import discover_patients, make_synthetic_dataset, read_volume
 from inference import load_model
 from metrics import label_components
 from postprocessing import POSTPROCESSING_CANDIDATES, candidate_dice, postprocessing_name

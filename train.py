@@ -33,92 +33,26 @@ from torch import nn
 from tqdm import tqdm
 
 import augmentations
+import checkpoint
+import dataset
+import distributed
+import network
+import resume
+import sampling
+import training_log
+import utils
 from background import BackgroundWorker
-from checkpoint import (
-    CheckpointError,
-    make_checkpoint,
-    training_state,
-    write_checkpoint,
-)
 from crossval import train_folds
-from dataset import (
-    MRISegmentationDataset,
-    Volume,
-    add_dataset_flags,
-    load_volumes,
-)
 from inference import context_slices_of, predict_logits
 from losses import add_loss_flag, build_loss
 from metrics import dice_score
-from network import (
-    add_network_flags,
-    build_model,
-    count_parameters,
-)
 from patients import DataError, Patient
 from pictures import plot_learning_curves, png_bytes
 from postprocessing import largest_connected_component
 from postprocessing_choice import ensure_postprocessing_choice, record_postprocessing_choice
 from preprocessing import add_preprocessing_flags
-from resume import (
-    add_resume_flags,
-    agree_on_inputs,
-    continue_command,
-    flag_text,
-    restore_rng_state,
-    rng_state,
-    run_config,
-    validate_resume_args,
-)
-from runtime import (
-    FollowRankZero,
-    Runtime,
-    TrainingDiverged,
-    add_runtime_flags,
-    determinism,
-    exit_now,
-    gather_over_ranks,
-    mean_over_ranks,
-    on_rank_zero,
-    setup_runtime,
-    sync_buffers,
-)
-from sampling import (
-    ResidentSlices,
-    StreamedSlices,
-    add_sampling_flags,
-    make_sampler,
-    training_data,
-    validate_sampling_args,
-)
 from splits import add_split_flags, split_of_args, validate_split_args
 from tb_logger import TBLogger
-from training_log import (
-    EPOCH_HEADER,
-    LEARNING_CURVES,
-    add_logging_flags,
-    epoch_line,
-    learning_curves_path,
-    log_epoch,
-    log_overlays,
-    predict_command,
-    print_line,
-    progress_label,
-    validate_logging_args,
-    write_learning_curves,
-)
-from utils import (
-    CLIParser,
-    HelpFormatter,
-    RunFlags,
-    UsageError,
-    atomic_write_bytes,
-    ensure_writable_dir,
-    one_line_warnings,
-    resolve_device,
-    seed_everything,
-    shared_flags,
-)
 
 # The recommended recipe (docs/ablation.md): soft Dice + BCE was the one candidate that won
 # clearly on every seed on the hard phantom's test patients. Sampling, normalisation region,
@@ -152,20 +86,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     """The CLI: this script's own flags, then each part's (declared beside the code they
     steer), in the two help groups of `utils.RunFlags`; `parser.run_defining` holds the
     run-defining flags' defaults."""
-    parser = CLIParser(
+    parser = utils.CLIParser(
         description=__doc__,
-        formatter_class=HelpFormatter,
+        formatter_class=utils.HelpFormatter,
         allow_abbrev=False,
-        parents=[shared_flags("--data-dir", "--cache-dir", "--num-workers", "--device")],
+        parents=[utils.shared_flags("--data-dir", "--cache-dir", "--num-workers", "--device")],
     )
-    add = RunFlags(parser).add
+    add = utils.RunFlags(parser).add
     add("--epochs", defines_run=True, type=int, default=100, help="number of epochs")
     add("--batch-size", defines_run=True, type=int, default=16, help="slices per step (per process under torchrun)")
     add("--lr", defines_run=True, type=float, default=1e-4, help="Adam learning rate (cosine-annealed to 0)")
     add("--seed", defines_run=True, type=int, default=42, help="seed for split, sampling, augmentation, init")
-    for add_flags in (add_preprocessing_flags, augmentations.add_augmentation_flags, add_loss_flag, add_split_flags,
-                      add_network_flags, add_dataset_flags, add_sampling_flags, add_runtime_flags,
-                      add_resume_flags, add_logging_flags):  # fmt: skip
+    for add_flags in (
+        add_preprocessing_flags,
+        augmentations.add_augmentation_flags,
+        add_loss_flag,
+        add_split_flags,
+        network.add_network_flags,
+        dataset.add_dataset_flags,
+        sampling.add_sampling_flags,
+        distributed.add_runtime_flags,
+        resume.add_resume_flags,
+        training_log.add_logging_flags,
+    ):
         add_flags(add)
     add(
         "--steps-per-epoch", defines_run=True, type=int, default=None, help="default: one pass over the training slices"
@@ -221,24 +164,29 @@ def validate_args(args: argparse.Namespace) -> None:
     """Reject invalid values before any work starts (each part checks its own flags)."""
     for name in ["epochs", "batch_size", "image_size", "base_filters", "val_interval"]:
         if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
+            raise utils.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
     if args.image_size % 16:
-        raise UsageError(f"--image-size {args.image_size}: must be divisible by 16 (the U-Net pools 4 times)")
+        raise utils.UsageError(f"--image-size {args.image_size}: must be divisible by 16 (the U-Net pools 4 times)")
     if args.image_size == 16 and args.batch_size == 1:
-        raise UsageError(
+        raise utils.UsageError(
             "--image-size 16 --batch-size 1: the U-Net's bottleneck is then 1x1 and BatchNorm needs more "
             "than one value per channel in training; use --batch-size 2 or more, or a larger --image-size"
         )
     if args.lr <= 0:
-        raise UsageError(f"--lr {args.lr}: must be positive")
+        raise utils.UsageError(f"--lr {args.lr}: must be positive")
     if args.steps_per_epoch is not None and args.steps_per_epoch <= 0:
-        raise UsageError(f"--steps-per-epoch {args.steps_per_epoch}: must be positive")
+        raise utils.UsageError(f"--steps-per-epoch {args.steps_per_epoch}: must be positive")
     if args.num_workers < 0:
-        raise UsageError("--num-workers, --vis-frequency and --n-vis-images must be >= 0")
+        raise utils.UsageError("--num-workers, --vis-frequency and --n-vis-images must be >= 0")
     if args.context_slices < 0:
-        raise UsageError(f"--context-slices {args.context_slices}: must be >= 0")
-    for validate in (augmentations.validate_augmentation_args, validate_split_args, validate_sampling_args,
-                     validate_logging_args, validate_resume_args):  # fmt: skip
+        raise utils.UsageError(f"--context-slices {args.context_slices}: must be >= 0")
+    for validate in (
+        augmentations.validate_augmentation_args,
+        validate_split_args,
+        sampling.validate_sampling_args,
+        training_log.validate_logging_args,
+        resume.validate_resume_args,
+    ):
         validate(args)
 
 
@@ -261,7 +209,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     criterion: nn.Module,
     augment: augmentations.Augment,
-    runtime: Runtime,
+    runtime: distributed.Runtime,
     steps: int,
     batch_size: int,
     generator: torch.Generator,
@@ -284,9 +232,10 @@ def train_one_epoch(
         images, masks = augment(images, masks)
         loss_sum += train_step(model, optimizer, scaler, criterion, images, masks, runtime)
         if step % log_interval == 0 or step == steps:
-            mean_loss = mean_over_ranks(loss_sum, runtime).item() / step  # the only host sync (bf16, fp32)
+            mean_loss = distributed.mean_over_ranks(loss_sum, runtime).item() / step  # the only host sync (bf16, fp32)
             if not math.isfinite(mean_loss):
-                raise TrainingDiverged(f"the training loss became {mean_loss} at epoch {epoch}, step {step}")
+                message = f"the training loss became {mean_loss} at epoch {epoch}, step {step}"
+                raise distributed.TrainingDiverged(message)
             rate = step * batch_size * runtime.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{mean_loss:.4f}", slices_per_s=f"{rate:.1f}")
         bar.update(1)
@@ -302,7 +251,7 @@ def train_step(
     criterion: nn.Module,
     images: torch.Tensor,
     masks: torch.Tensor,
-    runtime: Runtime,
+    runtime: distributed.Runtime,
 ) -> torch.Tensor:
     """One optimiser step on a batch: the model in channels_last under autocast, `criterion`
     on its logits (the losses apply the sigmoid in float32), the GradScaler (active for fp16).
@@ -330,7 +279,7 @@ class ValidationVolume:
     masks: torch.Tensor
 
 
-def validation_inputs(volumes: list[Volume], device: torch.device, placement: str) -> list[ValidationVolume]:
+def validation_inputs(volumes: list[dataset.Volume], device: torch.device, placement: str) -> list[ValidationVolume]:
     """The validation volumes, copied to `device` once for the whole run when `placement` is
     "device" (CUDA: no copy from the disk cache each epoch), else read from the host."""
     on_device = placement == "device"
@@ -346,7 +295,7 @@ def validation_inputs(volumes: list[Volume], device: torch.device, placement: st
 def validation_masks(
     model: nn.Module,
     volumes: list[ValidationVolume],
-    runtime: Runtime,
+    runtime: distributed.Runtime,
     batch_size: int,
     criterion: nn.Module,
 ) -> list[dict]:
@@ -409,15 +358,15 @@ def summarize_validation(results: list[dict]) -> dict:
 
 
 def load_split_volumes(
-    args: argparse.Namespace, runtime: Runtime, patients: list[Patient], split: dict | None
-) -> tuple[dict, list[Volume], list[Volume]]:
+    args: argparse.Namespace, runtime: distributed.Runtime, patients: list[Patient], split: dict | None
+) -> tuple[dict, list[dataset.Volume], list[dataset.Volume]]:
     """Load the patients' volumes (rank 0 fills the cache first), then make the split
     stratified by lesion presence, or reuse the split of the checkpoint resumed from."""
     cache_dir = None if args.no_cache else args.cache_dir
     if runtime.distributed and not runtime.is_main and cache_dir is not None:
         dist.barrier()  # wait for rank 0 to fill the cache
     workers = max(1, args.num_workers)
-    volumes = load_volumes(patients, args.image_size, cache_dir, workers, runtime.is_main, args.norm_region)
+    volumes = dataset.load_volumes(patients, args.image_size, cache_dir, workers, runtime.is_main, args.norm_region)
     if runtime.distributed and runtime.is_main and cache_dir is not None:
         dist.barrier()
     by_id = {v.patient_id: v for v in volumes}
@@ -435,19 +384,19 @@ class Run:
     """Everything the epoch loop needs; built by `set_up`."""
 
     args: argparse.Namespace
-    runtime: Runtime
+    runtime: distributed.Runtime
     config: dict
     raw_model: nn.Module
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    data: ResidentSlices | StreamedSlices
+    data: sampling.ResidentSlices | sampling.StreamedSlices
     placement: str
     train_slices: int
     steps: int
     split: dict
-    val_volumes: list[Volume]
+    val_volumes: list[dataset.Volume]
     criterion: nn.Module  # --loss: training and validation call this one object, on logits
     start_epoch: int = 1
     best_dice: float = -1.0
@@ -462,12 +411,12 @@ class Run:
     epoch_parts: list[dict] = field(default_factory=list)  # rank 0: finish_epoch's seconds of each epoch
 
 
-def build_training_model(args: argparse.Namespace, runtime: Runtime) -> tuple[nn.Module, nn.Module]:
+def build_training_model(args: argparse.Namespace, runtime: distributed.Runtime) -> tuple[nn.Module, nn.Module]:
     """The unwrapped model (what checkpoints save) and the one to train (DDP, compiled)."""
-    seed_everything(args.seed)  # weight initialisation
+    utils.seed_everything(args.seed)  # weight initialisation
     in_channels = 3 * (2 * args.context_slices + 1)  # 3 sequences per slice, C neighbours on each side
     record = {"architecture": args.architecture, "in_channels": in_channels, "base_filters": args.base_filters}
-    raw_model = build_model(record, "--architecture")
+    raw_model = network.build_model(record, "--architecture")
     raw_model = raw_model.to(runtime.device).to(memory_format=torch.channels_last)
     model: nn.Module = raw_model
     if runtime.distributed:
@@ -487,14 +436,14 @@ def steps_per_epoch(args: argparse.Namespace, train_slices: int, world_size: int
     return max(1, math.ceil(math.ceil(train_slices / world_size) / args.batch_size))
 
 
-def set_up(args: argparse.Namespace, runtime: Runtime) -> Run:
+def set_up(args: argparse.Namespace, runtime: distributed.Runtime) -> Run:
     """Checks, data, model, optimiser; the state of the checkpoint resumed from, if any."""
-    config = run_config(args, runtime)
-    resume_path, resumed, patients = agree_on_inputs(args, runtime, config, run_defining_flags())
+    config = resume.run_config(args, runtime)
+    resume_path, resumed, patients = resume.agree_on_inputs(args, runtime, config, run_defining_flags())
     split, train_volumes, val_volumes = load_split_volumes(args, runtime, patients, resumed and resumed["split"])
-    train_set = MRISegmentationDataset(train_volumes, args.context_slices)
-    sampler = make_sampler(train_set, args.sampling, args.sampling_floor, args.lesion_fraction)
-    data, placement = training_data(train_set, runtime.device, args.data_placement, args.num_workers, sampler)
+    train_set = dataset.MRISegmentationDataset(train_volumes, args.context_slices)
+    sampler = sampling.make_sampler(train_set, args.sampling, args.sampling_floor, args.lesion_fraction)
+    data, placement = sampling.training_data(train_set, runtime.device, args.data_placement, args.num_workers, sampler)
     raw_model, model = build_training_model(args, runtime)
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=0.0)
@@ -523,7 +472,7 @@ def set_up(args: argparse.Namespace, runtime: Runtime) -> Run:
     run.worker = BackgroundWorker(enabled=not args.no_background)
     open_log(run)
     if runtime.is_main:
-        atomic_write_bytes(json.dumps(config, indent=2).encode(), Path(args.checkpoint_dir) / "args.json")
+        utils.atomic_write_bytes(json.dumps(config, indent=2).encode(), Path(args.checkpoint_dir) / "args.json")
         print_start(run, resume_path)
     return run
 
@@ -534,7 +483,7 @@ def restore(run: Run, checkpoint: dict) -> None:
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
-    restore_rng_state(checkpoint["rng"])
+    resume.restore_rng_state(checkpoint["rng"])
     run.start_epoch, run.best_dice = checkpoint["epoch"] + 1, checkpoint["best_dice"]
     run.log_run = checkpoint.get("log_run", "")
     run.curves = [h for h in checkpoint.get("history", []) if h["epoch"] < run.start_epoch]
@@ -561,7 +510,7 @@ def print_start(run: Run, resume_path: Path | None) -> None:
     print(
         f"device {runtime.device} x {runtime.world_size} process(es), amp {runtime.amp_name}, data on "
         f"{'device' if run.placement == 'device' else 'host (streamed)'}, "
-        f"{count_parameters(run.raw_model) / 1e6:.2f} M parameters, loss {args.loss}"
+        f"{network.count_parameters(run.raw_model) / 1e6:.2f} M parameters, loss {args.loss}"
     )
     split = run.split
     fold = f" (fold {split['fold']} of {split['folds']})" if split.get("folds") else ""
@@ -582,13 +531,13 @@ def print_start(run: Run, resume_path: Path | None) -> None:
             f"validation: {lesion_free} of {len(run.val_volumes)} patients are lesion-free; each scores Dice 1 "
             "(nothing predicted) or 0, so the mean can jump between epochs (the median is steadier)"
         )
-    curves = "" if args.no_learning_curves else f"; after each epoch: {learning_curves_path(args)}"
+    curves = "" if args.no_learning_curves else f"; after each epoch: {training_log.learning_curves_path(args)}"
     print(f"TensorBoard: {Path(args.log_dir) / run.log_run}{curves}")
     if resume_path is not None:
         print(f"resumed from {resume_path} after epoch {run.start_epoch - 1} (best Dice {run.best_dice:.4f})")
     elif args.resume == "auto":
         print(f"--resume auto: no last.pt in {args.checkpoint_dir}, starting from scratch")
-    print(EPOCH_HEADER, flush=True)
+    print(training_log.EPOCH_HEADER, flush=True)
 
 
 def run_epoch(run: Run, epoch: int) -> None:
@@ -599,7 +548,7 @@ def run_epoch(run: Run, epoch: int) -> None:
     generator = torch.Generator().manual_seed(stream_seed(args.seed, epoch, runtime.rank, 0))
     augment_seed = stream_seed(args.seed, epoch, runtime.rank, 1)
     augment = augmentations.build_augmentation(args, augment_seed, run.steps, args.batch_size, runtime.device)
-    label = progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch)
+    label = training_log.progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch)
     train_stats = train_one_epoch(
         run.model,
         run.data,
@@ -649,17 +598,18 @@ def end_epoch(run: Run, epoch: int, train_stats: dict) -> None:
     visualise = validated and args.vis_frequency > 0 and epoch % args.vis_frequency == 0 and args.n_vis_images > 0
     parts, scored = None, runtime.distributed
     if validated:
-        sync_buffers(run.raw_model, runtime)  # validate exactly the model that rank 0 saves
+        distributed.sync_buffers(run.raw_model, runtime)  # validate exactly the model that rank 0 saves
         parts = validation_masks(run.raw_model, run.val_inputs, runtime, args.batch_size * 2, run.criterion)
         if scored:
-            parts = gather_over_ranks(score_patients(parts, run.val_truths, not args.no_lcc, visualise), runtime)
+            scored_parts = score_patients(parts, run.val_truths, not args.no_lcc, visualise)
+            parts = distributed.gather_over_ranks(scored_parts, runtime)
     val_seconds = time.perf_counter() - start
     lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
     copy_start = time.perf_counter()
     state = None
     if runtime.is_main:
-        state = training_state(run.raw_model, run.optimizer, run.scheduler, run.scaler, rng_state())
+        state = checkpoint.training_state(run.raw_model, run.optimizer, run.scheduler, run.scaler, resume.rng_state())
     copy_seconds = time.perf_counter() - copy_start
     seconds = {"val": val_seconds, "val_device": val_seconds, "ckpt": copy_seconds, "ckpt_copy": copy_seconds}
     waited = run.worker.make_room()  # while the previous epoch's end still runs
@@ -692,28 +642,30 @@ def finish_epoch(run: Run, end: EpochEnd) -> None:
     if not runtime.is_main:
         return
     start = time.perf_counter()
-    checkpoint = make_checkpoint(end.state, run.split, end.epoch, run.best_dice, run.config, run.log_run, run.curves)
-    write_checkpoint(checkpoint, Path(args.checkpoint_dir) / "last.pt")
+    saved = checkpoint.make_checkpoint(
+        end.state, run.split, end.epoch, run.best_dice, run.config, run.log_run, run.curves
+    )
+    checkpoint.write_checkpoint(saved, Path(args.checkpoint_dir) / "last.pt")
     if is_best:
-        write_checkpoint(checkpoint, Path(args.checkpoint_dir) / "best_model.pt")
+        checkpoint.write_checkpoint(saved, Path(args.checkpoint_dir) / "best_model.pt")
     seconds["ckpt"] += time.perf_counter() - start
     start = time.perf_counter()
     if val is not None and not args.no_learning_curves:
         curves = plot_learning_curves(run.curves, f"{Path(args.checkpoint_dir).name} ({args.loss} loss)")
-        write_learning_curves(png_bytes(curves), Path(args.checkpoint_dir) / LEARNING_CURVES, end.epoch)
+        path = Path(args.checkpoint_dir) / training_log.LEARNING_CURVES
+        training_log.write_learning_curves(png_bytes(curves), path, end.epoch)
     if end.visualise:
-        log_overlays(run.logger, run.val_volumes, val["predictions"], args.n_vis_images, end.epoch)
+        training_log.log_overlays(run.logger, run.val_volumes, val["predictions"], args.n_vis_images, end.epoch)
     seconds["pics"] += time.perf_counter() - start
     if not run.worker.enabled:  # in line, all of this kept the training thread from training
         seconds["outside"] += time.perf_counter() - begun
-    log_epoch(run.logger, end.epoch, end.train_stats, end.lr, val, seconds)
+    training_log.log_epoch(run.logger, end.epoch, end.train_stats, end.lr, val, seconds)
     run.epoch_parts.append({"epoch": end.epoch, **seconds})
-    print_line(
-        epoch_line(end.epoch, args.epochs, end.train_stats, val, end.lr, seconds) + ("  *best*" if is_best else "")
-    )
+    line = training_log.epoch_line(end.epoch, args.epochs, end.train_stats, val, end.lr, seconds)
+    training_log.print_line(line + ("  *best*" if is_best else ""))
 
 
-def train(args: argparse.Namespace, runtime: Runtime) -> dict:
+def train(args: argparse.Namespace, runtime: distributed.Runtime) -> dict:
     """Set up, run the epochs (up to --stop-after-epoch), return the history (used by tests)."""
     run = set_up(args, runtime)
     last = min(args.epochs, args.stop_after_epoch or args.epochs)
@@ -730,7 +682,7 @@ def train(args: argparse.Namespace, runtime: Runtime) -> dict:
     finally:
         run.logger.close()
     if last == args.epochs:  # rank 0 chooses; the others wait for it (or for its error)
-        on_rank_zero(runtime, lambda: ensure_postprocessing_choice(args, runtime.device))
+        distributed.on_rank_zero(runtime, lambda: ensure_postprocessing_choice(args, runtime.device))
     return {
         "history": run.history,
         "best_dice": run.best_dice,
@@ -762,14 +714,14 @@ def choose_command(args: argparse.Namespace) -> dict:
     """`train.py --choose-postprocessing CKPT`: the choice for an existing checkpoint, no training."""
     for name in ("resume", "overwrite", "fold", "stop_after_epoch"):
         if getattr(args, name) not in (None, False):
-            raise UsageError(
-                f"--choose-postprocessing trains nothing; drop {flag_text(name, getattr(args, name))} "
+            raise utils.UsageError(
+                f"--choose-postprocessing trains nothing; drop {resume.flag_text(name, getattr(args, name))} "
                 "(it takes --data-dir, --device, --cache-dir, --no-cache and --batch-size)"
             )
     if not Path(args.choose_postprocessing).exists():
-        raise CheckpointError(f"--choose-postprocessing {args.choose_postprocessing}: checkpoint not found")
-    device = resolve_device(args.device)
-    cache_dir = None if args.no_cache else ensure_writable_dir(args.cache_dir, "--cache-dir")
+        raise checkpoint.CheckpointError(f"--choose-postprocessing {args.choose_postprocessing}: checkpoint not found")
+    device = utils.resolve_device(args.device)
+    cache_dir = None if args.no_cache else utils.ensure_writable_dir(args.cache_dir, "--cache-dir")
     return record_postprocessing_choice(args.choose_postprocessing, args.data_dir, device, cache_dir, args.batch_size)
 
 
@@ -779,43 +731,43 @@ def choose_command(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    one_line_warnings()
+    utils.one_line_warnings()
     if args.choose_postprocessing is not None:
         try:
             return choose_command(args)
-        except (DataError, CheckpointError, UsageError) as error:
+        except (DataError, checkpoint.CheckpointError, utils.UsageError) as error:
             sys.exit(f"error: {error}")
     try:
         validate_args(args)
-        runtime = setup_runtime(args)
-    except UsageError as error:
+        runtime = distributed.setup_runtime(args)
+    except utils.UsageError as error:
         sys.exit(f"error: {error}")
     try:
-        with determinism(args.deterministic, runtime.device):
+        with distributed.determinism(args.deterministic, runtime.device):
             result = (
                 train_folds(args, runtime, train, run_defining_flags()) if args.fold == "all" else train(args, runtime)
             )
             if runtime.distributed:  # leave together: a rank tearing down gloo while a peer still talks aborts it
                 dist.barrier()
-    except FollowRankZero:
+    except distributed.FollowRankZero:
         sys.exit(1)
-    except (DataError, CheckpointError, UsageError, TrainingDiverged) as error:
+    except (DataError, checkpoint.CheckpointError, utils.UsageError, distributed.TrainingDiverged) as error:
         if runtime.is_main:
             sys.exit(f"error: {error}")
-        exit_now(f"error: rank {runtime.rank}: {error}")
+        distributed.exit_now(f"error: rank {runtime.rank}: {error}")
     except dist.DistError as error:  # another rank failed and left: it printed its own error
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        exit_now(f"error: rank {runtime.rank}: stopped, another process failed ({first})")
+        distributed.exit_now(f"error: rank {runtime.rank}: stopped, another process failed ({first})")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if runtime.is_main and result["stopped_after"] is not None:
         print(f"\nstopped after epoch {result['stopped_after']} of {args.epochs}; continue with:")
-        print(f"  {continue_command(argv, runtime.world_size)}")
+        print(f"  {resume.continue_command(argv, runtime.world_size)}")
     if runtime.is_main and (args.demo or args.fold == "all") and result["stopped_after"] is None:
         if args.demo and not args.no_learning_curves:
-            print(f"\nlearning curves: {learning_curves_path(args)}")
-        print(f"\nnext: {predict_command(args)}")
+            print(f"\nlearning curves: {training_log.learning_curves_path(args)}")
+        print(f"\nnext: {training_log.predict_command(args)}")
     return result
 
 

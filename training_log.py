@@ -14,16 +14,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dataset import (
-    Volume,
-)
+from dataset import Volume
 from pictures import thumbnail
 from tb_logger import TBLogger
-from utils import (
-    UsageError,
-    atomic_write_bytes,
-    format_duration,
-)
+from utils import UsageError, atomic_write_bytes, format_duration
 
 LEARNING_CURVES = "learning_curves.png"  # in --checkpoint-dir, rewritten after every validated epoch
 

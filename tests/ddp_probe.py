@@ -14,11 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train
 
 RANK = int(os.environ.get("RANK", "0"))
-predict_logits, build_loss, validation_masks = (
-    train.predict_logits,
-    train.build_loss,
-    train.validation_masks,
-)
+predict_logits, build_loss, validation_masks = (train.predict_logits, train.build_loss, train.validation_masks)
 
 
 def recording_predict_logits(model, images, *args, **kwargs):

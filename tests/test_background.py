@@ -13,7 +13,7 @@ from conftest import tiny_train_args
 
 import checkpoint as checkpoint_module
 import dataset
-import runtime
+import distributed
 import train
 from augmentations import BatchAugmentation, affine_matrices, random_affine_parameters
 from background import BackgroundWorker, host_copy
@@ -151,7 +151,7 @@ def test_a_training_crash_waits_for_the_pending_checkpoint(phantom_dir, tmp_path
 
     def failing_third_epoch(*args, **kwargs):
         if args[10] == 3:  # epoch
-            raise runtime.TrainingDiverged("injected at epoch 3")
+            raise distributed.TrainingDiverged("injected at epoch 3")
         return original(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", failing_third_epoch)

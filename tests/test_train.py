@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import tiny_train_args
 
-import runtime
+import dataset
+import distributed
 import train
 import training_log
 from dataset import discover_patients, load_volumes, select_patients
@@ -287,7 +288,7 @@ def test_unusable_output_folder_refused_before_preprocessing(phantom_dir, tmp_pa
     def no_preprocessing(*args, **kwargs):
         raise AssertionError("preprocessing started")
 
-    monkeypatch.setattr(train, "load_volumes", no_preprocessing)
+    monkeypatch.setattr(dataset, "load_volumes", no_preprocessing)
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
     target = blocker / "sub" if below else blocker
@@ -448,7 +449,7 @@ def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir,
     try:
         # train.py's validation path in one process (its batch size and loss): the device part,
         # the largest-component step and Dice, the summary
-        one_process, saved = runtime.Runtime(torch.device("cpu")), checkpoint["args"]
+        one_process, saved = distributed.Runtime(torch.device("cpu")), checkpoint["args"]
         inputs = train.validation_inputs(volumes, one_process.device, "host")
         criterion = build_loss(saved["loss"])
         parts = train.validation_masks(model, inputs, one_process, 2 * saved["batch_size"], criterion)

@@ -17,15 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from checkpoint import (
-    CheckpointError,
-)
+from checkpoint import CheckpointError
 from inference import AMP_CHOICES, amp_name, autocast_dtype
 from patients import DataError
-from utils import (
-    UsageError,
-    resolve_device,
-)
+from utils import UsageError, resolve_device
 
 
 class FollowRankZero(Exception):

@@ -153,7 +153,7 @@ def training_loss() -> torch.nn.Module:
 
 def training_augmentation(steps: int, batch_size: int, device: torch.device, seed: int = 0) -> Augment:
     """The augmentation train.py builds for an epoch of `steps` batches, with its default flags."""
-    return build_augmentation(argparse.Namespace(**train.run_defaults()), seed, steps, batch_size, device)
+    return build_augmentation(train.parse_args([]), seed, steps, batch_size, device)
 
 
 def configured_training_rate(
@@ -231,7 +231,7 @@ LGG_PATIENTS, LGG_SLICES, DEFAULT_VAL_PATIENTS, DEFAULT_EPOCHS = 110, 3929, 10, 
 
 def timed_training(flags: list[str]) -> dict:
     """train.py's own `main` in this process (its printed lines swallowed): wall seconds, and
-    the parts of each epoch that `train.finish_epoch` measured ("step", "val", "val_device",
+    the parts of each epoch that `epoch_end.finish_epoch` measured ("step", "val", "val_device",
     "ckpt", "pics", "outside", "waited")."""
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):

@@ -64,11 +64,11 @@ from pathlib import Path
 import torch
 
 import bench
+import distributed
 import train
 from dataset import MRISegmentationDataset, discover_patients, load_volumes, make_synthetic_dataset
 from sampling import ResidentSlices
 from inference import AMP_DTYPES
-from network import UNetModel
 
 device, size, filters, steps, out = torch.device(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 figures = {}
@@ -76,7 +76,7 @@ with tempfile.TemporaryDirectory() as tmp:
     make_synthetic_dataset(Path(tmp) / "p", 4, seed=0, image_size=size, slices=(20, 24))
     volumes = load_volumes(discover_patients(Path(tmp) / "p"), size, None)
     data = ResidentSlices(MRISegmentationDataset(volumes), device)
-    with train.determinism(False, device):
+    with distributed.determinism(False, device):
         for name, amp, compiled in (("bf16 eager", "bf16", False), ("bf16 compiled", "bf16", True), ("fp16 eager", "fp16", False)):
             rate = bench.configured_training_rate(data, filters, 16, steps, device, AMP_DTYPES[amp], compiled)
             figures[f"step slices/s, {name}"] = round(rate, 1)
@@ -84,10 +84,10 @@ with tempfile.TemporaryDirectory() as tmp:
         if device.type == "cuda":
             figures["peak GPU memory (MiB)"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
             # host syncs in the step loop: no --log-interval step inside the window
-            model = UNetModel(base_filters=filters).to(device).to(memory_format=torch.channels_last)
+            model = bench.default_network(filters).to(device).to(memory_format=torch.channels_last)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             scaler = torch.amp.GradScaler("cuda", enabled=False)
-            runtime = train.Runtime(device, amp_dtype=torch.bfloat16)
+            runtime = distributed.Runtime(device, amp_dtype=torch.bfloat16)
             criterion = bench.training_loss()
 
             def epoch(count, seed):  # train.py's own epoch: its loss and its augmentation, built per epoch

@@ -11,10 +11,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import epoch_end
+import run_setup
 import train
+import validation
 
 RANK = int(os.environ.get("RANK", "0"))
-predict_logits, build_loss, validation_masks = (train.predict_logits, train.build_loss, train.validation_masks)
+predict_logits, build_loss, validation_masks = (
+    validation.predict_logits,
+    run_setup.build_loss,
+    epoch_end.validation_masks,
+)
 
 
 def recording_predict_logits(model, images, *args, **kwargs):
@@ -48,8 +55,8 @@ def probed_build_loss(name):
     return loss
 
 
-train.predict_logits, train.build_loss = recording_predict_logits, probed_build_loss
-train.validation_masks = recording_validation_masks
+validation.predict_logits, run_setup.build_loss = recording_predict_logits, probed_build_loss
+epoch_end.validation_masks = recording_validation_masks
 
 if __name__ == "__main__":
     train.main()

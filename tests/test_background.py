@@ -1,4 +1,4 @@
-"""The end of each epoch off the training thread (background.py, train.end_epoch /
+"""The end of each epoch off the training thread (background.py, epoch_end.end_epoch /
 finish_epoch): host copies, the worker's order and errors, a crash while a checkpoint is
 being written, and the same selection and weights as validation in line."""
 
@@ -15,6 +15,7 @@ import checkpoint as checkpoint_module
 import dataset
 import distributed
 import train
+import validation
 from augmentations import BatchAugmentation, affine_matrices, random_affine_parameters
 from background import BackgroundWorker, host_copy
 from checkpoint import load_checkpoint
@@ -162,8 +163,8 @@ def test_a_training_crash_waits_for_the_pending_checkpoint(phantom_dir, tmp_path
 
 def test_validation_volumes_stay_on_the_device_with_device_placement(phantom_dir):
     volumes = dataset.load_volumes(dataset.discover_inputs(phantom_dir)[:2], 32, None)
-    on_device = train.validation_inputs(volumes, torch.device("cpu"), "device")
-    streamed = train.validation_inputs(volumes, torch.device("cpu"), "stream")
+    on_device = validation.validation_inputs(volumes, torch.device("cpu"), "device")
+    streamed = validation.validation_inputs(volumes, torch.device("cpu"), "stream")
     assert all(isinstance(v.images, torch.Tensor) for v in on_device)
     assert all(isinstance(v.images, np.memmap | np.ndarray) for v in streamed)
     for a, b in zip(on_device, streamed):

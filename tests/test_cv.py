@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_train_args
 
 import predict
+import run_setup
 import train
 from dataset import discover_patients
 from patients import DataError
@@ -135,14 +136,14 @@ def test_fold_all_resume_auto_skips_finished_folds_and_continues_the_others(phan
 
 def test_a_failing_fold_stops_the_command_with_one_line(phantom_dir, tmp_path, monkeypatch):
     cv = tmp_path / "ckpt"
-    load = train.load_split_volumes
+    load = run_setup.load_split_volumes
 
     def fail_on_fold_1(args, *rest):
         if args.fold == 1:
             raise DataError("/data/TCGA_X/TCGA_X_3.tif: cannot read TIFF")
         return load(args, *rest)
 
-    monkeypatch.setattr(train, "load_split_volumes", fail_on_fold_1)
+    monkeypatch.setattr(run_setup, "load_split_volumes", fail_on_fold_1)
     with pytest.raises(SystemExit) as exit_info:
         train.main(cv_args(phantom_dir, tmp_path, "--epochs", "1"))
     message = str(exit_info.value.code)

@@ -7,6 +7,7 @@ from conftest import tiny_train_args
 
 import bench
 import train
+from losses import build_loss
 
 
 def test_bench_times_the_loss_train_py_trains_with(monkeypatch):
@@ -17,7 +18,7 @@ def test_bench_times_the_loss_train_py_trains_with(monkeypatch):
     monkeypatch.setattr(bench, "train_one_epoch", lambda model, data, opt, scaler, criterion, *a, **k: seen.append(
         criterion) or {"slices_per_s": 1.0})  # fmt: skip
     bench.configured_training_rate(None, 4, 2, 1, torch.device("cpu"), None, False)
-    expected = train.build_loss(train.get_args_parser().get_default("loss"))
+    expected = build_loss(train.get_args_parser().get_default("loss"))
     assert seen and all(type(c) is type(expected) for c in seen)
     logits = torch.randn(2, 1, 8, 8)
     target = (torch.rand(2, 1, 8, 8) > 0.5).float()

@@ -12,6 +12,7 @@ from conftest import tiny_train_args
 import export
 import inference
 import predict
+import run_setup
 import train
 from checkpoint import CheckpointError, load_checkpoint
 from dataset import discover_patients, load_volumes, read_volume, select_patients
@@ -40,7 +41,7 @@ def test_invalid_recipe_flags_rejected_with_one_line(flags, message, phantom_dir
 
 
 def recorded_training_masks(monkeypatch) -> list[torch.Tensor]:
-    """Patch train.build_loss so that the run's criterion records each training batch's masks
+    """Patch run_setup.build_loss so that the run's criterion records each training batch's masks
     (validation calls the same criterion, without gradients: those calls are not recorded)."""
     batches: list[torch.Tensor] = []
     real = build_loss
@@ -55,7 +56,7 @@ def recorded_training_masks(monkeypatch) -> list[torch.Tensor]:
 
         return record
 
-    monkeypatch.setattr(train, "build_loss", recording)
+    monkeypatch.setattr(run_setup, "build_loss", recording)
     return batches
 
 

@@ -16,8 +16,10 @@ from conftest import tiny_train_args
 
 import dataset
 import distributed
+import run_setup
 import train
 import training_log
+import validation
 from dataset import discover_patients, load_volumes, select_patients
 from losses import build_loss
 from metrics import dice_score
@@ -320,7 +322,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(phantom_dir, tmp_path, m
         def forward(self, logits, target):
             return logits.float().mean() * float("nan")
 
-    monkeypatch.setattr(train, "build_loss", lambda name: NaNLoss())
+    monkeypatch.setattr(run_setup, "build_loss", lambda name: NaNLoss())
     with pytest.raises(SystemExit) as exit_info:
         train.main([*args, "--resume", "auto"])
     assert "nan" in str(exit_info.value.code).lower()
@@ -450,11 +452,11 @@ def test_two_process_ddp_validates_the_saved_model_once_per_patient(phantom_dir,
         # train.py's validation path in one process (its batch size and loss): the device part,
         # the largest-component step and Dice, the summary
         one_process, saved = distributed.Runtime(torch.device("cpu")), checkpoint["args"]
-        inputs = train.validation_inputs(volumes, one_process.device, "host")
+        inputs = validation.validation_inputs(volumes, one_process.device, "host")
         criterion = build_loss(saved["loss"])
-        parts = train.validation_masks(model, inputs, one_process, 2 * saved["batch_size"], criterion)
+        parts = validation.validation_masks(model, inputs, one_process, 2 * saved["batch_size"], criterion)
         truths = {v.patient_id: np.asarray(v.masks) for v in volumes}
-        expected = train.summarize_validation(train.score_patients(parts, truths, not saved["no_lcc"], False))
+        expected = validation.summarize_validation(validation.score_patients(parts, truths, not saved["no_lcc"], False))
     finally:
         torch.set_num_threads(threads)
     (run_dir,) = (tmp_path / "tb").iterdir()

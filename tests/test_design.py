@@ -124,7 +124,7 @@ def test_no_module_imports_a_command_line_program():
 
 def test_one_predictor_serves_training_prediction_the_hub_export_and_bench():
     graph = import_graph(repo_sources())
-    assert all("inference" in graph[m] for m in ("train", "predict", "hubconf", "export", "bench"))
+    assert all("inference" in graph[m] for m in ("validation", "predict", "hubconf", "export", "bench"))
 
 
 if __name__ == "__main__":

@@ -216,3 +216,13 @@ def write_checkpoint(checkpoint: dict, path: Path) -> None:
         raise CheckpointError(
             f"{path}: the checkpoint could not be written ({error}); the earlier {path.name} is kept"
         ) from error
+
+
+def unwrap_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from keys."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        cleaned[key] = value
+    return cleaned

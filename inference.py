@@ -21,12 +21,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from checkpoint import CheckpointError, check_preprocessing, load_checkpoint, require_training_checkpoint
+from checkpoint import (
+    CheckpointError,
+    check_preprocessing,
+    load_checkpoint,
+    require_training_checkpoint,
+    unwrap_state_dict,
+)
 from dataset import stack_context
 from network import ModelConfig, build_model
 from postprocessing import LCC, NO_FILTER, postprocess, postprocessing_of
 from preprocessing import Geometry, restore_geometry
-from utils import UsageError, unwrap_state_dict
+from utils import UsageError
 
 # ------------------------------------------------------------------------ model loading
 

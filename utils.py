@@ -1,4 +1,4 @@
-"""Shared helpers: seeding, state-dict keys, atomic writes, the CLIs' parser, help format,
+"""Shared helpers: seeding, atomic writes, the CLIs' parser, help format,
 shared flags and usage errors, device and folder checks, durations."""
 
 from __future__ import annotations
@@ -25,16 +25,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def unwrap_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from keys."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        cleaned[key] = value
-    return cleaned
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:

@@ -8,9 +8,8 @@ import torch
 from scipy import ndimage
 
 import utils
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap_state_dict
 from metrics import hd95
-from utils import unwrap_state_dict
 
 
 def test_crash_while_saving_keeps_the_old_checkpoint(tmp_path, monkeypatch):

@@ -158,8 +158,12 @@ class SegmentationPipeline:
         batch_size: int = 32,
         norm_region: str = "crop",
         postprocessing: dict | None = None,
+        amp: str = "auto",
     ):
         self._modules = repo_modules()
+        inference = self._modules["inference"]
+        self.amp_dtype = inference.inference_dtype(device, amp)  # bf16 on CPUs with native bf16, unless "off"
+        self.backend, self.precision = "torch", inference.precision_text(self.amp_dtype)
         post = self._modules["postprocessing"]
         if postprocessing is None:
             postprocessing = dict(post.LCC if lcc else post.NO_FILTER)
@@ -189,7 +193,7 @@ class SegmentationPipeline:
             raise ValueError(f"expected a volume of shape (slices, H, W, 3), got {volume.shape}")
         slices = range(len(volume))
         images, _, geometry = preprocessing.preprocess_volume(volume, None, self.image_size, slices, self.norm_region)
-        amp = inference.autocast_dtype(self.device)
+        amp = self.amp_dtype
         probs = inference.predict_volume(
             self.model, images, self.device, self.batch_size, self.tta, amp, self.context_slices
         )
@@ -204,6 +208,7 @@ def segmentation_pipeline(
     tta: bool = False,
     image_size: int | None = None,
     batch_size: int = 32,
+    amp: str = "auto",
 ) -> SegmentationPipeline:
     """A callable that segments one patient's raw volume: (S, H, W, 3) -> masks uint8 0/1
     (S, H, W) and probabilities float32 (S, H, W) on the input grid, with the preprocessing,
@@ -220,6 +225,11 @@ def segmentation_pipeline(
     training checkpoint (pass `image_size` for a bare state_dict, default 256, normalised over
     the crop; an `image_size` other than a checkpoint's own warns); the context slices of a
     2.5-D model come from its input channels.
+
+    `amp`: "auto" (default) runs the forward pass in bf16 autocast on a CPU with native bf16
+    (AMX or AVX512-BF16) and on GPUs that support it, fp32 elsewhere; "off" forces fp32. The
+    weights and the returned probabilities are float32 either way; the pipeline's `backend`
+    and `precision` attributes say what ran.
     """
     modules = repo_modules()
     utils, inference, saved = modules["utils"], modules["inference"], modules["checkpoint"]
@@ -250,5 +260,5 @@ def segmentation_pipeline(
     else:
         record = dict(post.LCC if lcc else post.NO_FILTER)
     return SegmentationPipeline(
-        model, int(image_size), device, threshold, record == post.LCC, tta, batch_size, region, record
+        model, int(image_size), device, threshold, record == post.LCC, tta, batch_size, region, record, amp
     )

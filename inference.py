@@ -12,6 +12,7 @@ predict.py, the torch.hub pipeline, export.py and bench.py share.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,40 @@ def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | Non
     return AMP_DTYPES[amp]
 
 
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo: AMX tiles, or AVX-512 with bf16 dot products
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16: Intel Sapphire
+    Rapids and later, AMD Zen 4 and later), read from the kernel's CPU flags. A capability
+    check, not a timing probe: it costs nothing, gives the same answer every run, and
+    without the flags (another OS, an older CPU) the answer is False, so such a CPU never
+    gets bf16 autocast, which oneDNN then emulates far slower than fp32."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def precision_text(dtype: torch.dtype | None) -> str:
+    """How a forward pass ran, for protocols and records: "fp32", or e.g. "bf16 autocast
+    (float32 weights and probabilities)"."""
+    return "fp32" if dtype is None else f"{amp_name(dtype)} autocast (float32 weights and probabilities)"
+
+
+def inference_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for prediction (predict.py --amp, the hub pipeline): "auto" is bf16
+    on a CPU with native bf16 (`cpu_has_native_bf16`), full fp32 (None) on other CPUs, and
+    `autocast_dtype`'s choice on CUDA; "off" is always fp32. The weights and the returned
+    probabilities stay float32 either way."""
+    if amp == "auto" and device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return autocast_dtype(device, amp)
+
+
 def amp_name(dtype: torch.dtype | None) -> str:
     """The --amp word of a resolved dtype: bf16, fp16 or off."""
     return {dtype_: name for name, dtype_ in AMP_DTYPES.items()}[dtype]
@@ -262,26 +297,32 @@ def to_native(
     return binarize(native_probs, threshold, lcc, postprocessing).astype(np.uint8), native_probs
 
 
-# ------------------------------------------------------------------ the post-processing choice
-# nnU-Net decides its post-processing from cross-validation (Isensee et al. 2021, Nature
-# Methods 18:203-211, `determine_postprocessing`: keep the largest component only where it
-# improves the validation Dice). Here a run's validation patients choose among these
-# candidates, applied to the thresholded mask on the native grid. Their order is the tie
-# rule: an equal mean Dice goes to the earlier candidate, the largest component (the reference
-# implementation's post-processing) first,
-# then the candidates that remove the most, and no filtering last.
-
-
 BACKENDS = ("torch", "onnxruntime")
 
 
-def resolve_backend(name: str | None, device: torch.device) -> str:
-    """--backend: None picks onnxruntime on the CPU (faster there, see bench.py) and torch
-    on CUDA. Raises UsageError for onnxruntime on a non-CPU device (CPU provider only)."""
+def resolve_backend(name: str | None, device: torch.device, amp_dtype: torch.dtype | None = None) -> str:
+    """--backend: None picks the fastest measured path (`bench.py speed`): torch on CUDA, and
+    on the CPU torch when it runs in bf16 (`amp_dtype`, from `inference_dtype`), else
+    onnxruntime (fp32). Raises UsageError for onnxruntime on a non-CPU device (CPU provider
+    only) or with a reduced precision (it runs the exported fp32 graph)."""
     if name is None:
-        return "onnxruntime" if device.type == "cpu" else "torch"
+        return "onnxruntime" if device.type == "cpu" and amp_dtype is None else "torch"
+    if name == "onnxruntime" and amp_dtype is not None:
+        raise UsageError(
+            f"--backend onnxruntime runs the fp32 ONNX graph; pass --amp off with it (not {amp_name(amp_dtype)})"
+        )
     if name == "onnxruntime" and device.type != "cpu":
         raise UsageError(
             f"--backend onnxruntime runs on the CPU only; pass --device cpu or --backend torch (not {device})"
         )
     return name
+
+
+def resolve_inference(backend: str | None, amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """predict.py's --backend and --amp resolved together: (backend, autocast dtype or None
+    for fp32). `--backend onnxruntime` with `--amp auto` runs in fp32; otherwise the precision
+    is `inference_dtype`'s and the backend `resolve_backend`'s for it."""
+    if backend == "onnxruntime" and amp == "auto":
+        amp = "off"
+    dtype = inference_dtype(device, amp)
+    return resolve_backend(backend, device, dtype), dtype

@@ -14,7 +14,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, require_training_checkpoint, save_checkpoint
 from dataset import discover_inputs, load_volume, read_volume
-from inference import LoadedModel, autocast_dtype, load_model, predict_volume
+from inference import LoadedModel, inference_dtype, load_model, predict_volume
 from patients import DataError, Patient
 from postprocessing import candidate_dice, check_postprocessing, choose_postprocessing, postprocessing_name
 from preprocessing import restore_geometry
@@ -33,7 +33,7 @@ def score_postprocessing(
     forward pass per patient (no TTA, autocast as predict.py), probabilities resampled to the
     native grid, every candidate applied to the same thresholded map, against the patient's
     native masks. Reads only `patients`. Raises DataError for a patient without masks."""
-    amp = autocast_dtype(device)
+    amp = inference_dtype(device)  # as predict.py runs by default
     scores = {}
     for patient in patients:
         volume = load_volume(patient, loaded.image_size, cache_dir, loaded.norm_region)

@@ -40,13 +40,16 @@ from checkpoint import CheckpointError
 from dataset import discover_inputs, load_volume, read_volume, select_patients
 from export import with_onnxruntime
 from inference import (
+    AMP_CHOICES,
+    AMP_DTYPES,
     BACKENDS,
     LoadedModel,
-    autocast_dtype,
+    amp_name,
     load_model,
     missing_checkpoint,
+    precision_text,
     predict_volume,
-    resolve_backend,
+    resolve_inference,
     to_native,
 )
 from metrics import metric_names, metric_units, patient_metrics
@@ -289,7 +292,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKENDS,
         default=None,
-        help="inference engine; default: onnxruntime on the CPU, torch on CUDA",
+        help="inference engine; default: the fastest path measured (bench.py speed): torch on CUDA and on a CPU "
+        "that runs bf16 natively, onnxruntime (fp32) on other CPUs",
+    )
+    p.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="auto",
+        help="autocast precision of the forward pass; auto = bf16 on a CPU with AMX or AVX512-BF16 and on GPUs that "
+        "support it (fp16 on other GPUs), fp32 on other CPUs; off = full fp32 everywhere",
     )
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
@@ -401,7 +412,7 @@ def predict_patient(
     cache_dir = None if args.no_cache else args.cache_dir
     check_image_sizes(models)
     volume = load_volume(patient, models[0].image_size, cache_dir, models[0].norm_region)
-    amp = autocast_dtype(device)
+    amp = AMP_DTYPES[args.precision]
     probs = np.mean(
         [
             predict_volume(m.model, volume.images, device, args.batch_size, args.tta, amp, m.context_slices)
@@ -561,6 +572,7 @@ def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode:
         "lcc": args.postprocess == "lcc" or (args.postprocess == "checkpoint" and all_lcc(models)),
         "tta": args.tta,
         "backend": args.backend,
+        "precision": precision_text(AMP_DTYPES[args.precision]),
         "post_processing": "probabilities resampled to the native grid (bilinear), then threshold, then the 3-D "
         "component filter of `postprocessing` (lcc: largest only; min_share s: components of at least s of the "
         "largest; none: all)",
@@ -590,7 +602,8 @@ def run(args: argparse.Namespace) -> dict:
     fail), return the summary."""
     check_output_dirs(args)
     device = resolve_device(args.device)
-    args.backend = resolve_backend(args.backend, device)
+    args.backend, amp_dtype = resolve_inference(args.backend, args.amp, device)
+    args.precision = amp_name(amp_dtype)
     for path in args.model_path:
         if not Path(path).exists():
             raise CheckpointError(missing_checkpoint(path, "--data-dir demo_3m"))
@@ -608,7 +621,7 @@ def run(args: argparse.Namespace) -> dict:
     mode = "folds" if folds else ("ensemble" if len(models) > 1 else "single")
     print(
         f"{len(patients)} patient(s) ({' '.join(args.patients)}), {len(models)} checkpoint(s) ({mode}), "
-        f"device {device}, backend {args.backend}"
+        f"device {device}, backend {args.backend}, precision {precision_text(AMP_DTYPES[args.precision])}"
     )
     averaged = any(len(assign(p.patient_id, models, folds)[0]) > 1 for p in patients)
     print(postprocessing_line(models, args.postprocess, mode, averaged))

@@ -35,7 +35,7 @@ import train
 from augmentations import Augment, BatchAugmentation, build_augmentation
 from dataset import MRISegmentationDataset, discover_patients, load_volume, load_volumes, make_synthetic_dataset
 from distributed import Runtime
-from inference import autocast_dtype, binarize, predict_volume
+from inference import autocast_dtype, binarize, cpu_has_native_bf16, inference_dtype, predict_volume
 from losses import SoftDiceLoss, build_loss
 from network import DEFAULT_ARCHITECTURE, build_model
 from preprocessing import restore_geometry
@@ -43,6 +43,7 @@ from results_page import REPORT_ABOUT, ReportError, add_report_flags, report
 from sampling import ResidentSlices
 from study_ablation import ABLATION_ABOUT, ablation, add_ablation_flags
 from study_postprocessing import POSTPROCESSING_ABOUT, add_postprocessing_flags, postprocessing
+from study_precision import PRECISION_ABOUT, add_precision_flags, precision
 from train import train_one_epoch
 from utils import CLIParser, HelpFormatter, add_shared_flag, resolve_device, shared_flags
 
@@ -188,23 +189,26 @@ def configured_training_rate(
 
 
 def bench_inference(volumes, base_filters: int, device: torch.device) -> dict:
-    """Seconds per patient: forward pass + threshold + LCC + inverse geometry."""
+    """Seconds per patient: forward pass (in predict.py's default precision, `inference_dtype`)
+    + threshold + LCC + inverse geometry."""
     model = default_network(base_filters).to(device).to(memory_format=torch.channels_last).eval()
     predict_volume(model, volumes[0].images[:2], device)
     times = []
     for volume in volumes:
         synchronize(device)
         start = time.perf_counter()
-        probs = predict_volume(model, volume.images, device, 32, amp_dtype=autocast_dtype(device))
+        probs = predict_volume(model, volume.images, device, 32, amp_dtype=inference_dtype(device))
         restore_geometry(binarize(probs).astype(np.uint8), volume.geometry)
         times.append(time.perf_counter() - start)
     return {"s_per_patient": float(np.mean(times)), "slices_per_s": sum(len(v.images) for v in volumes) / sum(times)}
 
 
 def bench_cpu_backends(volumes, base_filters: int, image_size: int, max_slices: int, batch_size: int = 32) -> dict:
-    """CPU inference slices/s of the network alone, side by side: torch (eager fp32,
-    channels_last, as predict.py runs it) and onnxruntime (the graph export.py writes),
-    the same weights and the same preprocessed slices (at most `max_slices`)."""
+    """CPU inference slices/s of the network alone, side by side, the same weights and the
+    same preprocessed slices (at most `max_slices`): torch eager fp32 and in bf16 autocast
+    (both channels_last, as predict.py runs them), and onnxruntime fp32 (the graph export.py
+    writes). bf16 is timed only where the CPU has native bf16 (`cpu_has_native_bf16`; it is
+    emulated, and slow, elsewhere)."""
     from export import OnnxRuntimeModel, export_onnx
 
     cpu = torch.device("cpu")
@@ -213,15 +217,21 @@ def bench_cpu_backends(volumes, base_filters: int, image_size: int, max_slices: 
         "torch": model.to(memory_format=torch.channels_last),
         "onnxruntime": OnnxRuntimeModel(export_onnx(model, image_size)),
     }
+    paths = {"torch": (networks["torch"], None), "onnxruntime": (networks["onnxruntime"], None)}
+    if cpu_has_native_bf16():
+        paths["torch_bf16"] = (networks["torch"], torch.bfloat16)
     images = np.concatenate([np.asarray(v.images) for v in volumes])[:max_slices]  # (N, 3, S, S)
-    result, probabilities = {"slices": len(images), "batch_size": batch_size}, {}
-    for name, network in networks.items():
-        predict_volume(network, images[:batch_size], cpu, batch_size)  # warm-up
+    result, probabilities = {"slices": len(images), "batch_size": batch_size, "native_bf16": cpu_has_native_bf16()}, {}
+    for name, (network, amp) in paths.items():
+        predict_volume(network, images[:batch_size], cpu, batch_size, amp_dtype=amp)  # warm-up
         start = time.perf_counter()
-        probabilities[name] = predict_volume(network, images, cpu, batch_size)
+        probabilities[name] = predict_volume(network, images, cpu, batch_size, amp_dtype=amp)
         result[f"{name}_slices_per_s"] = len(images) / (time.perf_counter() - start)
     result["onnxruntime_speedup"] = result["onnxruntime_slices_per_s"] / result["torch_slices_per_s"]
     result["max_abs_difference"] = float(np.abs(probabilities["torch"] - probabilities["onnxruntime"]).max())
+    if "torch_bf16" in probabilities:
+        result["bf16_speedup"] = result["torch_bf16_slices_per_s"] / result["onnxruntime_slices_per_s"]
+        result["bf16_max_abs_difference"] = float(np.abs(probabilities["torch"] - probabilities["torch_bf16"]).max())
     return result
 
 
@@ -447,6 +457,9 @@ def print_table(r: dict) -> None:
                 f"{b['onnxruntime_speedup']:.2f}x, max |diff| {b['max_abs_difference']:.1e}",
             ),
         ]
+        if "torch_bf16_slices_per_s" in b:
+            speedup = f"{b['bf16_speedup']:.2f}x onnxruntime, max |diff| {b['bf16_max_abs_difference']:.1e} vs fp32"
+            rows.insert(-1, ("CPU inference, torch bf16 (slices/s)", f"{b['torch_bf16_slices_per_s']:.1f}", speedup))
     if "peak_gpu_mib" in r:
         rows.append(("peak GPU memory (MiB)", f"{r['peak_gpu_mib']:.0f}", ""))
     if "epochs" in r:
@@ -509,12 +522,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "postprocessing": [
             shared_flags("--device", device="for training and the test scores; default: cuda when available")
         ],
+        "precision": [],
     }
     for name, about, add_flags in (
         ("speed", "time preprocessing, augmentation, training and inference on a phantom", add_speed_flags),
         ("ablation", ABLATION_ABOUT, add_ablation_flags),
         ("report", REPORT_ABOUT, add_report_flags),
         ("postprocessing", POSTPROCESSING_ABOUT, add_postprocessing_flags),
+        ("precision", PRECISION_ABOUT, add_precision_flags),
     ):
         sub = commands.add_parser(
             name, help=about.split(";")[0], description=about, formatter_class=HelpFormatter, parents=devices[name]
@@ -534,6 +549,8 @@ def main(argv: list[str] | None = None) -> dict | Path:
         return ablation(args, argv[1:])
     if args.command == "postprocessing":
         return postprocessing(args, argv[1:])
+    if args.command == "precision":
+        return precision(args, argv[1:])
     try:
         return report(args)
     except ReportError as error:

@@ -320,7 +320,9 @@ def test_a_finished_run_records_its_choice_from_its_validation_patients(trained_
         from dataset import load_volume, read_volume
 
         volume = load_volume(patients[pid], loaded.image_size, None)
-        probs = inference.predict_volume(loaded.model, volume.images)
+        probs = inference.predict_volume(  # in the precision predict.py runs by default, as the choice does
+            loaded.model, volume.images, amp_dtype=inference.inference_dtype(torch.device("cpu"))
+        )
         mask = inference.to_native(probs, volume.geometry, 0.5, lcc=False)[0].astype(bool)
         truth = read_volume(patients[pid])[1]
         assert selection["dice"][pid]["lcc"] == pytest.approx(dice_score(largest_connected_component(mask), truth))

@@ -162,7 +162,7 @@ class SegmentationPipeline:
     ):
         self._modules = repo_modules()
         inference = self._modules["inference"]
-        self.amp_dtype = inference.inference_dtype(device, amp)  # bf16 on CPUs with native bf16, unless "off"
+        self.amp_dtype = inference.inference_dtype(device, amp)
         self.backend, self.precision = "torch", inference.precision_text(self.amp_dtype)
         post = self._modules["postprocessing"]
         if postprocessing is None:
@@ -226,10 +226,11 @@ def segmentation_pipeline(
     the crop; an `image_size` other than a checkpoint's own warns); the context slices of a
     2.5-D model come from its input channels.
 
-    `amp`: "auto" (default) runs the forward pass in bf16 autocast on a CPU with native bf16
-    (AMX or AVX512-BF16) and on GPUs that support it, fp32 elsewhere; "off" forces fp32. The
-    weights and the returned probabilities are float32 either way; the pipeline's `backend`
-    and `precision` attributes say what ran.
+    `amp`: "auto" (default) is predict.py's: fp32 on the CPU, bf16 (or fp16) autocast on a
+    GPU; "bf16" asks for bf16 autocast (about twice as fast on a CPU with AMX or AVX512-BF16,
+    with slightly different masks: docs/deployment.md), "off" forces fp32. The weights and the
+    returned probabilities are float32 either way; the pipeline's `backend` and `precision`
+    attributes say what ran.
     """
     modules = repo_modules()
     utils, inference, saved = modules["utils"], modules["inference"], modules["checkpoint"]

@@ -173,12 +173,12 @@ def precision_text(dtype: torch.dtype | None) -> str:
 
 
 def inference_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for prediction (predict.py --amp, the hub pipeline): "auto" is bf16
-    on a CPU with native bf16 (`cpu_has_native_bf16`), full fp32 (None) on other CPUs, and
-    `autocast_dtype`'s choice on CUDA; "off" is always fp32. The weights and the returned
-    probabilities stay float32 either way."""
-    if amp == "auto" and device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
+    """The autocast dtype for prediction (predict.py --amp, the hub pipeline): "auto" is
+    `autocast_dtype`'s choice (bf16 or fp16 on CUDA, fp32 on the CPU), "off" is fp32, "bf16"
+    asks for bf16 autocast on any device. On the CPU "auto" stays fp32: bf16 is about twice as
+    fast where the CPU has it natively (`bench.py speed`), but on real validation patients its
+    masks differed from fp32's by more than the accuracy check allows (docs/precision.md,
+    `bench.py precision`). The weights and the returned probabilities stay float32 either way."""
     return autocast_dtype(device, amp)
 
 
@@ -301,10 +301,10 @@ BACKENDS = ("torch", "onnxruntime")
 
 
 def resolve_backend(name: str | None, device: torch.device, amp_dtype: torch.dtype | None = None) -> str:
-    """--backend: None picks the fastest measured path (`bench.py speed`): torch on CUDA, and
-    on the CPU torch when it runs in bf16 (`amp_dtype`, from `inference_dtype`), else
-    onnxruntime (fp32). Raises UsageError for onnxruntime on a non-CPU device (CPU provider
-    only) or with a reduced precision (it runs the exported fp32 graph)."""
+    """--backend: None picks the fastest measured path (`bench.py speed`) for the precision:
+    torch on CUDA; on the CPU onnxruntime in fp32 and torch with a reduced precision
+    (`amp_dtype`, from `inference_dtype`). Raises UsageError for onnxruntime on a non-CPU
+    device (CPU provider only) or with a reduced precision (it runs the exported fp32 graph)."""
     if name is None:
         return "onnxruntime" if device.type == "cpu" and amp_dtype is None else "torch"
     if name == "onnxruntime" and amp_dtype is not None:

@@ -292,15 +292,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKENDS,
         default=None,
-        help="inference engine; default: the fastest path measured (bench.py speed): torch on CUDA and on a CPU "
-        "that runs bf16 natively, onnxruntime (fp32) on other CPUs",
+        help="inference engine; default: the fastest path measured for the precision (bench.py speed): torch on "
+        "CUDA; on the CPU onnxruntime in fp32, torch with --amp bf16",
     )
     p.add_argument(
         "--amp",
         choices=AMP_CHOICES,
         default="auto",
-        help="autocast precision of the forward pass; auto = bf16 on a CPU with AMX or AVX512-BF16 and on GPUs that "
-        "support it (fp16 on other GPUs), fp32 on other CPUs; off = full fp32 everywhere",
+        help="autocast precision of the forward pass; auto = bf16 on GPUs that support it (fp16 on other GPUs), fp32 "
+        "on the CPU (bf16 there failed the accuracy check on real patients: docs/precision.md); off = fp32",
     )
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")

@@ -522,7 +522,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "postprocessing": [
             shared_flags("--device", device="for training and the test scores; default: cuda when available")
         ],
-        "precision": [],
+        "precision": [shared_flags("--data-dir")],
     }
     for name, about, add_flags in (
         ("speed", "time preprocessing, augmentation, training and inference on a phantom", add_speed_flags),

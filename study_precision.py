@@ -35,7 +35,6 @@ PRECISION_ABOUT = (
 
 def add_precision_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", required=True, help="the checkpoint both runs predict with")
-    parser.add_argument("--data-dir", required=True, help="patient data (kaggle_3m layout or NIfTI)")
     parser.add_argument("--patients", nargs="+", default=["all"], help="as predict.py --patients: a role or ids")
     parser.add_argument("--patients-file", default=None, help="patient ids, one per line (instead of --patients)")
     parser.add_argument("--work-dir", default="precision_runs", help="where the two predict.py runs write")

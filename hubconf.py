@@ -227,8 +227,8 @@ def segmentation_pipeline(
     2.5-D model come from its input channels.
 
     `amp`: "auto" (default) is predict.py's: fp32 on the CPU, bf16 (or fp16) autocast on a
-    GPU; "bf16" asks for bf16 autocast (about twice as fast on a CPU with AMX or AVX512-BF16,
-    with slightly different masks: docs/deployment.md), "off" forces fp32. The weights and the
+    GPU; "bf16" asks for bf16 autocast (faster on a CPU with AMX or AVX512-BF16, with
+    slightly different masks: docs/deployment.md), "off" forces fp32. The weights and the
     returned probabilities are float32 either way; the pipeline's `backend` and `precision`
     attributes say what ran.
     """

@@ -184,7 +184,7 @@ def validate_args(args: argparse.Namespace) -> None:
         validate(args)
 
 
-# ---------------------------------------------------------------------- distributed
+# ----------------------------------------------------------------------- randomness
 
 
 def stream_seed(*parts: int) -> int:
@@ -193,7 +193,7 @@ def stream_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-# ------------------------------------------------------------------------- train / eval
+# -------------------------------------------------------------------------- one epoch
 
 
 def train_one_epoch(
@@ -262,10 +262,7 @@ def train_step(
     return loss.detach()
 
 
-# ----------------------------------------------------------------- checks before any work
-
-
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------- the epoch loop
 
 
 def run_epoch(run: Run, epoch: int) -> None:
@@ -278,20 +275,9 @@ def run_epoch(run: Run, epoch: int) -> None:
     augment = augmentations.build_augmentation(args, augment_seed, run.steps, args.batch_size, runtime.device)
     label = training_log.progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch)
     train_stats = train_one_epoch(
-        run.model,
-        run.data,
-        run.optimizer,
-        run.scaler,
-        run.criterion,
-        augment,
-        runtime,
-        run.steps,
-        args.batch_size,
-        generator,
-        epoch,
-        args.log_interval,
-        desc=label,
-    )
+        run.model, run.data, run.optimizer, run.scaler, run.criterion, augment, runtime,
+        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=label,
+    )  # fmt: skip
     end_epoch(run, epoch, train_stats)
     run.epoch_seconds.append(time.perf_counter() - start)
 
@@ -343,7 +329,7 @@ def choose_command(args: argparse.Namespace) -> dict:
     return record_postprocessing_choice(args.choose_postprocessing, args.data_dir, device, cache_dir, args.batch_size)
 
 
-# ------------------------------------------------------------------------ --fold all
+# ------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -117,12 +117,6 @@ class BatchAugmentation:
             matrices = matrices.pin_memory()
         return matrices.to(device, non_blocking=True)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"])
-
 
 class EpochAugmentation:
     """`BatchAugmentation` for the batches of one epoch: the transforms of all `steps`

@@ -463,10 +463,6 @@ class MRISegmentationDataset(Dataset):
         mask = torch.from_numpy(np.asarray(volume.masks[s], dtype=np.float32))[None]
         return image, mask
 
-    def volume(self, v: int) -> tuple[np.ndarray, np.ndarray]:
-        """All slices of volume `v` in slice order: images (S, 3, H, W), masks (S, H, W)."""
-        return self.volumes[v].images, self.volumes[v].masks
-
     def slice_areas(self) -> np.ndarray:
         return np.concatenate([np.asarray(v.masks).reshape(len(v.masks), -1).sum(axis=1) for v in self.volumes]).astype(
             np.float64
@@ -485,19 +481,24 @@ class MRISegmentationDataset(Dataset):
         """(N,) int64: the volume number of each slice, in `index` order."""
         return np.array([v for v, _ in self.index], dtype=np.int64)
 
-    def slice_weights(self, floor_fraction: float = 0.1) -> np.ndarray:
-        """Sampling weight per slice: lesion area + `floor_fraction` x mean area over all
-        slices, so empty slices are still drawn; uniform if no slice has a lesion."""
-        areas = self.slice_areas()
-        floor = floor_fraction * areas.mean()
-        return areas + floor if floor > 0 else np.ones_like(areas)
-
     def stacked(self) -> tuple[np.ndarray, np.ndarray]:
         """All slices as two arrays: images float16 (N, 3, H, W), masks uint8 (N, H, W)."""
         return (
             np.concatenate([np.asarray(v.images) for v in self.volumes]),
             np.concatenate([np.asarray(v.masks) for v in self.volumes]),
         )
+
+
+def add_dataset_flags(add: Callable[..., Any]) -> None:
+    """Declare the training set's flags through `add` (`utils.RunFlags.add`)."""
+    add(
+        "--context-slices",
+        defines_run=True,
+        type=int,
+        default=0,
+        help="2.5-D: C neighbouring slices on each side as channels",
+    )
+    add("--no-cache")
 
 
 # --------------------------------------------------------------------------- data check
@@ -666,8 +667,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     one_line_warnings()
-    if getattr(args, "patients", 1) < 1 or getattr(args, "image_size", 16) < 16:
-        sys.exit("error: --patients must be >= 1 and --image-size >= 16")
+    if getattr(args, "patients", 1) < 1:
+        sys.exit(f"error: --patients {args.patients}: must be >= 1")
+    if getattr(args, "image_size", 16) < 16:
+        sys.exit(f"error: --image-size {args.image_size}: must be >= 16")
     if args.command == "preprocess" and args.image_size % 16:
         sys.exit(f"error: --image-size {args.image_size}: must be divisible by 16 (the size train.py trains at)")
     if args.command == "synthesize" and not 3 <= _slice_range(args)[0] <= _slice_range(args)[1]:
@@ -680,15 +683,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def add_dataset_flags(add: Callable[..., Any]) -> None:
-    """Declare the training set's flags through `add` (`utils.RunFlags.add`)."""
-    add(
-        "--context-slices",
-        defines_run=True,
-        type=int,
-        default=0,
-        help="2.5-D: C neighbouring slices on each side as channels",
-    )
-    add("--no-cache")

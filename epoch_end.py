@@ -1,4 +1,7 @@
-"""TODO docstring for epoch_end."""
+"""The end of each training epoch. On the training thread (`end_epoch`): validation's device
+part, the schedule step and a host copy of the state. On the background worker
+(`finish_epoch`, overlapping the next epoch): the component step and Dice, the best-epoch
+rule, last.pt and best_model.pt, the learning curves, TensorBoard and the epoch line."""
 
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def unet_segmentation(
             model = network.build_model(
                 {"architecture": network.DEFAULT_ARCHITECTURE, **model_kwargs}, "unet_segmentation"
             )
-        except ValueError as error:  # what the constructor's own TypeError used to say: bad arguments
+        except ValueError as error:  # bad keyword arguments: a TypeError, as for any function call
             raise TypeError(str(error)) from error
         return model.eval()
     if model_kwargs:
@@ -145,7 +145,7 @@ def unet_segmentation(
 class SegmentationPipeline:
     """Raw volume in, native-size masks out: the preprocessing, batched inference,
     threshold and 3-D component filter that predict.py uses (`postprocessing`, a record of
-    `inference.POSTPROCESSING_CANDIDATES`; None: the largest component, or all with `lcc=False`)."""
+    `postprocessing.POSTPROCESSING_CANDIDATES`; None: the largest component, or all with `lcc=False`)."""
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ architectures train.py can train (`ARCHITECTURES`), the record saved beside the 
 
 A checkpoint's `model_config` is the record: `{"architecture": "unet", "in_channels": 3,
 "out_channels": 1, "base_filters": 32}`, the registry name and the constructor arguments.
-A record without "architecture" was written before the name was saved and is a U-Net.
+A record without "architecture" is a U-Net (UNNAMED_ARCHITECTURE).
 This module imports nothing from the repository; its errors are ValueError, which the
 checkpoint readers turn into their own CheckpointError.
 """
@@ -108,10 +108,11 @@ def count_parameters(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- registry
 
 # The networks train.py can train (`--architecture NAME`) and a checkpoint can name. A class
-# registered here takes its size as keyword arguments (train.py passes `in_channels`, three
-# per slice, and `base_filters`, the width), keeps them as a dict in `self.config`, and its
-# `forward(x, return_logits=False)` maps (B, in_channels, H, W) to float32 probabilities in
-# [0, 1] of shape (B, out_channels, H, W), or to the logits with `return_logits=True`.
+# registered here takes its size as keyword arguments (training passes `in_channels`, three
+# per slice, and `base_filters`, the width: run_setup.build_training_model), keeps them as a
+# dict in `self.config`, and its `forward(x, return_logits=False)` maps (B, in_channels, H, W)
+# to float32 probabilities in [0, 1] of shape (B, out_channels, H, W), or to the logits with
+# `return_logits=True`.
 ARCHITECTURES: dict[str, type[nn.Module]] = {"unet": UNetModel}
 DEFAULT_ARCHITECTURE = "unet"  # what train.py trains unless --architecture says otherwise
 UNNAMED_ARCHITECTURE = "unet"  # what a record without "architecture" is (older checkpoints)

@@ -25,18 +25,6 @@ from utils import UsageError, check_writable_dir, ensure_writable_dir
 CHECKPOINT_NAMES = ("last.pt", "best_model.pt")
 
 
-# What a checkpoint whose `args` lack a run-defining flag was trained with (training without
-# that flag behaved like this value), which need not be the flag's default.
-VALUES_BEFORE_FLAG = {
-    "sampling": "area",
-    "sampling_floor": 0.1,
-    "norm_region": "crop",
-    "context_slices": 0,
-    "architecture": "unet",
-    "aug_flip": 0.5,
-}
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()[1]}
     if torch.cuda.is_available():
@@ -70,11 +58,11 @@ def flag_text(name: str, value: Any) -> str:
 
 
 def check_resume_contract(checkpoint: dict, path: Path, config: dict, defining: Mapping[str, Any]) -> None:
-    """Refuse to resume with a change of any run-defining flag (`defining`: flag name ->
-    default, train.run_defining_flags) or of the number of processes. A flag missing from an
-    older checkpoint counts as VALUES_BEFORE_FLAG's value, else as its default."""
+    """Refuse to resume with a change of any run-defining flag or of the number of processes.
+    `defining` (train.run_defining_flags): flag name -> what a checkpoint that does not record
+    the flag was trained with (its default unless its declaration says `absent=`)."""
     require_training_checkpoint(checkpoint, path, resume=True)
-    defaults = {**defining, "world_size": 1, **VALUES_BEFORE_FLAG}
+    defaults = {**defining, "world_size": 1}
     saved_config = checkpoint["args"]
     for name in [*defining, "world_size"]:
         saved, given = saved_config.get(name, defaults[name]), config[name]

@@ -1,4 +1,6 @@
-"""TODO docstring for run_setup."""
+"""Everything a training run needs before its first epoch (`set_up` builds the `Run`): the
+checks on rank 0, the data and the split, the model, optimiser and schedule, the state of a
+resumed run, TensorBoard, args.json and the lines printed at the start."""
 
 from __future__ import annotations
 

@@ -110,8 +110,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add(
         "--no-lcc",
         defines_run=True,
-        note="for the per-epoch validation masks, whose Dice picks best_model.pt (without it: the largest "
-        "component only); the post-processing chosen at the end of the run is not affected",
+        note="applies to the per-epoch validation masks, whose Dice picks best_model.pt (without it they keep "
+        "the largest component only); the post-processing chosen for best_model.pt at the end of the run is "
+        "chosen among all candidates either way",
     )
     add(
         "--val-interval",
@@ -141,7 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def run_defining_flags() -> dict[str, Any]:
     """The flags that define a run, with their defaults (what a checkpoint without one of
-    them was trained with, unless resume.VALUES_BEFORE_FLAG says otherwise)."""
+    them was trained with: the default, or the `absent=` value of the flag's declaration)."""
     return dict(get_args_parser().run_defining)
 
 
@@ -166,12 +167,12 @@ def validate_args(args: argparse.Namespace) -> None:
             "--image-size 16 --batch-size 1: the U-Net's bottleneck is then 1x1 and BatchNorm needs more "
             "than one value per channel in training; use --batch-size 2 or more, or a larger --image-size"
         )
-    if args.lr <= 0:
-        raise utils.UsageError(f"--lr {args.lr}: must be positive")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise utils.UsageError(f"--lr {args.lr}: must be a positive number")
+    if args.seed < 0:
+        raise utils.UsageError(f"--seed {args.seed}: must be >= 0")
     if args.steps_per_epoch is not None and args.steps_per_epoch <= 0:
         raise utils.UsageError(f"--steps-per-epoch {args.steps_per_epoch}: must be positive")
-    if args.num_workers < 0:
-        raise utils.UsageError("--num-workers, --vis-frequency and --n-vis-images must be >= 0")
     if args.context_slices < 0:
         raise utils.UsageError(f"--context-slices {args.context_slices}: must be >= 0")
     for validate in (

@@ -136,4 +136,4 @@ def validate_logging_args(args: argparse.Namespace) -> None:
     if args.log_interval <= 0:
         raise UsageError(f"--log-interval {args.log_interval}: must be positive")
     if args.vis_frequency < 0 or args.n_vis_images < 0:
-        raise UsageError("--num-workers, --vis-frequency and --n-vis-images must be >= 0")
+        raise UsageError("--vis-frequency and --n-vis-images must be >= 0")

@@ -169,12 +169,15 @@ def add_shared_flag(
     return container.add_argument(flag, **options)
 
 
+MISSING = object()  # RunFlags.add: no `absent` value given
+
+
 class RunFlags:
     """train.py's flags in two help groups: those that define a run (a resumed run may not
     change them: the resume contract) and those that say how to run. Each part of the
     pipeline declares its own flags through `add` (e.g. `augmentations.add_augmentation_flags`);
-    `defaults` collects the run-defining ones (flag name -> default), and the parser keeps it
-    as `parser.run_defining`."""
+    `defaults` collects the run-defining ones (flag name -> what a checkpoint that does not
+    record the flag was trained with), and the parser keeps it as `parser.run_defining`."""
 
     def __init__(self, parser: argparse.ArgumentParser):
         self.defining = parser.add_argument_group("flags that define the run (--resume refuses a change)")
@@ -182,13 +185,16 @@ class RunFlags:
         self.defaults: dict[str, Any] = {}
         parser.run_defining = self.defaults
 
-    def add(self, flag: str, defines_run: bool = False, **kwargs: Any) -> argparse.Action:
+    def add(self, flag: str, defines_run: bool = False, absent: Any = MISSING, **kwargs: Any) -> argparse.Action:
         """Add `flag` to its group. A flag of SHARED_FLAGS takes its shared definition
-        (`kwargs` may then give only `help` or `note`, see `add_shared_flag`)."""
+        (`kwargs` may then give only `help` or `note`, see `add_shared_flag`). `absent`: for a
+        run-defining flag added to an existing pipeline, the value that checkpoints written
+        before it existed were trained with, when that is not its default (a new augmentation
+        with a non-zero default strength: absent=0), so that resuming them stays honest."""
         group = self.defining if defines_run else self.how
         action = add_shared_flag(group, flag, **kwargs) if flag in SHARED_FLAGS else group.add_argument(flag, **kwargs)
         if defines_run:
-            self.defaults[action.dest] = action.default
+            self.defaults[action.dest] = action.default if absent is MISSING else absent
         return action
 
 

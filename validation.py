@@ -1,4 +1,7 @@
-"""TODO docstring for validation."""
+"""Per-patient validation of the model being trained, in two parts: on the device
+(`validation_masks`: the run's loss on the logits, the thresholded mask) and on the host
+(`score_patients`: the 3-D component step and Dice in preprocessed space), then
+`summarize_validation` (loss, Dice mean and median)."""
 
 from __future__ import annotations
 

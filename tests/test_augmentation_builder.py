@@ -11,7 +11,6 @@ from torch import nn
 
 import augmentations
 import losses
-import resume
 import train
 from augmentations import affine_matrices, apply_affine, build_augmentation, random_affine_parameters
 from checkpoint import load_checkpoint
@@ -31,7 +30,7 @@ def test_flags_are_declared_in_augmentations_and_define_the_run():
     augmentations.add_augmentation_flags(flags.add)
     assert vars(declared.parse_args([])) == defaults == flags.defaults  # all three define the run
     assert {"aug_scale", "aug_angle", "aug_flip"} <= set(train.run_defining_flags())
-    assert resume.VALUES_BEFORE_FLAG["aug_flip"] == 0.5  # what the code before the flag drew
+    assert train.run_defining_flags()["aug_flip"] == 0.5  # what the code before the flag drew
     (run_defining,) = [g for g in parser._action_groups if g.title.startswith("flags that define the run")]
     assert {"aug_scale", "aug_angle", "aug_flip"} <= {a.dest for a in run_defining._group_actions}
 
@@ -123,3 +122,21 @@ def test_checkpoint_from_before_aug_flip_resumes_as_flip_one_half(phantom_dir, t
         train.main([*first, "--aug-flip", "0.3", "--resume", "auto"])
     result = train.main([*first, "--resume", "auto"])
     assert [h["epoch"] for h in result["history"]] == [2]
+
+
+def test_a_new_flag_declares_what_older_checkpoints_were_trained_with(phantom_dir, tmp_path, monkeypatch):
+    """A run-defining flag added in augmentations.py alone, whose default (0.1) is not what
+    earlier runs did (0): `absent=0` there makes an older last.pt resume only without it."""
+    declare = augmentations.add_augmentation_flags
+
+    def with_noise(add):
+        declare(add)
+        add("--aug-noise", defines_run=True, absent=0.0, type=float, default=0.1, help="toy noise strength")
+
+    argv = tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1")
+    train.main([*argv, "--stop-after-epoch", "1"])  # written before the flag existed
+    monkeypatch.setattr(augmentations, "add_augmentation_flags", with_noise)
+    assert train.run_defining_flags()["aug_noise"] == 0.0 and train.parse_args([]).aug_noise == 0.1
+    with pytest.raises(SystemExit, match="trained with --aug-noise 0.0, this run asks for --aug-noise 0.1"):
+        train.main([*argv, "--resume", "auto"])
+    assert [h["epoch"] for h in train.main([*argv, "--resume", "auto", "--aug-noise", "0"])["history"]] == [2]

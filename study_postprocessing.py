@@ -21,8 +21,8 @@ from inference import load_model
 from metrics import label_components
 from postprocessing import POSTPROCESSING_CANDIDATES, candidate_dice, postprocessing_name
 from postprocessing_choice import score_postprocessing
-from results_page import git_commit
-from utils import ROOT, atomic_write_bytes, resolve_device
+from results_page import ROOT, git_commit
+from utils import atomic_write_bytes, resolve_device
 
 POSTPROCESSING_BUDGET = (
     "--image-size 48 --base-filters 8 --lr 2e-3 --batch-size 16 --epochs 16 --steps-per-epoch 24 "

@@ -290,9 +290,6 @@ def ensure_writable_dir(path: str | Path, flag: str) -> Path:
     return path
 
 
-ROOT = Path(__file__).resolve().parent
-
-
 def format_duration(seconds: float) -> str:
     """`42 s`, `3 min 05 s`, `1 h 02 min`."""
     seconds = round(seconds)

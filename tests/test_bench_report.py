@@ -40,7 +40,9 @@ def test_report_runs_the_demo_and_writes_what_it_measured(phantom_dir, tmp_path)
 
     text = output.read_text()
     assert "stale" not in text and text.count(results_page.REPORT_HEADER) == 1  # overwritten, not appended
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=utils.ROOT, capture_output=True, text=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=results_page.ROOT, capture_output=True, text=True
+    )
     assert f"`{commit.stdout.strip()}" in text
     assert f"torch {torch.__version__}" in text and results_page.machine_facts()["cpu"] in text
     assert f"`python train.py --demo {TINY_DEMO}`" in text

@@ -122,6 +122,11 @@ def discover_patients(data_dir: str | Path) -> list[Patient]:
     if not patients:
         nested = [d for d in sorted(root.iterdir()) if d.is_dir() and _holds_patients(d)]
         hint = f"; did you mean --data-dir {nested[0]}?" if nested else ""
+        if any(_is_tiff(p) for p in root.iterdir()):
+            hint = (
+                f"; {root} holds slices itself, so it looks like one patient's folder: pass its parent "
+                f"(--data-dir {root.parent}), with predict.py --patients {root.name} for this patient alone"
+            )
         raise DataError(
             f"no patients in {root}: expected sub-folders holding <patient>_<k>.tif slices (the kaggle_3m layout){hint}"
         )

@@ -104,15 +104,28 @@ class LoadedModel:
 DEMO_CHECKPOINT = Path("demo_checkpoints") / "best_model.pt"  # where `train.py --demo` saves its model
 
 
-def missing_checkpoint(path: str | Path, demo_flags: str = "") -> str:
-    """The message for a --model-path that does not exist: points at the demo's checkpoint
-    when `train.py --demo` has written one here (`demo_flags`: what else the calling CLI
-    needs for it, e.g. "--data-dir demo_3m"), otherwise says how to get a checkpoint."""
-    if DEMO_CHECKPOINT.is_file():
-        command = " ".join(filter(None, (f"--model-path {DEMO_CHECKPOINT}", demo_flags)))
-        hint = f"the demo's model is {DEMO_CHECKPOINT}: pass {command}"
+DEMO_DATA = Path("demo_3m")  # where `train.py --demo` writes its phantom
+
+
+def missing_checkpoint(path: str | Path, data_dir: str | Path | None = None) -> str:
+    """The message for a --model-path that does not exist, with the hint that fits: an
+    unfinished run in the same folder (its last.pt) and how to continue it; the demo's
+    checkpoint when `train.py --demo` has written one here and the data is the demo's phantom
+    (`data_dir` is demo_3m, or the calling CLI takes no data); otherwise how to train one on
+    `data_dir`."""
+    folder = Path(path).parent
+    if Path(path).name != "last.pt" and (folder / "last.pt").is_file():
+        hint = (
+            f"{folder} holds last.pt of a run that has not finished: continue it with python train.py "
+            f"--checkpoint-dir {folder} --resume auto and the flags in {folder / 'args.json'}, or pass "
+            f"--model-path {folder / 'last.pt'} to use it as it is"
+        )
+    elif DEMO_CHECKPOINT.is_file() and (data_dir is None or Path(data_dir).resolve() == DEMO_DATA.resolve()):
+        data = "" if data_dir is None else f" --data-dir {data_dir}"
+        hint = f"the demo's model is {DEMO_CHECKPOINT}: pass --model-path {DEMO_CHECKPOINT}{data}"
     else:
-        hint = "train one first: python train.py --data-dir kaggle_3m (or python train.py --demo on phantom data)"
+        data = data_dir or "kaggle_3m"
+        hint = f"train one first: python train.py --data-dir {data} (or python train.py --demo on phantom data)"
     return f"checkpoint not found: {path}; {hint}"
 
 

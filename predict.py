@@ -606,7 +606,7 @@ def run(args: argparse.Namespace) -> dict:
     args.precision = amp_name(amp_dtype)
     for path in args.model_path:
         if not Path(path).exists():
-            raise CheckpointError(missing_checkpoint(path, "--data-dir demo_3m"))
+            raise CheckpointError(missing_checkpoint(path, args.data_dir))
     models = [load_model(path, device) for path in args.model_path]
     folds = are_folds(models)
     if not folds:

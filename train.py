@@ -369,8 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
     if runtime.is_main and result["stopped_after"] is not None:
         print(f"\nstopped after epoch {result['stopped_after']} of {args.epochs}; continue with:")
         print(f"  {resume.continue_command(argv, runtime.world_size)}")
-    if runtime.is_main and (args.demo or args.fold == "all") and result["stopped_after"] is None:
-        if args.demo and not args.no_learning_curves:
+    if runtime.is_main and result["stopped_after"] is None:
+        if not args.no_learning_curves:
             print(f"\nlearning curves: {training_log.learning_curves_path(args)}")
         print(f"\nnext: {training_log.predict_command(args)}")
     return result

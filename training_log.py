@@ -106,14 +106,18 @@ def learning_curves_path(args: argparse.Namespace) -> Path:
 
 
 def predict_command(args: argparse.Namespace) -> str:
-    """The predict.py command for the model(s) this run trained: the K fold checkpoints of
+    """The predict.py command for the model(s) this run trained, writing to ./demo_predictions
+    for the demo and to <checkpoint-dir>/predictions otherwise: the K fold checkpoints of
     --fold all (pooled: every patient scored by the model it was a test patient of)."""
     folder = Path(args.checkpoint_dir)
     if args.fold == "all":
         models = [str(folder / f"fold{i}" / "best_model.pt") for i in range(args.folds)]
         out = str(folder / "predictions")
     else:
-        models, out = [str(folder / "best_model.pt")], "./demo_predictions"
+        models, out = (
+            [str(folder / "best_model.pt")],
+            "./demo_predictions" if args.demo else str(folder / "predictions"),
+        )
     command = ["python", "predict.py", "--model-path", *models, "--data-dir", args.data_dir, "--output-dir", out]
     return shlex.join([*command, "--figure-path", f"{out}/dice_distribution.png"])
 

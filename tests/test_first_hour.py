@@ -2,6 +2,7 @@
 "did you mean", accepted device names, a zip file given as --data-dir, a fold checkpoint on
 other data, no folders left by a refused command, the hub's image size, time left."""
 
+import shlex
 import warnings
 import zipfile
 
@@ -210,3 +211,21 @@ def test_hub_pipeline_refuses_an_image_size_the_unet_cannot_take(trained_checkpo
             str(ROOT), "segmentation_pipeline", source="local", trust_repo=True,
             weights_path=str(trained_checkpoint), image_size=50,
         )  # fmt: skip
+
+
+def test_a_finished_run_prints_the_predict_command_for_its_model(phantom_dir, tmp_path, capsys):
+    train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "1", "--steps-per-epoch", "1"))
+    out = capsys.readouterr().out
+    command = shlex.split(out.split("next: ")[1].splitlines()[0])
+    assert command[:4] == ["python", "predict.py", "--model-path", str(tmp_path / "ckpt" / "best_model.pt")]
+    assert command[command.index("--output-dir") + 1] == str(tmp_path / "ckpt" / "predictions")
+    assert "learning curves:" not in out  # the tiny run draws none (--no-learning-curves)
+
+
+def test_a_patient_folder_as_data_dir_gets_its_own_hint(phantom_dir):
+    patient = sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0]
+    with pytest.raises(SystemExit) as exit_info:
+        dataset.main(["check", "--data-dir", str(patient)])
+    message = str(exit_info.value.code)
+    assert f"looks like one patient's folder: pass its parent (--data-dir {phantom_dir})" in message
+    assert f"--patients {patient.name}" in message and "\n" not in message

@@ -76,25 +76,37 @@ def test_missing_data_dir_suggests_the_demo_and_the_kaggle_download(tmp_path):
         assert all(part in message for part in MISSING_DATA), message
 
 
-def test_missing_checkpoint_points_at_the_demo_checkpoint(tmp_path, monkeypatch):
+def test_missing_checkpoint_hint_fits_the_situation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for command in (predict, export):
         with pytest.raises(SystemExit) as exit_info:
             command.main([])
+        data = "./kaggle_3m" if command is predict else "kaggle_3m"  # predict.py's default --data-dir
         assert str(exit_info.value.code) == (
             "error: checkpoint not found: ./checkpoints/best_model.pt; train one first: python train.py "
-            "--data-dir kaggle_3m (or python train.py --demo on phantom data)"
+            f"--data-dir {data} (or python train.py --demo on phantom data)"
         )
     (tmp_path / "demo_checkpoints").mkdir()
     (tmp_path / "demo_checkpoints" / "best_model.pt").write_bytes(b"written by train.py --demo")
-    # each CLI's hint names only its own flags: export.py has no --data-dir
-    for command, flags in ((predict, " --data-dir demo_3m"), (export, "")):
+    (tmp_path / "demo_3m").mkdir()
+    # the demo's model only with the demo's data: export.py takes no data, predict.py's must be demo_3m
+    for command, flags in ((predict, ["--data-dir", "demo_3m"]), (export, [])):
         with pytest.raises(SystemExit) as exit_info:
-            command.main([])
+            command.main(flags)
         assert str(exit_info.value.code) == (
             "error: checkpoint not found: ./checkpoints/best_model.pt; the demo's model is "
-            f"demo_checkpoints/best_model.pt: pass --model-path demo_checkpoints/best_model.pt{flags}"
+            f"demo_checkpoints/best_model.pt: pass --model-path demo_checkpoints/best_model.pt{' ' * bool(flags)}"
+            + " ".join(flags)
         )
+    with pytest.raises(SystemExit, match=r"train one first: python train.py --data-dir kaggle_3m \(or"):
+        predict.main(["--data-dir", "kaggle_3m"])  # real data: never the phantom-trained demo model
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"an interrupted run")
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--data-dir", "kaggle_3m"])
+    message = str(exit_info.value.code)
+    assert "checkpoints holds last.pt of a run that has not finished: continue it with python train.py " in message
+    assert "--checkpoint-dir checkpoints --resume auto" in message and "\n" not in message
 
 
 def test_no_progress_bar_junk_when_output_is_not_a_terminal(phantom_dir, tmp_path, capsys):

@@ -81,6 +81,7 @@ class Run:
     val_truths: dict[str, np.ndarray] = field(default_factory=dict)  # patient -> host mask (S, H, W)
     worker: BackgroundWorker = field(default_factory=lambda: BackgroundWorker(enabled=False))
     epoch_parts: list[dict] = field(default_factory=list)  # rank 0: finish_epoch's seconds of each epoch
+    progress: training_log.ProgressReporter | None = None  # the projection and the log-file progress lines
 
 
 def build_training_model(args: argparse.Namespace, runtime: distributed.Runtime) -> tuple[nn.Module, nn.Module]:
@@ -130,6 +131,11 @@ def set_up(args: argparse.Namespace, runtime: distributed.Runtime, defining: dic
     run.val_inputs = validation_inputs(val_volumes, runtime.device, placement)
     run.val_truths = {v.patient_id: np.asarray(v.masks) for v in val_volumes}
     run.worker = BackgroundWorker(enabled=not args.no_background)
+    epochs_left = max(min(args.epochs, args.stop_after_epoch or args.epochs) - run.start_epoch + 1, 0)
+    val_slices = sum(len(v.images) for v in val_volumes)
+    run.progress = training_log.ProgressReporter(
+        run.steps, epochs_left, val_slices, args.batch_size, runtime.device.type
+    )
     open_log(run)
     if runtime.is_main:
         utils.atomic_write_bytes(json.dumps(config, indent=2).encode(), Path(args.checkpoint_dir) / "args.json")

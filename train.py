@@ -18,9 +18,11 @@ in best_model.pt and args.json as `postprocessing` for predict.py and the hub pi
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,12 +214,14 @@ def train_one_epoch(
     log_interval: int,
     progress: bool = True,
     desc: str | None = None,
+    on_progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
     """One epoch of `steps` sampled batches, each augmented (`augment`, built for this epoch
     by `augmentations.build_augmentation`) and trained on (`train_step`). Every `log_interval`
     steps (and at the last) the loss is averaged over all ranks, so a non-finite loss on any
     rank stops every rank at the same step. `desc` labels the progress bar (default "epoch
-    N"). Returns the loss (mean over steps and ranks), slices/s and seconds."""
+    N"); `on_progress(step, seconds)` is called there too. Returns the loss (mean over steps
+    and ranks), slices/s and seconds."""
     model.train()
     loss_sum, mean_loss = torch.zeros((), device=runtime.device), 0.0
     start = time.perf_counter()
@@ -233,6 +237,8 @@ def train_one_epoch(
                 raise distributed.TrainingDiverged(message)
             rate = step * batch_size * runtime.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{mean_loss:.4f}", slices_per_s=f"{rate:.1f}")
+            if on_progress is not None:
+                on_progress(step, time.perf_counter() - start)
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
@@ -275,9 +281,10 @@ def run_epoch(run: Run, epoch: int) -> None:
     augment_seed = stream_seed(args.seed, epoch, runtime.rank, 1)
     augment = augmentations.build_augmentation(args, augment_seed, run.steps, args.batch_size, runtime.device)
     label = training_log.progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch)
+    progress = functools.partial(run.progress, len(run.epoch_seconds)) if runtime.is_main else None
     train_stats = train_one_epoch(
         run.model, run.data, run.optimizer, run.scaler, run.criterion, augment, runtime,
-        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=label,
+        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=label, on_progress=progress,
     )  # fmt: skip
     end_epoch(run, epoch, train_stats)
     run.epoch_seconds.append(time.perf_counter() - start)

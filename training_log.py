@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,63 @@ def epoch_line(epoch: int, epochs: int, train_stats: dict, val: dict | None, lr:
     parts = "/".join(f"{seconds[k]:.{1 if seconds[k] < 99.95 else 0}f}" for k in ("step", "val", "ckpt", "pics"))
     share = seconds["outside"] / max(seconds["step"] + seconds["outside"], 1e-9)
     return f"{f'{epoch}/{epochs}':<9}{losses}{lr:>9.1e}{train_stats['slices_per_s']:>9.0f}{parts:>22}{share:>5.0%}"
+
+
+CPU_RUN_WARNING_HOURS = 2.0  # a projected CPU run longer than this gets a line pointing at the CPU recipe
+QUIET_PROGRESS_SECONDS = 300.0  # with stdout not a terminal, a progress line at most this often
+
+
+def projected_seconds(seconds_per_step: float, steps: int, epochs_left: int, val_slices: int, batch_size: int) -> float:
+    """The wall time of the epochs left, from the training steps timed so far: each epoch's
+    `steps` steps plus its validation, estimated as a forward pass over `val_slices` (a third
+    of a training step per batch of `batch_size`, forward only)."""
+    validation = val_slices / batch_size * seconds_per_step / 3
+    return epochs_left * (steps * seconds_per_step + validation)
+
+
+def projection_lines(seconds: float, epochs_left: int, seconds_per_step: float, device: str) -> list[str]:
+    """What train.py prints once the first steps are timed: the projected time of the run and,
+    on a CPU where it exceeds CPU_RUN_WARNING_HOURS, where the recipe that fits a CPU is."""
+    lines = [
+        f"projected: {format_duration(seconds)} for the {epochs_left} epoch(s) to go on {device} "
+        f"({seconds_per_step:.2f} s per step, validation included by estimate; the label refines it each epoch)"
+    ]
+    if device == "cpu" and seconds > CPU_RUN_WARNING_HOURS * 3600:
+        lines.append(
+            f"that is over {CPU_RUN_WARNING_HOURS:g} hours on this CPU: a GPU is meant for this recipe; the CPU recipe "
+            "in docs/training.md#on-a-cpu trains on the LGG set in about 30 minutes"
+        )
+    return lines
+
+
+class ProgressReporter:
+    """The progress train.py writes besides the bar, called at the loss updates of the steps
+    (every --log-interval steps, where the step time is known): once, at the first of the run,
+    the projected time (`projection_lines`); and, when stdout is not a terminal (a log file,
+    where the bar is hidden), a line at most every `every` seconds with the epoch, the step and
+    the run's time left."""
+
+    def __init__(self, steps: int, epochs_left: int, val_slices: int, batch_size: int, device: str,
+                 every: float = QUIET_PROGRESS_SECONDS, quiet: bool | None = None):  # fmt: skip
+        self.steps, self.epochs_left, self.val_slices, self.batch_size = steps, epochs_left, val_slices, batch_size
+        self.device, self.every = device, every
+        self.quiet = (not sys.stdout.isatty()) if quiet is None else quiet
+        self.projected, self.last_line = False, time.monotonic()
+
+    def __call__(self, epoch_index: int, step: int, seconds: float) -> None:
+        """`step` steps into the `epoch_index`-th epoch of this process (0: the first), after
+        `seconds` of training in it."""
+        per_step = seconds / step
+        total = projected_seconds(per_step, self.steps, self.epochs_left, self.val_slices, self.batch_size)
+        if not self.projected:
+            self.projected = True
+            for line in projection_lines(total, self.epochs_left, per_step, self.device):
+                print_line(line)
+        if self.quiet and time.monotonic() - self.last_line >= self.every:
+            self.last_line = time.monotonic()
+            left = max(total - (epoch_index * self.steps + step) * per_step, 0.0)
+            print_line(f"epoch {epoch_index + 1} of the {self.epochs_left} to go: step {step}/{self.steps}, "
+                       f"run about {format_duration(left)} left")  # fmt: skip
 
 
 def progress_label(epoch: int, epochs: int, epoch_seconds: list[float], stop_after: int | None = None) -> str:

@@ -229,3 +229,34 @@ def test_a_patient_folder_as_data_dir_gets_its_own_hint(phantom_dir):
     message = str(exit_info.value.code)
     assert f"looks like one patient's folder: pass its parent (--data-dir {phantom_dir})" in message
     assert f"--patients {patient.name}" in message and "\n" not in message
+
+
+def test_the_projection_counts_every_epoch_and_validation():
+    # 10 steps of 2 s and 64 validation slices at batch 16: 4 forward batches of 2/3 s each
+    assert training_log.projected_seconds(2.0, 10, 3, 64, 16) == pytest.approx(3 * (20 + 4 * 2 / 3))
+    short = training_log.projection_lines(3600, 10, 1.0, "cpu")
+    assert len(short) == 1 and short[0].startswith("projected: 1 h 00 min for the 10 epoch(s) to go on cpu")
+    long = training_log.projection_lines(3 * 3600, 100, 1.0, "cpu")
+    assert len(long) == 2 and "docs/training.md#on-a-cpu" in long[1]
+    assert len(training_log.projection_lines(3 * 3600, 100, 1.0, "cuda")) == 1  # a long GPU run is no surprise
+
+
+def test_progress_reporter_projects_once_and_writes_lines_for_a_log_file(capsys):
+    reporter = training_log.ProgressReporter(10, 4, 32, 16, "cpu", every=0.0, quiet=True)
+    reporter(0, 5, 10.0)  # 2 s per step
+    reporter(1, 10, 20.0)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.startswith("projected: ") for line in out] == [True, False, False]
+    assert out[1] == "epoch 1 of the 4 to go: step 5/10, run about 1 min 15 s left"  # 4 x (20 + 4/3) - 10 s
+    assert out[2].startswith("epoch 2 of the 4 to go: step 10/10")
+    terminal = training_log.ProgressReporter(10, 4, 32, 16, "cpu", every=0.0, quiet=False)
+    terminal(0, 5, 10.0)
+    terminal(0, 10, 20.0)
+    assert len(capsys.readouterr().out.splitlines()) == 1  # on a terminal the bar shows the rest
+
+
+def test_a_run_prints_its_projection_after_the_first_steps(phantom_dir, tmp_path, capsys):
+    train.main(tiny_train_args(phantom_dir, tmp_path, "--epochs", "3", "--steps-per-epoch", "2"))
+    out = capsys.readouterr().out
+    assert out.count("projected: ") == 1 and "for the 3 epoch(s) to go on cpu" in out
+    assert out.index("projected: ") < out.index("\n1/3 ")  # before the first epoch's line

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import random
 import shlex
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -206,3 +208,21 @@ def validate_resume_args(args: argparse.Namespace) -> None:
         raise UsageError("--stop-after-epoch must be positive")
     if args.overwrite and args.resume is not None:
         raise UsageError(f"--overwrite starts a new run and --resume {args.resume} continues one: pass only one")
+
+
+def stop_on_sigterm() -> None:
+    """Let SIGTERM (a batch system's stop, `kill`) stop training as Ctrl-C does: as a
+    KeyboardInterrupt in the main thread, so the run ends through the same path. Only from
+    the main thread (signal handlers can be set nowhere else)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def interrupted_message(args: argparse.Namespace, argv: list[str], world_size: int) -> str:
+    """The one line train.py ends with when interrupted: which epoch each last.pt holds (the
+    epoch in progress is lost) and the exact command that continues the run."""
+    folder = Path(args.checkpoint_dir)
+    paths = sorted(folder.glob("fold*/last.pt")) if args.fold == "all" else [folder / "last.pt"]
+    held = [f"{path} holds epoch {load_checkpoint(path)['epoch']} of {args.epochs}" for path in paths if path.is_file()]
+    what = "; ".join(held) or f"no epoch had finished, nothing is saved in {folder}"
+    return f"interrupted: {what}; continue with: {continue_command(argv, world_size)}"

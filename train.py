@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
         runtime = distributed.setup_runtime(args)
     except utils.UsageError as error:
         sys.exit(f"error: {error}")
+    resume.stop_on_sigterm()
     try:
         with distributed.determinism(args.deterministic, runtime.device):
             result = (
@@ -363,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
                 dist.barrier()
     except distributed.FollowRankZero:
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (resume.stop_on_sigterm); the worker has written what it had
+        sys.exit(resume.interrupted_message(args, argv, runtime.world_size))
     except (DataError, checkpoint.CheckpointError, utils.UsageError, distributed.TrainingDiverged) as error:
         if runtime.is_main:
             sys.exit(f"error: {error}")

@@ -200,22 +200,11 @@ def stream_seed(*parts: int) -> int:
 
 
 def train_one_epoch(
-    model: nn.Module,
-    data,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    criterion: nn.Module,
-    augment: augmentations.Augment,
-    runtime: distributed.Runtime,
-    steps: int,
-    batch_size: int,
-    generator: torch.Generator,
-    epoch: int,
-    log_interval: int,
-    progress: bool = True,
-    desc: str | None = None,
+    model: nn.Module, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, criterion: nn.Module,
+    augment: augmentations.Augment, runtime: distributed.Runtime, steps: int, batch_size: int,
+    generator: torch.Generator, epoch: int, log_interval: int, progress: bool = True, desc: str | None = None,
     on_progress: Callable[[int, float], None] | None = None,
-) -> dict[str, float]:
+) -> dict[str, float]:  # fmt: skip
     """One epoch of `steps` sampled batches, each augmented (`augment`, built for this epoch
     by `augmentations.build_augmentation`) and trained on (`train_step`). Every `log_interval`
     steps (and at the last) the loss is averaged over all ranks, so a non-finite loss on any

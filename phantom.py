@@ -408,3 +408,11 @@ def ensure_demo_data(data_dir: str | Path, seed: int) -> None:
     if not Path(data_dir).exists():
         print(f"demo: writing a {DEMO_PATIENTS}-patient phantom to {data_dir}")
         make_synthetic_dataset(data_dir, patients=DEMO_PATIENTS, seed=seed, slices=(20, 32))
+
+
+PHANTOM_PREFIXES = ("TCGA_PH_", "TCGA_HD_")  # the ids make_synthetic_dataset gives (easy, hard)
+
+
+def is_phantom(patient_id: str) -> bool:
+    """Whether a patient id is one this module's phantoms carry (no real TCGA site has these codes)."""
+    return patient_id.startswith(PHANTOM_PREFIXES)

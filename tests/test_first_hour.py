@@ -3,6 +3,7 @@
 other data, no folders left by a refused command, the hub's image size, time left."""
 
 import shlex
+import shutil
 import warnings
 import zipfile
 
@@ -260,3 +261,23 @@ def test_a_run_prints_its_projection_after_the_first_steps(phantom_dir, tmp_path
     out = capsys.readouterr().out
     assert out.count("projected: ") == 1 and "for the 3 epoch(s) to go on cpu" in out
     assert out.index("projected: ") < out.index("\n1/3 ")  # before the first epoch's line
+
+
+def test_a_phantom_trained_model_on_other_data_warns_in_one_line(trained_checkpoint, phantom_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    source = sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0]
+    shutil.copytree(source, data / "CASE_01")  # the same pictures under a non-phantom id
+    common = ["--model-path", str(trained_checkpoint), "--no-report", "--no-overlays", "--backend", "torch"]
+    common += ["--cache-dir", str(tmp_path / "cache")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict.main([*common, "--data-dir", str(data), "--patients", "all", "--output-dir", str(tmp_path / "a")])
+    messages = [str(w.message) for w in caught if "phantom data only" in str(w.message)]
+    assert messages == [f"{trained_checkpoint} was trained on phantom data only; its masks for 1 other patient(s) "
+                        "(CASE_01) say nothing about real FLAIR: train on your data"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict.main(
+            [*common, "--data-dir", str(phantom_dir), "--patients", "val", "--output-dir", str(tmp_path / "b")]
+        )
+    assert not [w for w in caught if "phantom data only" in str(w.message)]  # its own kind of data: no warning

@@ -41,12 +41,14 @@ def validate_augmentation_args(args: argparse.Namespace) -> None:
 
 
 def build_augmentation(
-    args: argparse.Namespace, seed: int, steps: int, batch_size: int, device: torch.device
+    args: argparse.Namespace, seed: int, steps: int, batch_size: int, device: torch.device, first_step: int = 0
 ) -> Augment:
     """The augmentation of one training epoch of `steps` batches of `batch_size` slices on
-    `device`, from the run's flags and this epoch's `seed`: a callable, once per batch."""
+    `device`, from the run's flags and this epoch's `seed`: a callable, once per batch. Its
+    first call applies batch `first_step` (0-based) of the epoch: a run resumed within an
+    epoch gets the transforms an uninterrupted one would have applied from there."""
     augmentation = BatchAugmentation(args.aug_scale, args.aug_angle, args.aug_flip, seed=seed)
-    return EpochAugmentation(augmentation, steps, batch_size, device)
+    return EpochAugmentation(augmentation, steps, batch_size, device, first_step)
 
 
 def random_affine_parameters(
@@ -124,10 +126,12 @@ class EpochAugmentation:
     applies the next batch's, with no host sync. Should more batches come than planned, the
     next `steps` batches' transforms are drawn from the same generator."""
 
-    def __init__(self, augmentation: BatchAugmentation, steps: int, batch_size: int, device: torch.device):
+    def __init__(
+        self, augmentation: BatchAugmentation, steps: int, batch_size: int, device: torch.device, first_step: int = 0
+    ):
         self.augmentation, self.steps, self.batch_size, self.device = augmentation, steps, batch_size, device
         self.matrices = augmentation.epoch_matrices(steps, batch_size, device)  # None: the identity
-        self.next = 0  # the batch whose transforms the next call applies
+        self.next = first_step  # the batch whose transforms the next call applies
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.matrices is None:

@@ -48,6 +48,11 @@ class BackgroundWorker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-end") if enabled else None
         self._pending: list[Future] = []
 
+    @property
+    def idle(self) -> bool:
+        """Whether every submitted job has finished (always true in-line)."""
+        return all(future.done() for future in self._pending)
+
     def make_room(self) -> float:
         """Wait until fewer than `max_pending` jobs are queued or running; the seconds
         waited (0 in-line). Raises a finished job's exception."""

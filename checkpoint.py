@@ -13,6 +13,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,36 @@ RESUME_KEYS = ("optimizer", "epoch", "args")
 
 class CheckpointError(Exception):
     """A checkpoint file that is missing, unsafe or not one of ours."""
+
+
+@dataclass
+class EpochPosition:
+    """How far an epoch got: `step` of its steps done, the sum of their losses (a float32
+    scalar tensor on the host, as train_one_epoch accumulates it)."""
+
+    epoch: int
+    step: int
+    loss_sum: torch.Tensor
+
+    def record(self) -> dict[str, Any]:
+        """The plain dict a checkpoint stores as `partial_epoch`."""
+        return {"epoch": self.epoch, "step": self.step, "loss_sum": self.loss_sum}
+
+
+def epoch_position(saved: dict, path: str | Path, steps: int) -> EpochPosition | None:
+    """The position stored in checkpoint `saved` (None for a checkpoint written at an epoch's
+    end). Raises CheckpointError naming `path` when it does not fit the run: another epoch
+    than the one after the checkpoint's, or a step outside 1 .. `steps` - 1."""
+    record = saved.get("partial_epoch")
+    if record is None:
+        return None
+    epoch, step = int(record["epoch"]), int(record["step"])
+    if epoch != saved["epoch"] + 1 or not 0 < step < steps:
+        raise CheckpointError(
+            f"{path}: its saved position (step {step} of epoch {epoch}, after epoch {saved['epoch']}) does not fit "
+            f"this run's {steps} steps per epoch; resume from a checkpoint saved at an epoch's end"
+        )
+    return EpochPosition(epoch, step, torch.as_tensor(record["loss_sum"], dtype=torch.float32))
 
 
 def training_state(
@@ -65,14 +96,16 @@ def make_checkpoint(
     config: dict,
     log_run: str,
     history: list[dict] | None = None,
+    partial_epoch: EpochPosition | None = None,
 ) -> dict[str, Any]:
     """The one writer of the checkpoint dict (docs/design.md, "Checkpoint"): the weights of the
     unwrapped model and its `model_config` record (from `state`, a `training_state`), the
     preprocessing it was trained with, the split, and everything to resume (optimiser,
     schedule, scaler and RNG state from `state`, the run's `config`, its TensorBoard
     sub-folder `log_run`, and `history`: one plain dict of floats per validated epoch so far,
-    which learning_curves.png draws and a resumed run continues)."""
-    return {
+    which learning_curves.png draws and a resumed run continues). `partial_epoch`: for a save
+    within an epoch, how far the epoch after `epoch` got."""
+    saved = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "model": state["model"],
         "model_config": state["model_config"],
@@ -88,6 +121,9 @@ def make_checkpoint(
         "log_run": log_run,
         "history": list(history or []),
     }
+    if partial_epoch is not None:
+        saved["partial_epoch"] = partial_epoch.record()
+    return saved
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:

@@ -218,11 +218,20 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+def held_text(path: Path, epochs: int) -> str:
+    """What last.pt at `path` holds: `... holds epoch 3 of 40` (its last finished epoch), plus
+    `and 75 steps of epoch 4` when it was saved within an epoch."""
+    saved = load_checkpoint(path)
+    text = f"{path} holds epoch {saved['epoch']} of {epochs}"
+    position = saved.get("partial_epoch")
+    return text + (f" and {position['step']} steps of epoch {position['epoch']}" if position else "")
+
+
 def interrupted_message(args: argparse.Namespace, argv: list[str], world_size: int) -> str:
-    """The one line train.py ends with when interrupted: which epoch each last.pt holds (the
-    epoch in progress is lost) and the exact command that continues the run."""
+    """The one line train.py ends with when interrupted: what each last.pt holds (the steps
+    after its save are lost) and the exact command that continues the run."""
     folder = Path(args.checkpoint_dir)
     paths = sorted(folder.glob("fold*/last.pt")) if args.fold == "all" else [folder / "last.pt"]
-    held = [f"{path} holds epoch {load_checkpoint(path)['epoch']} of {args.epochs}" for path in paths if path.is_file()]
-    what = "; ".join(held) or f"no epoch had finished, nothing is saved in {folder}"
+    held = [held_text(path, args.epochs) for path in paths if path.is_file()]
+    what = "; ".join(held) or f"nothing had been saved yet in {folder}"
     return f"interrupted: {what}; continue with: {continue_command(argv, world_size)}"

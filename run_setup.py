@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import checkpoint
 import dataset
 import distributed
 import network
@@ -71,6 +72,7 @@ class Run:
     val_volumes: list[dataset.Volume]
     criterion: nn.Module  # --loss: training and validation call this one object, on logits
     start_epoch: int = 1
+    position: checkpoint.EpochPosition | None = None  # where start_epoch resumes within (a save within it)
     best_dice: float = -1.0
     log_run: str = ""
     logger: TBLogger | None = None
@@ -127,7 +129,7 @@ def set_up(args: argparse.Namespace, runtime: distributed.Runtime, defining: dic
         steps_per_epoch(args, len(train_set), runtime.world_size), split, val_volumes, build_loss(args.loss),
     )  # fmt: skip
     if resumed is not None:
-        restore(run, resumed)
+        restore(run, resumed, resume_path)
     run.val_inputs = validation_inputs(val_volumes, runtime.device, placement)
     run.val_truths = {v.patient_id: np.asarray(v.masks) for v in val_volumes}
     run.worker = BackgroundWorker(enabled=not args.no_background)
@@ -143,16 +145,18 @@ def set_up(args: argparse.Namespace, runtime: distributed.Runtime, defining: dic
     return run
 
 
-def restore(run: Run, checkpoint: dict) -> None:
-    """Continue from a checkpoint: weights, optimiser, schedule, scaler, RNG, epoch, best Dice."""
-    run.raw_model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    run.scaler.load_state_dict(checkpoint["scaler"])
-    resume.restore_rng_state(checkpoint["rng"])
-    run.start_epoch, run.best_dice = checkpoint["epoch"] + 1, checkpoint["best_dice"]
-    run.log_run = checkpoint.get("log_run", "")
-    run.curves = [h for h in checkpoint.get("history", []) if h["epoch"] < run.start_epoch]
+def restore(run: Run, saved: dict, path: Path) -> None:
+    """Continue from checkpoint `saved` (read from `path`): weights, optimiser, schedule,
+    scaler, RNG, epoch, best Dice, and the position within the next epoch of a save within it."""
+    run.raw_model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.scaler.load_state_dict(saved["scaler"])
+    resume.restore_rng_state(saved["rng"])
+    run.start_epoch, run.best_dice = saved["epoch"] + 1, saved["best_dice"]
+    run.position = checkpoint.epoch_position(saved, path, run.steps)
+    run.log_run = saved.get("log_run", "")
+    run.curves = [h for h in saved.get("history", []) if h["epoch"] < run.start_epoch]
 
 
 def open_log(run: Run) -> None:
@@ -200,7 +204,8 @@ def print_start(run: Run, resume_path: Path | None) -> None:
     curves = "" if args.no_learning_curves else f"; after each epoch: {training_log.learning_curves_path(args)}"
     print(f"TensorBoard: {Path(args.log_dir) / run.log_run}{curves}")
     if resume_path is not None:
-        print(f"resumed from {resume_path} after epoch {run.start_epoch - 1} (best Dice {run.best_dice:.4f})")
+        within = f", step {run.position.step} of {run.steps} of epoch {run.start_epoch}" if run.position else ""
+        print(f"resumed from {resume_path} after epoch {run.start_epoch - 1}{within} (best Dice {run.best_dice:.4f})")
     elif args.resume == "auto":
         print(f"--resume auto: no last.pt in {args.checkpoint_dir}, starting from scratch")
     print(training_log.EPOCH_HEADER, flush=True)

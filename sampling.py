@@ -154,11 +154,13 @@ class ResidentSlices:
         self.device = device
 
     def batches(
-        self, steps: int, batch_size: int, generator: torch.Generator
+        self, steps: int, batch_size: int, generator: torch.Generator, first_step: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `first_step` .. `steps - 1` of the epoch whose indices `generator` draws
+        (all `steps` are drawn, so a resumed epoch gets the batches an uninterrupted one would)."""
         indices = self.sampler(steps, batch_size, generator)
         indices = indices.to(self.device, non_blocking=True).view(steps, batch_size)
-        for row in indices:
+        for row in indices[first_step:]:
             images = self.images[self.context[row]].flatten(1, 2)  # (B, 2C+1, 3, H, W) -> (B, 3 (2C+1), H, W)
             yield images.float(), self.masks[row].float()
 
@@ -178,12 +180,13 @@ class StreamedSlices:
         self.sampler = sampler or make_sampler(dataset)
 
     def batches(
-        self, steps: int, batch_size: int, generator: torch.Generator
+        self, steps: int, batch_size: int, generator: torch.Generator, first_step: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """As `ResidentSlices.batches`, read from the cache by `num_workers` processes."""
         loader = DataLoader(
             self.dataset,
             batch_size,
-            sampler=self.sampler(steps, batch_size, generator).tolist(),
+            sampler=self.sampler(steps, batch_size, generator)[first_step * batch_size :].tolist(),
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,

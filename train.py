@@ -44,6 +44,7 @@ import utils
 from crossval import train_folds
 from epoch_end import end_epoch, finish_background_work
 from losses import add_loss_flag
+from partial_epoch import add_partial_epoch_flags, make_saver, validate_partial_epoch_args
 from patients import DataError
 from postprocessing_choice import ensure_postprocessing_choice, record_postprocessing_choice
 from preprocessing import add_preprocessing_flags
@@ -103,6 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         sampling.add_sampling_flags,
         distributed.add_runtime_flags,
         resume.add_resume_flags,
+        add_partial_epoch_flags,
         training_log.add_logging_flags,
     ):
         add_flags(add)
@@ -183,6 +185,7 @@ def validate_args(args: argparse.Namespace) -> None:
         sampling.validate_sampling_args,
         training_log.validate_logging_args,
         resume.validate_resume_args,
+        validate_partial_epoch_args,
     ):
         validate(args)
 
@@ -203,35 +206,41 @@ def train_one_epoch(
     model: nn.Module, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, criterion: nn.Module,
     augment: augmentations.Augment, runtime: distributed.Runtime, steps: int, batch_size: int,
     generator: torch.Generator, epoch: int, log_interval: int, progress: bool = True, desc: str | None = None,
-    on_progress: Callable[[int, float], None] | None = None,
+    on_progress: Callable[[int, float], None] | None = None, start: checkpoint.EpochPosition | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """One epoch of `steps` sampled batches, each augmented (`augment`, built for this epoch
-    by `augmentations.build_augmentation`) and trained on (`train_step`). Every `log_interval`
-    steps (and at the last) the loss is averaged over all ranks, so a non-finite loss on any
-    rank stops every rank at the same step. `desc` labels the progress bar (default "epoch
-    N"); `on_progress(step, seconds)` is called there too. Returns the loss (mean over steps
-    and ranks), slices/s and seconds."""
+    by `augmentations.build_augmentation`) and trained on (`train_step`); from `start` (a save
+    within the epoch) when given. `on_step(step, loss_sum)` follows every step (the saves
+    within an epoch). Every `log_interval` steps (and at the last) the loss is averaged over
+    all ranks, so a non-finite loss on any rank stops every rank at the same step; `desc`
+    labels the progress bar (default "epoch N") and `on_progress(step, seconds per step)` is
+    called there. Returns the loss (mean over steps and ranks), slices/s and seconds."""
     model.train()
-    loss_sum, mean_loss = torch.zeros((), device=runtime.device), 0.0
-    start = time.perf_counter()
+    first = start.step if start else 0
+    loss_sum = start.loss_sum.to(runtime.device, copy=True) if start else torch.zeros((), device=runtime.device)
+    mean_loss, begun = 0.0, time.perf_counter()
     hide = None if progress and runtime.is_main else True  # None: tqdm hides the bar when stderr is no terminal
-    bar = tqdm(total=steps, desc=desc or f"epoch {epoch}", unit="step", disable=hide, leave=False)
-    for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator), start=1):
+    bar = tqdm(total=steps, initial=first, desc=desc or f"epoch {epoch}", unit="step", disable=hide, leave=False)
+    for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator, first), start=first + 1):
         images, masks = augment(images, masks)
         loss_sum += train_step(model, optimizer, scaler, criterion, images, masks, runtime)
+        if on_step is not None:
+            on_step(step, loss_sum)
         if step % log_interval == 0 or step == steps:
             mean_loss = distributed.mean_over_ranks(loss_sum, runtime).item() / step  # the only host sync (bf16, fp32)
             if not math.isfinite(mean_loss):
                 message = f"the training loss became {mean_loss} at epoch {epoch}, step {step}"
                 raise distributed.TrainingDiverged(message)
-            rate = step * batch_size * runtime.world_size / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", slices_per_s=f"{rate:.1f}")
+            per_step = (time.perf_counter() - begun) / (step - first)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", slices_per_s=f"{batch_size * runtime.world_size / per_step:.1f}")
             if on_progress is not None:
-                on_progress(step, time.perf_counter() - start)
+                on_progress(step, per_step)
         bar.update(1)
     bar.close()
-    seconds = time.perf_counter() - start
-    return {"loss": mean_loss, "slices_per_s": steps * batch_size * runtime.world_size / seconds, "seconds": seconds}
+    seconds = time.perf_counter() - begun
+    slices = (steps - first) * batch_size * runtime.world_size
+    return {"loss": mean_loss, "slices_per_s": slices / seconds, "seconds": seconds}
 
 
 def train_step(
@@ -262,18 +271,23 @@ def train_step(
 
 
 def run_epoch(run: Run, epoch: int) -> None:
-    """Train one epoch on this rank's own random streams, then hand its end (validation,
-    checkpoints, pictures, the epoch line) to `end_epoch`."""
+    """Train one epoch on this rank's own random streams (from the saved position when the run
+    resumes within it), then hand its end (validation, checkpoints, pictures, the epoch
+    line) to `end_epoch`."""
     args, runtime = run.args, run.runtime
     start = time.perf_counter()
+    position, run.position = run.position, None
     generator = torch.Generator().manual_seed(stream_seed(args.seed, epoch, runtime.rank, 0))
     augment_seed = stream_seed(args.seed, epoch, runtime.rank, 1)
-    augment = augmentations.build_augmentation(args, augment_seed, run.steps, args.batch_size, runtime.device)
+    augment = augmentations.build_augmentation(
+        args, augment_seed, run.steps, args.batch_size, runtime.device, position.step if position else 0
+    )
     label = training_log.progress_label(epoch, args.epochs, run.epoch_seconds, args.stop_after_epoch)
     progress = functools.partial(run.progress, len(run.epoch_seconds)) if runtime.is_main else None
     train_stats = train_one_epoch(
-        run.model, run.data, run.optimizer, run.scaler, run.criterion, augment, runtime,
-        run.steps, args.batch_size, generator, epoch, args.log_interval, desc=label, on_progress=progress,
+        run.model, run.data, run.optimizer, run.scaler, run.criterion, augment, runtime, run.steps,
+        args.batch_size, generator, epoch, args.log_interval, desc=label, on_progress=progress, start=position,
+        on_step=make_saver(run, epoch),
     )  # fmt: skip
     end_epoch(run, epoch, train_stats)
     run.epoch_seconds.append(time.perf_counter() - start)

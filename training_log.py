@@ -99,10 +99,9 @@ class ProgressReporter:
         self.quiet = (not sys.stdout.isatty()) if quiet is None else quiet
         self.projected, self.last_line = False, time.monotonic()
 
-    def __call__(self, epoch_index: int, step: int, seconds: float) -> None:
-        """`step` steps into the `epoch_index`-th epoch of this process (0: the first), after
-        `seconds` of training in it."""
-        per_step = seconds / step
+    def __call__(self, epoch_index: int, step: int, per_step: float) -> None:
+        """`step` steps into the `epoch_index`-th epoch of this process (0: the first), at
+        `per_step` seconds per training step."""
         total = projected_seconds(per_step, self.steps, self.epochs_left, self.val_slices, self.batch_size)
         if not self.projected:
             self.projected = True

@@ -89,8 +89,10 @@ def test_training_calls_the_built_augmentation_on_every_batch(phantom_dir, tmp_p
             calls.append(images.shape)
             return images, torch.ones_like(masks)
 
-    def build(args, seed, steps, batch_size, device):
-        built.append({"seed": seed, "steps": steps, "batch_size": batch_size, "flip": args.aug_flip})
+    def build(args, seed, steps, batch_size, device, first_step):
+        built.append(
+            {"seed": seed, "steps": steps, "batch_size": batch_size, "flip": args.aug_flip, "first_step": first_step}
+        )
         return MarkAll()
 
     class Recording(nn.Module):
@@ -106,7 +108,8 @@ def test_training_calls_the_built_augmentation_on_every_batch(phantom_dir, tmp_p
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert len(calls) == 2 * 3 and all(shape == (8, 3, 32, 32) for shape in calls)
     assert built == [
-        {"seed": train.stream_seed(42, epoch, 0, 1), "steps": 3, "batch_size": 8, "flip": 0.25} for epoch in (1, 2)
+        {"seed": train.stream_seed(42, epoch, 0, 1), "steps": 3, "batch_size": 8, "flip": 0.25, "first_step": 0}
+        for epoch in (1, 2)
     ]
     assert len(trained_masks) == 6 and all(bool((m == 1).all()) for m in trained_masks)
     assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["args"]["aug_flip"] == 0.25

@@ -244,15 +244,15 @@ def test_the_projection_counts_every_epoch_and_validation():
 
 def test_progress_reporter_projects_once_and_writes_lines_for_a_log_file(capsys):
     reporter = training_log.ProgressReporter(10, 4, 32, 16, "cpu", every=0.0, quiet=True)
-    reporter(0, 5, 10.0)  # 2 s per step
-    reporter(1, 10, 20.0)
+    reporter(0, 5, 2.0)  # 2 s per step
+    reporter(1, 10, 2.0)
     out = capsys.readouterr().out.splitlines()
     assert [line.startswith("projected: ") for line in out] == [True, False, False]
     assert out[1] == "epoch 1 of the 4 to go: step 5/10, run about 1 min 15 s left"  # 4 x (20 + 4/3) - 10 s
     assert out[2].startswith("epoch 2 of the 4 to go: step 10/10")
     terminal = training_log.ProgressReporter(10, 4, 32, 16, "cpu", every=0.0, quiet=False)
-    terminal(0, 5, 10.0)
-    terminal(0, 10, 20.0)
+    terminal(0, 5, 2.0)
+    terminal(0, 10, 2.0)
     assert len(capsys.readouterr().out.splitlines()) == 1  # on a terminal the bar shows the rest
 
 

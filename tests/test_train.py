@@ -213,6 +213,50 @@ def test_resume_matches_uninterrupted_run(phantom_dir, tmp_path, capsys):
     assert again["history"] == [] and "already finished epoch 3 of 3" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("placement", ["device", "stream"])
+def test_a_run_resumed_within_an_epoch_matches_an_uninterrupted_one(placement, phantom_dir, tmp_path, monkeypatch):
+    common = ["--epochs", "2", "--steps-per-epoch", "4", "--data-placement", placement]
+    full = train.main(tiny_train_args(phantom_dir, tmp_path / "full", *common, "--save-minutes", "1e-9"))
+    # (saves within its epochs are queued before each epoch's end, so the last last.pt is the epoch's)
+    # save after every step (in line, so no save is skipped), then Ctrl-C in step 3 of epoch 2
+    argv = tiny_train_args(phantom_dir, tmp_path / "split", *common, "--save-minutes", "1e-9", "--no-background")
+    calls = []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4 + 3:
+            raise KeyboardInterrupt
+        return original_step(*args, **kwargs)
+
+    original_step = train.train_step
+    monkeypatch.setattr(train, "train_step", interrupted_step)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(argv)
+    last = tmp_path / "split" / "ckpt" / "last.pt"
+    assert f"{last} holds epoch 1 of 2 and 2 steps of epoch 2; continue with:" in str(stopped.value)
+    saved = torch.load(last, weights_only=True)
+    assert (saved["epoch"], saved["partial_epoch"]["step"]) == (1, 2)
+    monkeypatch.setattr(train, "train_step", original_step)
+    resumed = train.main([*argv, "--resume", "auto"])
+    assert losses(resumed) == losses(full)[1:]  # epoch 2's mean loss counts the steps before the save
+    final_full = torch.load(tmp_path / "full" / "ckpt" / "last.pt", weights_only=True)
+    final_resumed = torch.load(last, weights_only=True)
+    assert "partial_epoch" not in final_resumed and final_resumed["epoch"] == 2
+    for key in final_full["model"]:
+        assert torch.equal(final_full["model"][key], final_resumed["model"][key]), key
+
+
+def test_a_save_within_an_epoch_that_does_not_fit_the_run_is_refused(phantom_dir, tmp_path):
+    argv = tiny_train_args(phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "3")
+    train.main([*argv, "--stop-after-epoch", "1"])
+    last = tmp_path / "ckpt" / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    saved["partial_epoch"] = {"epoch": 2, "step": 3, "loss_sum": torch.tensor(1.0)}  # step 3 of 3: not within
+    torch.save(saved, last)
+    with pytest.raises(SystemExit, match="does not fit this run's 3 steps per epoch"):
+        train.main([*argv, "--resume", "auto"])
+
+
 def test_resume_refuses_a_changed_run_defining_flag(phantom_dir, tmp_path):
     first = tiny_train_args(
         phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1", "--folds", "2", "--fold", "0"

@@ -1,11 +1,13 @@
 """The speed benchmark on a phantom data set written to a temp dir, and the entry point of
 the studies that live in modules of their own (study_ablation.py, results_page.py,
-study_postprocessing.py).
+study_postprocessing.py, study_precision.py, study_lgg.py).
 
     python bench.py speed [--device cpu|cuda] [--image-size 256] [--quick] [--json PATH]
     python bench.py ablation [--seeds 0 1 2] [--candidates NAME ...] [--output ablation.md]
     python bench.py report [--bench] [--output docs/results.md]   (regenerates docs/results.md, figures/)
     python bench.py postprocessing [--output docs/postprocessing.md]  (regenerates docs/postprocessing.md)
+    python bench.py precision --model-path M --data-dir kaggle_3m     (bf16 against fp32 on real patients)
+    python bench.py lgg --model-path M --data-dir kaggle_3m           (regenerates docs/results-lgg.md)
 
 Measures, side by side: preprocessing per patient (cold and warm cache), augmentation per
 slice (ours, batched on the device, against per-sample skimage rescale + rotate), training
@@ -42,6 +44,7 @@ from preprocessing import restore_geometry
 from results_page import REPORT_ABOUT, ReportError, add_report_flags, report
 from sampling import ResidentSlices
 from study_ablation import ABLATION_ABOUT, ablation, add_ablation_flags
+from study_lgg import LGG_ABOUT, add_lgg_flags, lgg
 from study_postprocessing import POSTPROCESSING_ABOUT, add_postprocessing_flags, postprocessing
 from study_precision import PRECISION_ABOUT, add_precision_flags, precision
 from train import train_one_epoch
@@ -523,6 +526,7 @@ def get_args_parser() -> argparse.ArgumentParser:
             shared_flags("--device", device="for training and the test scores; default: cuda when available")
         ],
         "precision": [shared_flags("--data-dir")],
+        "lgg": [shared_flags("--data-dir")],
     }
     for name, about, add_flags in (
         ("speed", "time preprocessing, augmentation, training and inference on a phantom", add_speed_flags),
@@ -530,6 +534,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         ("report", REPORT_ABOUT, add_report_flags),
         ("postprocessing", POSTPROCESSING_ABOUT, add_postprocessing_flags),
         ("precision", PRECISION_ABOUT, add_precision_flags),
+        ("lgg", LGG_ABOUT, add_lgg_flags),
     ):
         sub = commands.add_parser(
             name, help=about.split(";")[0], description=about, formatter_class=HelpFormatter, parents=devices[name]
@@ -551,6 +556,8 @@ def main(argv: list[str] | None = None) -> dict | Path:
         return postprocessing(args, argv[1:])
     if args.command == "precision":
         return precision(args, argv[1:])
+    if args.command == "lgg":
+        return lgg(args, argv[1:])
     try:
         return report(args)
     except ReportError as error:

@@ -126,6 +126,18 @@ def make_checkpoint(
     return saved
 
 
+# What a published checkpoint leaves out: the state that only continues training.
+TRAINING_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng", "partial_epoch")
+
+
+def published_checkpoint(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of training checkpoint `saved` for publishing: everything prediction and
+    provenance need (weights, model and preprocessing records, split, configuration,
+    history, the chosen post-processing), without `TRAINING_ONLY_KEYS`; the weights stay
+    float32. It cannot be resumed from (no optimiser state)."""
+    return {key: value for key, value in saved.items() if key not in TRAINING_ONLY_KEYS}
+
+
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
     """`torch.save` a plain dict atomically: a crash never leaves a half-written file."""
     buffer = io.BytesIO()

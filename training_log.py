@@ -130,10 +130,15 @@ def progress_label(epoch: int, epochs: int, epoch_seconds: list[float], stop_aft
 
 
 # tqdm's settings for the training bar: `progress_label`, the percentage, the bar, the step,
-# then `progress_postfix`, at the terminal's width, read again at each redraw. tqdm's own
-# elapsed<remaining and step/s are left out (the label says the run's time left, the postfix
-# the slice rate), so that "epoch 100/100, run 10 h 02 min left" still fits 80 columns.
-PROGRESS_BAR = {"dynamic_ncols": True, "bar_format": "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"}
+# then `progress_postfix`, at the terminal's width (read again at each redraw), cleared at the
+# end of the epoch. tqdm's own elapsed<remaining and step/s are left out (the label says the
+# run's time left, the postfix the slice rate): "epoch 100/100, run 10 h 02 min left" fits 80
+# columns.
+PROGRESS_BAR = {
+    "leave": False,
+    "dynamic_ncols": True,
+    "bar_format": "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
+}
 
 
 def progress_postfix(loss: float, slices_per_s: float) -> str:

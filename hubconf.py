@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
-ENTRY_MODULES = ("network", "utils", "preprocessing", "checkpoint", "postprocessing", "inference")
+ENTRY_MODULES = ("network", "utils", "preprocessing", "checkpoint", "postprocessing", "inference", "phantom")
 
 NO_PRETRAINED = (
     "no pretrained weights are published for this model: train your own with "
@@ -224,7 +224,8 @@ def segmentation_pipeline(
     `utils.UsageError` (a ValueError). The image size and normalisation region come from a
     training checkpoint (pass `image_size` for a bare state_dict, default 256, normalised over
     the crop; an `image_size` other than a checkpoint's own warns); the context slices of a
-    2.5-D model come from its input channels.
+    2.5-D model come from its input channels. A checkpoint trained on phantom patients only
+    (the demo's) warns in one line, as predict.py does: its masks say nothing about real FLAIR.
 
     `amp`: "auto" (default) is predict.py's: fp32 on the CPU, bf16 (or fp16) autocast on a
     GPU; "bf16" asks for bf16 autocast (faster on a CPU with AMX or AVX512-BF16, with
@@ -260,6 +261,9 @@ def segmentation_pipeline(
         record = post.postprocessing_of(checkpoint, weights_path) if trained else dict(post.LCC)
     else:
         record = dict(post.LCC if lcc else post.NO_FILTER)
-    return SegmentationPipeline(
+    pipeline = SegmentationPipeline(
         model, int(image_size), device, threshold, record == post.LCC, tta, batch_size, region, record, amp
     )
+    split = checkpoint.get("split") if trained else None  # a bare state_dict says nothing of its data
+    modules["phantom"].warn_if_phantom_trained(weights_path, split, stacklevel=2)  # its volumes carry no ids
+    return pipeline

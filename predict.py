@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,7 +55,7 @@ from inference import (
 from metrics import metric_names, metric_units, patient_metrics
 from nifti import write_nifti_array, write_nifti_mask
 from patients import DataError, Patient
-from phantom import is_phantom
+from phantom import warn_if_phantom_trained
 from pictures import overlay, plot_dice_distribution, view_box
 from postprocessing import LCC, NO_FILTER, postprocessing_name
 from report import write_report, write_thumbnails
@@ -594,20 +593,6 @@ def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode:
     }
 
 
-def warn_if_phantom_model(models: Sequence[LoadedModel], patients: Sequence[Patient]) -> None:
-    """One warning line per checkpoint trained on phantom patients only (the demo's) that is
-    asked to segment other patients: its masks there say nothing about real FLAIR."""
-    others = [p.patient_id for p in patients if not is_phantom(p.patient_id)]
-    for model in models:
-        trained = (model.split or {}).get("train") or []
-        if others and trained and all(is_phantom(i) for i in trained):
-            warnings.warn(
-                f"{model.path} was trained on phantom data only; its masks for {len(others)} other patient(s) "
-                f"({others[0]}{', ...' if len(others) > 1 else ''}) say nothing about real FLAIR: train on your data",
-                stacklevel=2,
-            )
-
-
 def all_lcc(models: Sequence[LoadedModel]) -> bool:
     """Whether every checkpoint's post-processing is the largest component (`lcc`)."""
     return all(m.postprocessing == LCC for m in models)
@@ -631,7 +616,8 @@ def run(args: argparse.Namespace) -> dict:
     patients = with_spacing(discover_inputs(args.data_dir), args.spacing)
     wanted = requested_patients(args.patients, models, folds)
     patients = select_requested(patients, args.patients, wanted, args.data_dir)
-    warn_if_phantom_model(models, patients)
+    for model in models:  # one warning line per checkpoint trained on phantoms only, if others are given
+        warn_if_phantom_trained(model.path, model.split, [p.patient_id for p in patients], stacklevel=1)
     if args.backend == "onnxruntime":
         models = [with_onnxruntime(m) for m in models]
     out_dir = create_output_dirs(args)

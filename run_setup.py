@@ -162,7 +162,8 @@ def restore(run: Run, saved: dict, path: Path) -> None:
 def open_log(run: Run) -> None:
     """TensorBoard in <log-dir>/<run>: a new run gets a new sub-folder named by its start
     time and checkpoint folder; a resumed run continues its own (points logged after the
-    checkpoint's epoch are purged, so curves never double back)."""
+    checkpoint's epoch are purged, so curves never double back). The folder is made with
+    the first event, at the end of the first epoch (`TBLogger`)."""
     log_dir = Path(run.args.log_dir)
     resumed = bool(run.log_run)
     if run.runtime.is_main and not resumed:

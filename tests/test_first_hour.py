@@ -1,6 +1,7 @@
 """What a new user meets in the first hour: one-line usage errors with
 "did you mean", accepted device names, a zip file given as --data-dir, a fold checkpoint on
-other data, no folders left by a refused command, the hub's image size, time left."""
+other data, no folders left by a refused command, the hub's image size and its warning on a
+phantom-trained model, time left."""
 
 import shlex
 import shutil
@@ -129,6 +130,7 @@ def test_hub_pipeline_warns_when_image_size_differs_from_the_checkpoint(trained_
         assert load(image_size=64).image_size == 64
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", ".*trained on phantom data only")  # test_hub_pipeline_warns_on_a_phantom_...
         assert load().image_size == 32 and load(image_size=32).image_size == 32
 
 
@@ -281,3 +283,21 @@ def test_a_phantom_trained_model_on_other_data_warns_in_one_line(trained_checkpo
             [*common, "--data-dir", str(phantom_dir), "--patients", "val", "--output-dir", str(tmp_path / "b")]
         )
     assert not [w for w in caught if "phantom data only" in str(w.message)]  # its own kind of data: no warning
+
+
+def test_hub_pipeline_warns_on_a_phantom_trained_model_as_predict_does(trained_checkpoint, tmp_path):
+    def phantom_warnings(path) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.hub.load(str(ROOT), "segmentation_pipeline", source="local", trust_repo=True, weights_path=str(path))
+        return [str(w.message) for w in caught if "phantom data only" in str(w.message)]
+
+    assert phantom_warnings(trained_checkpoint) == [
+        f"{trained_checkpoint} was trained on phantom data only; its masks for any volume other than a phantom "
+        "say nothing about real FLAIR: train on your data"
+    ]  # its volumes carry no patient ids: any of them may be real
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    checkpoint["split"]["train"] = [f"CASE_{n:02d}" for n in range(len(checkpoint["split"]["train"]))]
+    torch.save(checkpoint, tmp_path / "real.pt")
+    torch.save(checkpoint["model"], tmp_path / "bare.pt")
+    assert phantom_warnings(tmp_path / "real.pt") == phantom_warnings(tmp_path / "bare.pt") == []

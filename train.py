@@ -221,7 +221,7 @@ def train_one_epoch(
     loss_sum = start.loss_sum.to(runtime.device, copy=True) if start else torch.zeros((), device=runtime.device)
     mean_loss, begun = 0.0, time.perf_counter()
     hide = None if progress and runtime.is_main else True  # None: tqdm hides the bar when stderr is no terminal
-    bar = tqdm(total=steps, initial=first, desc=desc or f"epoch {epoch}", unit="step", disable=hide, leave=False)
+    bar = tqdm(total=steps, initial=first, desc=desc or f"epoch {epoch}", disable=hide, **training_log.PROGRESS_BAR)
     for step, (images, masks) in enumerate(data.batches(steps, batch_size, generator, first), start=first + 1):
         images, masks = augment(images, masks)
         loss_sum += train_step(model, optimizer, scaler, criterion, images, masks, runtime)
@@ -233,7 +233,7 @@ def train_one_epoch(
                 message = f"the training loss became {mean_loss} at epoch {epoch}, step {step}"
                 raise distributed.TrainingDiverged(message)
             per_step = (time.perf_counter() - begun) / (step - first)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", slices_per_s=f"{batch_size * runtime.world_size / per_step:.1f}")
+            bar.set_postfix_str(training_log.progress_postfix(mean_loss, batch_size * runtime.world_size / per_step))
             if on_progress is not None:
                 on_progress(step, per_step)
         bar.update(1)

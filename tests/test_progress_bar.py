@@ -15,7 +15,6 @@ import sys
 import termios
 import time
 
-import pytest
 from conftest import ROOT
 from tqdm.utils import disp_len
 
@@ -80,7 +79,7 @@ def frames_in_terminal(argv: list[str], columns: int, timeout: float = 120.0) ->
         if process.poll() is None:
             process.kill()
         process.wait()
-    if process.returncode != 0:  # not an AssertionError: the xfail below expects only the width check to fail
+    if process.returncode != 0:  # a crash, not a width failure
         raise RuntimeError(output.decode(errors="replace")[-3000:])
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output.decode())
     return [frame for frame in re.split(r"\r\n?|\n", text) if frame.strip()]
@@ -101,11 +100,5 @@ def test_the_bar_settings_fit_80_columns():
     check_fits(frames_in_terminal([sys.executable, "-c", CHILD, LONGEST_LABEL, "tqdm"], 80), 80)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="train_one_epoch does not use training_log.PROGRESS_BAR and progress_postfix yet (issue 30): "
-    "once it does, remove this mark",
-)
 def test_train_one_epoch_bar_fits_80_columns():
     check_fits(frames_in_terminal([sys.executable, "-c", CHILD, LONGEST_LABEL, "train"], 80), 80)

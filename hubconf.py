@@ -1,7 +1,8 @@
 """torch.hub entry points.
 
-model = torch.hub.load(repo, "unet_segmentation", weights_path="best_model.pt")
-segment = torch.hub.load(repo, "segmentation_pipeline", weights_path="best_model.pt")
+model = torch.hub.load(repo, "unet_segmentation", pretrained=True)       # the published model
+model = torch.hub.load(repo, "unet_segmentation", weights_path="best_model.pt")  # your own
+segment = torch.hub.load(repo, "segmentation_pipeline")  # the published model; weights_path= for yours
 masks, probabilities = segment(volume)  # volume: uint8 (S, H, W, 3)
 
 The repo's files have generic names (`utils`, `network`, `dataset`, `predict`, ...) that a
@@ -30,10 +31,19 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent
 ENTRY_MODULES = ("network", "utils", "preprocessing", "checkpoint", "postprocessing", "inference", "phantom")
 
-NO_PRETRAINED = (
-    "no pretrained weights are published for this model: train your own with "
-    "`python train.py --data-dir kaggle_3m` and pass weights_path='checkpoints/best_model.pt'"
-)
+# The published model (docs/model_card.md): in the repository, so nothing downloads at run time.
+PUBLISHED_WEIGHTS = REPO / "weights" / "lgg_unet.pt"
+
+
+def published_weights() -> Path:
+    """The published weights file; RuntimeError with what to do when this clone lacks it."""
+    if not PUBLISHED_WEIGHTS.is_file():
+        raise RuntimeError(
+            f"the published weights {PUBLISHED_WEIGHTS} are missing from this clone (restore them with "
+            "`git checkout -- weights/`), or train your own with `python train.py --data-dir kaggle_3m` and "
+            "pass weights_path='checkpoints/best_model.pt'"
+        )
+    return PUBLISHED_WEIGHTS
 
 
 # --------------------------------------------------------------------------- isolation
@@ -113,18 +123,20 @@ def unet_segmentation(
     [0, 1]; in_channels is 3, or 3 (2C + 1) for a 2.5-D checkpoint with C context slices.
     `model(x, return_logits=True)` gives the logits.
 
+    `pretrained=True`: the published model (`PUBLISHED_WEIGHTS`, docs/model_card.md: trained
+    on 88 patients of the Kaggle LGG set, 128 x 128 input); `weights_path` wins when given.
     `weights_path`: a training checkpoint (its `model_config` is used) or a bare state_dict
     (DDP/compiled prefixes are stripped), loaded with weights_only=True. Without weights,
     `model_kwargs` (`in_channels`, `out_channels`, `base_filters`) are the model record from
     which `network.build_model` builds the default architecture, the U-Net (random init).
     Raises TypeError for model_kwargs together with weights_path (the checkpoint fixes the
     architecture) and for model_kwargs the network does not take, RuntimeError for
-    `pretrained=True` without weights (none are published).
+    `pretrained=True` in a clone without the published file.
     """
     modules = repo_modules()
+    if weights_path is None and pretrained:
+        weights_path = published_weights()
     if weights_path is None:
-        if pretrained:
-            raise RuntimeError(NO_PRETRAINED)
         network = modules["network"]
         try:
             model = network.build_model(
@@ -201,7 +213,7 @@ class SegmentationPipeline:
 
 
 def segmentation_pipeline(
-    weights_path: str | Path,
+    weights_path: str | Path | None = None,
     device: str | torch.device | None = None,
     threshold: float = 0.5,
     lcc: bool | None = None,
@@ -213,6 +225,9 @@ def segmentation_pipeline(
     """A callable that segments one patient's raw volume: (S, H, W, 3) -> masks uint8 0/1
     (S, H, W) and probabilities float32 (S, H, W) on the input grid, with the preprocessing,
     batched inference, threshold and 3-D component filter that predict.py uses.
+
+    `weights_path`: None (default) is the published model (`PUBLISHED_WEIGHTS`,
+    docs/model_card.md); or a training checkpoint or bare state_dict of your own.
 
     `lcc`: None (default) uses the post-processing saved in the checkpoint (chosen on its
     validation patients by train.py; the largest component for a checkpoint without the
@@ -234,6 +249,7 @@ def segmentation_pipeline(
     attributes say what ran.
     """
     modules = repo_modules()
+    weights_path = published_weights() if weights_path is None else weights_path
     utils, inference, saved = modules["utils"], modules["inference"], modules["checkpoint"]
     post = modules["postprocessing"]
     device = utils.resolve_device(None if device is None else str(device), flag="device")

@@ -41,9 +41,13 @@ def test_unet_segmentation_from_prefixed_state_dict(trained_checkpoint, tmp_path
     assert torch.equal(model.state_dict()["head.weight"], state["head.weight"])
 
 
-def test_pretrained_without_weights_says_what_to_do():
-    with pytest.raises(RuntimeError, match="train.py"):
-        hub_load("unet_segmentation", pretrained=True)
+def test_pretrained_without_the_published_file_says_what_to_do(monkeypatch, tmp_path):
+    import hubconf
+
+    monkeypatch.setattr(hubconf, "PUBLISHED_WEIGHTS", tmp_path / "weights" / "lgg_unet.pt")
+    for call in (lambda: hubconf.unet_segmentation(pretrained=True), lambda: hubconf.segmentation_pipeline()):
+        with pytest.raises(RuntimeError, match=r"are missing from this clone .*git checkout -- weights/.*train\.py"):
+            call()
     assert hub_load("unet_segmentation", base_filters=8).config["base_filters"] == 8
 
 

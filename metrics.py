@@ -212,11 +212,18 @@ KINDS = {  # kind -> what its values are; the kind decides the unit and the prin
 
 @dataclass(frozen=True)
 class Metric:
-    """One per-patient metric: a metrics.csv column. `kind` is a key of `KINDS`."""
+    """One per-patient metric: a metrics.csv column. `kind` is a key of `KINDS`.
+
+    Two hints for report.html only: `overview` metrics are shown at first (the headline's
+    table, the patient table's visible columns), the others behind a fold; `repeats` names
+    the column this one equals in some runs (gt_volume is gt_pixels without a voxel
+    spacing), and the report leaves it out when it does so for every patient."""
 
     name: str
     kind: str
     description: str
+    overview: bool = False
+    repeats: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -273,32 +280,40 @@ REGISTRY: tuple[MetricGroup, ...] = (
     MetricGroup(
         _overlap,
         (
-            Metric("dice", "score", "Dice (F1) of prediction and truth over the kept slices"),
-            Metric("precision", "score", "predicted voxels that are truth"),
-            Metric("recall", "score", "truth voxels that are predicted"),
+            Metric("dice", "score", "Dice (F1) of prediction and truth over the kept slices", overview=True),
+            Metric("precision", "score", "predicted voxels that are truth", overview=True),
+            Metric("recall", "score", "truth voxels that are predicted", overview=True),
         ),
     ),
     MetricGroup(
         _surface_distance,
         (
             Metric(
-                "hd95", "distance", "95th-percentile Hausdorff distance of the surfaces; undefined for an empty mask"
+                "hd95",
+                "distance",
+                "95th-percentile Hausdorff distance of the surfaces; undefined for an empty mask",
+                overview=True,
             ),
         ),
     ),
     MetricGroup(
         _voxel_counts,
         (
-            Metric("gt_pixels", "count", "foreground voxels of the truth"),
+            Metric("gt_pixels", "count", "foreground voxels of the truth", overview=True),
             Metric("pred_pixels", "count", "foreground voxels of the prediction"),
         ),
     ),
     MetricGroup(
         _volumes,
         (
-            Metric("gt_volume", "volume", "volume of the truth"),
-            Metric("pred_volume", "volume", "volume of the prediction"),
-            Metric("volume_error", "fraction", "(pred_volume - gt_volume) / gt_volume; empty for an empty truth"),
+            Metric("gt_volume", "volume", "volume of the truth", overview=True, repeats="gt_pixels"),
+            Metric("pred_volume", "volume", "volume of the prediction", repeats="pred_pixels"),
+            Metric(
+                "volume_error",
+                "fraction",
+                "(pred_volume - gt_volume) / gt_volume; empty for an empty truth",
+                overview=True,
+            ),
         ),
     ),
     MetricGroup(
@@ -308,8 +323,14 @@ REGISTRY: tuple[MetricGroup, ...] = (
             Metric("lesion_tp", "count", "lesions detected"),
             Metric("lesion_fn", "count", "lesions missed"),
             Metric("lesion_fp", "count", "predicted components touching no lesion"),
-            Metric("lesion_f1", "score", "2 TP / (2 TP + FP + FN)"),
-            Metric("lesionwise_dice", "score", "sum of per-lesion Dice / (lesions + FP)"),
+            Metric("lesion_f1", "score", "2 TP / (2 TP + FP + FN)", overview=True),
+            Metric(
+                "lesionwise_dice",
+                "score",
+                "sum of per-lesion Dice / (lesions + FP); equals dice for one lesion found and no false positive",
+                overview=True,
+                repeats="dice",
+            ),
         ),
     ),
 )

@@ -49,7 +49,8 @@ def cells_by_column(page: str) -> dict[str, dict[str, str]]:
 
 def headline_cells(page: str) -> dict[str, tuple[str, str]]:
     """The headline block's metric table as {metric: (mean text, median text)}."""
-    block = page[page.index('<section id="headline">') : page.index('<section id="protocol">')]
+    start = page.index('<section id="headline">')
+    block = page[start : page.index("</section>", start)]
     return {
         name: (mean, median)
         for name, mean, median in re.findall(r"<tr><th>(\w+)</th><td>([^<]*)</td><td>([^<]*)</td></tr>", block)

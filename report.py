@@ -1,12 +1,17 @@
 """The offline HTML page of one prediction run: `<output-dir>/report.html`.
 
-From top to bottom: the headline (as summary.json states it, with its bias warning), the
-protocol, the Dice chart, and one table row per patient (sortable by any column with a
-click) with a strip of up to five small overlays of the slices with the most truth or
-prediction, each linking to its full-size overlay. The page needs no network: no CDN, no
-external font or script; every picture is a file under the output folder referenced by a
-relative path (or, for a chart elsewhere, embedded). Thumbnails are drawn by `pictures.thumbnail`
-from the arrays predict.py already holds (no second pass over the input files).
+Laid out for a 1,280 x 800 px first screen, without sideways scrolling: the headline (as
+summary.json states it, with its bias warning) and the lowest-Dice patients beside the
+Dice chart; below them one table row per patient (sortable by any column with a click)
+with a strip of up to five small overlays of the slices with the most truth or prediction,
+each linking to its full-size overlay; last the protocol. The table shows the overview
+metrics (`Metric.overview`) and folds the others; a column that repeats another for every
+patient (`Metric.repeats`: volumes without a voxel spacing) is left out. The page needs no
+network: no CDN, no external font or script; every picture is a file under the output
+folder referenced by a relative path (or, for a chart elsewhere, embedded), loaded
+eagerly so that a print or a screenshot has it. Thumbnails are drawn by
+`pictures.thumbnail` from the arrays predict.py already holds (no second pass over the
+input files).
 """
 
 from __future__ import annotations
@@ -187,7 +192,8 @@ def _cell(value, metric: Metric | None = None, folded: bool = False) -> str:
     if isinstance(value, float) and math.isnan(value):
         return f'<td class="num{fold}" data-v="" title="undefined: a mask is empty">–</td>'
     text = "" if value is None else str(value)
-    return f'<td class="{fold.strip()}" data-v="{html.escape(text.lower())}">{html.escape(text)}</td>'
+    attribute = ' class="more"' if folded else ""
+    return f'<td{attribute} data-v="{html.escape(text.lower())}">{html.escape(text)}</td>'
 
 
 def _anchor(patient: str) -> str:

@@ -62,10 +62,10 @@ def check_locked_split(saved: dict, path: str) -> None:
         raise ReportError(f"{path}: trained or validated on locked test patients: {', '.join(leaked)}")
 
 
-def training_seconds(log_dir: Path | None, log_run: str) -> float | None:
-    """The run's wall time in training epochs: the sum over epochs of the TensorBoard scalars
-    `time/epoch_s` (the steps) and `time/outside_step_s` (the rest on the training thread);
-    None without the log. Start-up and preprocessing are not in it."""
+def epoch_seconds(log_dir: Path | None, log_run: str) -> dict[int, float] | None:
+    """Epoch -> its wall seconds on the training thread, from the run's TensorBoard scalars
+    `time/epoch_s` (the steps) and `time/outside_step_s` (the rest); None without the log.
+    Start-up and preprocessing are not in it."""
     if log_dir is None or not (log_dir / log_run).is_dir():
         return None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -76,7 +76,19 @@ def training_seconds(log_dir: Path | None, log_run: str) -> float | None:
     for tag in ("time/epoch_s", "time/outside_step_s"):
         for event in events.Scalars(tag):
             per_epoch[event.step] = per_epoch.get(event.step, 0.0) + event.value
-    return sum(per_epoch.values())
+    return per_epoch
+
+
+def wall_time_text(per_epoch: dict[int, float] | None, epochs: int) -> str:
+    """The run's time in its epochs, its median and fastest epoch, and what `epochs` take at
+    the fastest one's pace (a machine doing nothing else; other work slows epochs down)."""
+    if not per_epoch:
+        return "wall time not recorded (no --log-dir)"
+    times = list(per_epoch.values())
+    return (
+        f"wall time in its {len(times)} epochs {format_duration(sum(times))} (median epoch {np.median(times):.0f} s, "
+        f"fastest {min(times):.0f} s: {format_duration(min(times) * epochs)} for {epochs} epochs at that pace)"
+    )
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -154,7 +166,7 @@ def score(args: argparse.Namespace) -> dict:
         "test_rows": test,
         "worst": test[0]["patient"],
         "best": test[-1]["patient"],
-        "training_seconds": training_seconds(Path(args.log_dir) if args.log_dir else None, saved.get("log_run", "")),
+        "epoch_seconds": epoch_seconds(Path(args.log_dir) if args.log_dir else None, saved.get("log_run", "")),
     }
 
 
@@ -186,7 +198,6 @@ def lgg_page(result: dict, figures: dict[str, str], command: str) -> str:
     facts, saved = machine_facts(), result["saved"]
     config, split = saved["args"], saved["split"]
     post = saved.get("postprocessing", {"method": "lcc"})
-    wall = result["training_seconds"]
     budget = (
         f"{config['epochs']} epochs x {config.get('steps_per_epoch') or 'one pass'} steps of {config['batch_size']} "
         f"slices, {config['image_size']} x {config['image_size']} px, {config['base_filters']} filters, "
@@ -203,8 +214,8 @@ def lgg_page(result: dict, figures: dict[str, str], command: str) -> str:
         "",
         f"Training: {budget}; {len(split['train'])} training and {len(split['val'])} validation patients "
         f"(all among the 88 outside the locked list), {config.get('world_size', 1)} process on "
-        f"{'a GPU' if str(config.get('device') or '').startswith('cuda') else 'the CPU'}; wall time in its epochs "
-        f"{format_duration(wall) if wall is not None else 'not recorded (no --log-dir)'}.",
+        f"{'a GPU' if str(config.get('device') or '').startswith('cuda') else 'the CPU'}; "
+        f"{wall_time_text(result['epoch_seconds'], config['epochs'])}.",
         "",
         f"Scored by `{result['predict_command']}` on all {sum(r['patients'] for r in result['roles'].values())} "
         f"patients in {format_duration(result['predict_seconds'])} (report.html "

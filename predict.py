@@ -58,8 +58,9 @@ from patients import DataError, Patient
 from phantom import warn_if_phantom_trained
 from pictures import overlay, plot_dice_distribution, view_box
 from postprocessing import LCC, NO_FILTER, postprocessing_name
-from report import write_report, write_thumbnails
+from report import write_report
 from summary import summarize
+from thumbnails import write_thumbnails
 from utils import (
     CLIParser,
     HelpFormatter,

@@ -9,9 +9,7 @@ metrics (`Metric.overview`) and folds the others; a column that repeats another 
 patient (`Metric.repeats`: volumes without a voxel spacing) is left out. The page needs no
 network: no CDN, no external font or script; every picture is a file under the output
 folder referenced by a relative path (or, for a chart elsewhere, embedded), loaded
-eagerly so that a print or a screenshot has it. Thumbnails are drawn by
-`pictures.thumbnail` from the arrays predict.py already holds (no second pass over the
-input files).
+eagerly so that a print or a screenshot has it. The thumbnails are thumbnails.py's.
 """
 
 from __future__ import annotations
@@ -21,20 +19,16 @@ import html
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-import numpy as np
-
 from metrics import Metric, find_metric
-from pictures import OVERLAY_REGIONS, thumbnail, view_box
+from pictures import OVERLAY_REGIONS
+from thumbnails import THUMBNAIL_PX
 from utils import atomic_write_bytes
 
 REPORT_NAME = "report.html"
-THUMBNAIL_DIR = "thumbnails"
-THUMBNAILS_PER_PATIENT = 5
-THUMBNAIL_PX = 96
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (`apt-get install chromium`)
 HIDDEN_COLUMNS = ("models",)  # long checkpoint paths: shown in the protocol instead
 OVERVIEW_COLUMNS = ("patient", "role", "error")  # with the overview metrics: the columns shown unfolded
@@ -45,71 +39,6 @@ STATUS_HELP = {
     "unlabelled": "no ground-truth masks: masks written, no metrics",
     "lesion-free": "the truth is empty: Dice is 1.0 when nothing is predicted, else 0.0",
 }
-
-
-# ------------------------------------------------------------------------- thumbnails
-
-
-def strip_slices(prediction: np.ndarray, truth: np.ndarray | None, count: int = THUMBNAILS_PER_PATIENT) -> list[int]:
-    """Indices (in slice order) of the up to `count` slices with the most truth-or-prediction
-    pixels; slices with neither are never chosen, ties go to the lower index.
-    prediction, truth: (S, H, W) bool/0-1 (truth None for an unlabelled patient)."""
-    lesion = prediction.astype(bool) if truth is None else prediction.astype(bool) | truth.astype(bool)
-    area = lesion.reshape(len(lesion), -1).sum(axis=1)  # (S,) pixels per slice
-    order = np.argsort(-area, kind="stable")[:count]
-    return sorted(int(s) for s in order if area[s] > 0)
-
-
-def save_thumbnail(rgb: np.ndarray, path: Path) -> None:
-    """RGB uint8 (h, w, 3) -> a palette PNG (256 colours, Pillow's fast octree, no dithering): at most
-    one byte per pixel whatever the slice looks like, so a 96-px thumbnail stays under about
-    10 kB and 110 patients' strips under 6 MB."""
-    from PIL import Image  # matplotlib's image library
-
-    Image.fromarray(rgb).quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path)
-
-
-def write_thumbnails(
-    patient_id: str,
-    images: np.ndarray,
-    prediction: np.ndarray,
-    truth: np.ndarray | None,
-    slice_numbers: Sequence[int],
-    out_dir: Path,
-    overlay_path: Callable[[int], str] | None = None,
-) -> list[dict]:
-    """Write `thumbnails/<patient>_<k>.png` (k zero-padded to 3 digits) for the slices
-    `strip_slices` picks; return one dict per thumbnail for `write_report`: `slice` (k),
-    `thumbnail` and `overlay` (paths relative to `out_dir`; overlay None when there is no
-    full-size overlay), `truth_pixels` (None without truth), `pred_pixels`.
-
-    images: (S, H, W, 3) native slices (pre-contrast, FLAIR, post-contrast; FLAIR shown),
-    prediction: (S, H, W) bool, truth: (S, H, W) or None, slice_numbers: the S slice numbers
-    k; overlay_path: k -> the full-size overlay's path relative to `out_dir`, or None. Every
-    thumbnail of a patient shows the same part of the frame (`pictures.view_box`: the head).
-    """
-    chosen = strip_slices(prediction, truth)
-    if not chosen:
-        return []
-    folder = out_dir / THUMBNAIL_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    box = view_box(images, prediction, truth)
-    pictures = []
-    for s in chosen:
-        number = int(slice_numbers[s])
-        name = f"{THUMBNAIL_DIR}/{patient_id}_{number:03d}.png"
-        rgb = thumbnail(images[s, ..., 1], prediction[s], None if truth is None else truth[s], box, THUMBNAIL_PX)
-        save_thumbnail(rgb, out_dir / name)
-        pictures.append(
-            {
-                "slice": number,
-                "thumbnail": name,
-                "overlay": overlay_path(number) if overlay_path else None,
-                "truth_pixels": None if truth is None else int(truth[s].sum()),
-                "pred_pixels": int(prediction[s].sum()),
-            }
-        )
-    return pictures
 
 
 # ------------------------------------------------------------------------------- page

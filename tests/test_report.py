@@ -19,6 +19,7 @@ from matplotlib.colors import to_rgb
 
 import predict
 import report
+import thumbnails
 from metrics import patient_metrics
 from pictures import plot_dice_distribution
 from summary import summarize
@@ -148,11 +149,11 @@ def test_strip_slices_are_the_largest_truth_or_prediction_slices():
     prediction[3], truth[3] = False, False  # an empty slice is never shown
     area = (prediction | truth).sum(axis=(1, 2))
     expected = sorted(sorted(range(12), key=lambda s: (-area[s], s))[:5])  # brute force
-    assert report.strip_slices(prediction, truth) == expected
-    assert report.strip_slices(prediction[:1] & False, None) == []
+    assert thumbnails.strip_slices(prediction, truth) == expected
+    assert thumbnails.strip_slices(prediction[:1] & False, None) == []
     only = np.zeros((4, 8, 8), bool)
     only[2, :2, :2] = True
-    assert report.strip_slices(only, None) == [2]  # unlabelled: the prediction alone
+    assert thumbnails.strip_slices(only, None) == [2]  # unlabelled: the prediction alone
 
 
 def test_palette_thumbnails_keep_the_region_colours(tmp_path):
@@ -164,7 +165,7 @@ def test_palette_thumbnails_keep_the_region_colours(tmp_path):
     truth, prediction = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
     truth[20:44, 10:40], prediction[20:44, 25:55] = True, True
     rgb = thumbnail(rng.random((64, 64)), prediction, truth, size=64)  # noisy tissue: many colours
-    report.save_thumbnail(rgb, tmp_path / "t.png")
+    thumbnails.save_thumbnail(rgb, tmp_path / "t.png")
     back = imread(tmp_path / "t.png")[..., :3].astype(int)
     assert back.shape == rgb.shape and np.abs(back - rgb).mean() < 4  # 256 colours, no dithering
     for (row, col), region in {(32, 15): "truth_only", (32, 32): "agreement", (32, 48): "prediction_only"}.items():
@@ -286,7 +287,7 @@ def synthetic_report(folder: Path, patients: int = 110) -> Path:
         truth[1:, 30 : 31 + i % 40, 20:60] = True  # five slices with a lesion of 40 to 1600 pixels
         prediction = np.roll(truth, 3, axis=2)
         patient = f"TCGA_XX_{i:04d}"
-        pictures = report.write_thumbnails(patient, images, prediction, truth, range(2, 8), folder)
+        pictures = thumbnails.write_thumbnails(patient, images, prediction, truth, range(2, 8), folder)
         rows.append({"patient": patient, "slices": 6, "role": "test", **patient_metrics(prediction, truth)})
         rows[-1]["pictures"] = pictures
     plot_dice_distribution(rows, folder / "dice_distribution.png")

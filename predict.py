@@ -28,7 +28,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +131,13 @@ def assign(patient_id: str, models: Sequence[LoadedModel], folds: bool) -> tuple
     return list(range(len(models))), combined_role([role_for(patient_id, m.split) for m in models])
 
 
-def default_selection(models: Sequence[LoadedModel]) -> list[str]:
-    """`test` when every checkpoint has test patients, else `val`."""
+def default_selection(models: Sequence[LoadedModel], found: Collection[str]) -> list[str]:
+    """--patients by default, given the patient ids `found` in --data-dir: `all` when none of
+    them is in a checkpoint's split (other patients than the run's: a published model on a
+    user's scans), else `test` when every checkpoint has test patients, else `val`."""
+    known = set().union(*(set(m.split.get(r, [])) for m in models if m.split for r in ("train", "val", "test")))
+    if not known & set(found):
+        return ["all"]
     return ["test"] if all(m.split and m.split.get("test") for m in models) else ["val"]
 
 
@@ -288,7 +293,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="'test', 'val' or 'train' (the patients with that role in the checkpoints' splits), 'all', or "
-        "patient ids; default 'test' when the checkpoints have test patients, else 'val'",
+        "patient ids; default: 'all' when no patient in --data-dir is in the checkpoints' splits, else 'test' "
+        "when they have test patients, else 'val'",
     )
     p.add_argument(
         "--backend",
@@ -613,8 +619,8 @@ def run(args: argparse.Namespace) -> dict:
     folds = are_folds(models)
     if not folds:
         check_image_sizes(models)
-    args.patients = args.patients or default_selection(models)
     patients = with_spacing(discover_inputs(args.data_dir), args.spacing)
+    args.patients = args.patients or default_selection(models, [p.patient_id for p in patients])
     wanted = requested_patients(args.patients, models, folds)
     patients = select_requested(patients, args.patients, wanted, args.data_dir)
     for model in models:  # one warning line per checkpoint trained on phantoms only, if others are given

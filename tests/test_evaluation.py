@@ -85,8 +85,9 @@ def test_assignment_in_folds_and_ensembles():
     assert predict.assign("c", [ensemble[1], Fake(split_of(train=["x"]))], False)[1] == "test"
     assert predict.requested_patients(["test"], folds, True) == ["a", "b"]
     assert predict.requested_patients(["val"], folds, True) == ["c"]
-    assert predict.default_selection(folds) == ["test"]
-    assert predict.default_selection([Fake(split_of(train=["a"], val=["b"]))]) == ["val"]
+    assert predict.default_selection(folds, ["a", "b", "c", "external"]) == ["test"]
+    assert predict.default_selection([Fake(split_of(train=["a"], val=["b"]))], ["a", "b"]) == ["val"]
+    assert predict.default_selection(folds, ["external", "other"]) == ["all"]  # none of the run's patients
 
 
 def rows_with_roles():

@@ -36,7 +36,7 @@ from patients import DataError, Patient, SliceFiles
 
 # make_synthetic_dataset is re-exported: the phantom writers live in phantom.py
 from phantom import DEFAULT_SLICES, DIFFICULTIES, FORMATS, make_synthetic_dataset
-from preprocessing import Geometry, preprocess_volume, preprocessing_config
+from preprocessing import IMAGE_DTYPE, Geometry, as_stored, preprocess_volume, preprocessing_config
 from utils import (
     CLIParser,
     HelpFormatter,
@@ -283,7 +283,7 @@ def _preprocess_patient(patient: Patient, config: dict) -> Volume:
     images, masks = read_volume(patient)
     numbers = [item.number for item in patient.kept]
     images, masks, geometry = preprocess_volume(images, masks, config["image_size"], numbers, config["norm_region"])
-    return Volume(patient.patient_id, images.astype(np.float16), masks, geometry)
+    return Volume(patient.patient_id, as_stored(images), masks, geometry)
 
 
 def _write_synced(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -333,7 +333,7 @@ def _read_cache_entry(patient: Patient, entry: Path) -> Volume:
     images = np.load(entry / "images.npy", mmap_mode="r")
     masks = np.load(entry / "masks.npy", mmap_mode="r") if patient.labelled else None
     slices = len(patient.kept)
-    if images.dtype != np.float16 or images.shape[:2] != (slices, 3) or len(geometry.slice_numbers) != slices:
+    if images.dtype != IMAGE_DTYPE or images.shape[:2] != (slices, 3) or len(geometry.slice_numbers) != slices:
         raise ValueError(f"images.npy is {images.dtype} {images.shape}, expected float16 ({slices}, 3, H, W)")
     if masks is not None and (masks.dtype != np.uint8 or masks.shape != (slices, *images.shape[2:])):
         raise ValueError(f"masks.npy is {masks.dtype} {masks.shape}, expected uint8 ({slices}, H, W)")

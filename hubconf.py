@@ -205,6 +205,7 @@ class SegmentationPipeline:
             raise ValueError(f"expected a volume of shape (slices, H, W, 3), got {volume.shape}")
         slices = range(len(volume))
         images, _, geometry = preprocessing.preprocess_volume(volume, None, self.image_size, slices, self.norm_region)
+        images = preprocessing.as_stored(images)  # float16, as predict.py and training feed the network
         amp = self.amp_dtype
         probs = inference.predict_volume(
             self.model, images, self.device, self.batch_size, self.tta, amp, self.context_slices

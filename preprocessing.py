@@ -18,6 +18,11 @@ from metrics import label_components
 BRAIN_THRESHOLD = 0.10  # a pixel is "head" where any channel exceeds 10 % of its volume max
 CLIP_PERCENTILES = (10.0, 99.0)
 SPECK_FRACTION = 0.01  # bright regions with < 1 % of the bright pixels are ignored by the crop box
+# The dtype preprocessed images are kept in (the cache, dataset.Volume) and so the values the
+# network sees in training, validation and predict.py. Every other caller of
+# `preprocess_volume` that feeds a network (the hub pipeline) rounds to it too
+# (`as_stored`): float32 inputs flip a few near-threshold pixels on real patients.
+IMAGE_DTYPE = np.float16
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,12 @@ def preprocess_volume(
             out_masks = _resize(mask_square, image_size, "nearest")[:, 0].numpy()
     region = head_mask(resized) if norm_region == "head" else None
     return normalize_channels(resized, region), out_masks, geometry
+
+
+def as_stored(images: np.ndarray) -> np.ndarray:
+    """Preprocessed images rounded to `IMAGE_DTYPE`: the values training, validation and
+    predict.py give the network. Images already in that dtype are returned as they are."""
+    return images if images.dtype == IMAGE_DTYPE else images.astype(IMAGE_DTYPE)
 
 
 def preprocessing_config(image_size: int, norm_region: str = "crop") -> dict:

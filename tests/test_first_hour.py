@@ -75,12 +75,16 @@ def test_fold_checkpoint_on_other_data_names_its_test_patients(trained_checkpoin
     path = tmp_path / "fold0.pt"
     torch.save(checkpoint, path)
     out = tmp_path / "out"
+    argv = ["--model-path", str(path), "--data-dir", str(other), "--output-dir", str(out), "--no-cache"]
     with pytest.raises(SystemExit) as exit_info:
-        predict.main(["--model-path", str(path), "--data-dir", str(other), "--output-dir", str(out), "--no-cache"])
+        predict.main([*argv, "--patients", "test"])
     message = str(exit_info.value.code)
     assert "1 of the checkpoints' test patients are not in --data-dir" in message
     assert "TCGA_ZZ_0001_20000101" in message and "pass --patients all" in message
     assert not out.exists()  # refused before any folder was made
+    # without --patients, data that holds none of the run's patients is predicted whole (all unseen)
+    summary = predict.main([*argv, "--no-report"])
+    assert summary["protocol"]["patients"] == ["all"] and summary["patients"] == 2
 
 
 def test_refused_commands_leave_no_folders_behind(tmp_path, monkeypatch):

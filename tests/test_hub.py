@@ -117,6 +117,33 @@ def test_pipeline_matches_predict_cli(trained_checkpoint, phantom_dir, tmp_path)
         segment(volume[..., 0])
 
 
+def test_pipeline_gives_the_network_predict_clis_inputs(trained_checkpoint, phantom_dir):
+    """predict.py feeds the network the preprocessed images as the cache keeps them (float16,
+    `preprocessing.IMAGE_DTYPE`); the pipeline fed float32 ones, so its probabilities differed
+    in the last bits, and on 8 of the 10 validation patients of weights/lgg_unet.pt 1 to 5
+    mask pixels flipped (found by docs/deployment.md, Real patients through every path).
+    The inputs and probabilities must be equal bit for bit."""
+    import dataset
+    import inference
+
+    segment = hub_load("segmentation_pipeline", weights_path=str(trained_checkpoint))
+    patient = discover_patients(phantom_dir)[1]
+    volume, _ = read_volume(patient)
+    seen = []
+    segment.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    masks, probabilities = segment(volume)
+
+    loaded = inference.load_model(trained_checkpoint, torch.device("cpu"))
+    stored = dataset.load_volume(patient, loaded.image_size, None, loaded.norm_region)  # what predict.py predicts on
+    torch.testing.assert_close(torch.cat(seen), torch.from_numpy(stored.images).float(), rtol=0, atol=0)
+    expected = inference.predict_volume(loaded.model, stored.images, batch_size=segment.batch_size)
+    expected_masks, expected_probabilities = inference.to_native(
+        expected, stored.geometry, postprocessing=loaded.postprocessing
+    )
+    np.testing.assert_array_equal(probabilities, expected_probabilities)
+    np.testing.assert_array_equal(masks, expected_masks)
+
+
 # ------------------------------------------------------------------------ isolation
 # Each check runs in a fresh interpreter, as a notebook would, with a module of the
 # caller's own named `utils` on sys.path (and imported) that lacks every name of ours.

@@ -287,6 +287,8 @@ def time_patients(original: ModuleType, patients: list[Patient], image_size: int
 def compare(args: argparse.Namespace) -> dict:
     """Export and import the original, time both sides per patient. Returns the page's numbers.
     Raises UsageError or DataError (the CLI prints them as one line)."""
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     patients = select_patients(args.data_dir, args.patients, args.exclude)

@@ -106,11 +106,7 @@ def add_preprocessing_study_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--revision", default="HEAD", help="the commit exported from a git --original-repo")
     parser.add_argument("--patients", type=int, default=20, help="the first N labelled patients by id")
-    parser.add_argument(
-        "--exclude",
-        default=str(LOCKED_TEST),
-        help="patient ids never read (one per line; default: the locked test set)",
-    )
+    parser.add_argument("--exclude", default=str(LOCKED_TEST), help="patient ids never read, one per line")
     add_shared_flag(parser, "--image-size", note="both sides")
     parser.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
     parser.add_argument("--output", default=None, help="also write the result as Markdown here")

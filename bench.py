@@ -1,6 +1,6 @@
 """The speed benchmark on a phantom data set written to a temp dir, and the entry point of
 the studies that live in modules of their own (study_ablation.py, results_page.py,
-study_postprocessing.py, study_precision.py, study_lgg.py).
+study_postprocessing.py, study_precision.py, study_lgg.py, study_preprocessing.py).
 
     python bench.py speed [--device cpu|cuda] [--image-size 256] [--quick] [--json PATH]
     python bench.py ablation [--seeds 0 1 2] [--candidates NAME ...] [--output ablation.md]
@@ -8,6 +8,7 @@ study_postprocessing.py, study_precision.py, study_lgg.py).
     python bench.py postprocessing [--output docs/postprocessing.md]  (regenerates docs/postprocessing.md)
     python bench.py precision --model-path M --data-dir kaggle_3m     (bf16 against fp32 on real patients)
     python bench.py lgg --model-path M --data-dir kaggle_3m           (regenerates docs/results-lgg.md)
+    python bench.py preprocessing --data-dir kaggle_3m --original-repo R  (ours against the original's, cold)
 
 Measures, side by side: preprocessing per patient (cold and warm cache), augmentation per
 slice (ours, batched on the device, against per-sample skimage rescale + rotate), training
@@ -47,6 +48,7 @@ from study_ablation import ABLATION_ABOUT, ablation, add_ablation_flags
 from study_lgg import LGG_ABOUT, add_lgg_flags, lgg
 from study_postprocessing import POSTPROCESSING_ABOUT, add_postprocessing_flags, postprocessing
 from study_precision import PRECISION_ABOUT, add_precision_flags, precision
+from study_preprocessing import PREPROCESSING_ABOUT, add_preprocessing_study_flags, preprocessing_study
 from train import train_one_epoch
 from utils import CLIParser, HelpFormatter, add_shared_flag, resolve_device, shared_flags
 
@@ -527,6 +529,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         ],
         "precision": [shared_flags("--data-dir")],
         "lgg": [shared_flags("--data-dir")],
+        "preprocessing": [shared_flags("--data-dir")],
     }
     for name, about, add_flags in (
         ("speed", "time preprocessing, augmentation, training and inference on a phantom", add_speed_flags),
@@ -535,6 +538,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         ("postprocessing", POSTPROCESSING_ABOUT, add_postprocessing_flags),
         ("precision", PRECISION_ABOUT, add_precision_flags),
         ("lgg", LGG_ABOUT, add_lgg_flags),
+        ("preprocessing", PREPROCESSING_ABOUT, add_preprocessing_study_flags),
     ):
         sub = commands.add_parser(
             name, help=about.split(";")[0], description=about, formatter_class=HelpFormatter, parents=devices[name]
@@ -558,6 +562,8 @@ def main(argv: list[str] | None = None) -> dict | Path:
         return precision(args, argv[1:])
     if args.command == "lgg":
         return lgg(args, argv[1:])
+    if args.command == "preprocessing":
+        return preprocessing_study(args, argv[1:])
     try:
         return report(args)
     except ReportError as error:

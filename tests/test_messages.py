@@ -155,7 +155,7 @@ def test_shared_flags_have_one_definition_in_every_cli():
                 if flag in ("--no-cache", "--no-lcc"):  # one meaning everywhere: at most a note appended
                     assert action.help.startswith(shared["help"]), f"{name} {flag}"
                 seen[flag].append(name)
-    assert len(seen["--image-size"]) == 4 and len(seen["--no-cache"]) == 3 and len(seen["--no-lcc"]) == 2, seen
+    assert len(seen["--image-size"]) == 5 and len(seen["--no-cache"]) == 3 and len(seen["--no-lcc"]) == 2, seen
     assert "predict.py" not in seen["--num-workers"]  # predict.py preprocesses in the calling thread
 
 

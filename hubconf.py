@@ -225,7 +225,9 @@ def segmentation_pipeline(
 ) -> SegmentationPipeline:
     """A callable that segments one patient's raw volume: (S, H, W, 3) -> masks uint8 0/1
     (S, H, W) and probabilities float32 (S, H, W) on the input grid, with the preprocessing,
-    batched inference, threshold and 3-D component filter that predict.py uses.
+    batched inference, threshold and 3-D component filter that predict.py uses. It segments
+    every slice it is given; predict.py leaves out each patient's first and last slice (pass
+    `volume[1:-1]` for its masks).
 
     `weights_path`: None (default) is the published model (`PUBLISHED_WEIGHTS`,
     docs/model_card.md); or a training checkpoint or bare state_dict of your own.

@@ -133,12 +133,18 @@ def assign(patient_id: str, models: Sequence[LoadedModel], folds: bool) -> tuple
 
 def default_selection(models: Sequence[LoadedModel], found: Collection[str]) -> list[str]:
     """--patients by default, given the patient ids `found` in --data-dir: `all` when none of
-    them is in a checkpoint's split (other patients than the run's: a published model on a
-    user's scans), else `test` when every checkpoint has test patients, else `val`."""
+    them is in a checkpoint's split (a published model on a user's scans); else `test` when
+    every checkpoint has test patients and some of them are there, `all` when none of them
+    are (the summary then says which figures are biased), and `val` for checkpoints without
+    test patients (the demo's)."""
+    found = set(found)
     known = set().union(*(set(m.split.get(r, [])) for m in models if m.split for r in ("train", "val", "test")))
-    if not known & set(found):
+    if not known & found:
         return ["all"]
-    return ["test"] if all(m.split and m.split.get("test") for m in models) else ["val"]
+    if all(m.split and m.split.get("test") for m in models):
+        tested = set().union(*(set(m.split["test"]) for m in models))
+        return ["test"] if tested & found else ["all"]
+    return ["val"]
 
 
 def requested_patients(selection: list[str], models: Sequence[LoadedModel], folds: bool) -> list[str] | None:
@@ -293,8 +299,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="'test', 'val' or 'train' (the patients with that role in the checkpoints' splits), 'all', or "
-        "patient ids; default: 'all' when no patient in --data-dir is in the checkpoints' splits, else 'test' "
-        "when they have test patients, else 'val'",
+        "patient ids; default: 'test' when the checkpoints' test patients are in --data-dir, 'val' for "
+        "checkpoints without test patients, else 'all'",
     )
     p.add_argument(
         "--backend",

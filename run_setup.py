@@ -206,7 +206,8 @@ def print_start(run: Run, resume_path: Path | None) -> None:
     print(f"TensorBoard: {Path(args.log_dir) / run.log_run}{curves}")
     if resume_path is not None:
         within = f", step {run.position.step} of {run.steps} of epoch {run.start_epoch}" if run.position else ""
-        print(f"resumed from {resume_path} after epoch {run.start_epoch - 1}{within} (best Dice {run.best_dice:.4f})")
+        best = f"best Dice {run.best_dice:.4f}" if run.best_dice >= 0 else "no validation yet"
+        print(f"resumed from {resume_path} after epoch {run.start_epoch - 1}{within} ({best})")
     elif args.resume == "auto":
         print(f"--resume auto: no last.pt in {args.checkpoint_dir}, starting from scratch")
     print(training_log.EPOCH_HEADER, flush=True)

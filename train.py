@@ -206,7 +206,7 @@ def train_one_epoch(
     model: nn.Module, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, criterion: nn.Module,
     augment: augmentations.Augment, runtime: distributed.Runtime, steps: int, batch_size: int,
     generator: torch.Generator, epoch: int, log_interval: int, progress: bool = True, desc: str | None = None,
-    on_progress: Callable[[int, float], None] | None = None, start: checkpoint.EpochPosition | None = None,
+    on_progress: Callable[[int, float, int], None] | None = None, start: checkpoint.EpochPosition | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """One epoch of `steps` sampled batches, each augmented (`augment`, built for this epoch
@@ -214,8 +214,9 @@ def train_one_epoch(
     within the epoch) when given. `on_step(step, loss_sum)` follows every step (the saves
     within an epoch). Every `log_interval` steps (and at the last) the loss is averaged over
     all ranks, so a non-finite loss on any rank stops every rank at the same step; `desc`
-    labels the progress bar (default "epoch N") and `on_progress(step, seconds per step)` is
-    called there. Returns the loss (mean over steps and ranks), slices/s and seconds."""
+    labels the progress bar (default "epoch N"); `on_progress(step, seconds per step, steps
+    timed)` follows every step on the CPU and those steps elsewhere (on a GPU a step is only
+    timed after the host sync). Returns the loss (mean over steps and ranks), slices/s and seconds."""
     model.train()
     first = start.step if start else 0
     loss_sum = start.loss_sum.to(runtime.device, copy=True) if start else torch.zeros((), device=runtime.device)
@@ -227,15 +228,17 @@ def train_one_epoch(
         loss_sum += train_step(model, optimizer, scaler, criterion, images, masks, runtime)
         if on_step is not None:
             on_step(step, loss_sum)
-        if step % log_interval == 0 or step == steps:
+        synced = step % log_interval == 0 or step == steps
+        if synced:
             mean_loss = distributed.mean_over_ranks(loss_sum, runtime).item() / step  # the only host sync (bf16, fp32)
             if not math.isfinite(mean_loss):
                 message = f"the training loss became {mean_loss} at epoch {epoch}, step {step}"
                 raise distributed.TrainingDiverged(message)
-            per_step = (time.perf_counter() - begun) / (step - first)
+        per_step = (time.perf_counter() - begun) / (step - first)
+        if synced:
             bar.set_postfix_str(training_log.progress_postfix(mean_loss, batch_size * runtime.world_size / per_step))
-            if on_progress is not None:
-                on_progress(step, per_step)
+        if on_progress is not None and (synced or runtime.device.type == "cpu"):  # elsewhere only timed after a sync
+            on_progress(step, per_step, step - first)
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - begun

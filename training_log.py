@@ -81,17 +81,20 @@ def projection_lines(seconds: float, epochs_left: int, seconds_per_step: float, 
     if device == "cpu" and seconds > CPU_RUN_WARNING_HOURS * 3600:
         lines.append(
             f"that is over {CPU_RUN_WARNING_HOURS:g} hours on this CPU: a GPU is meant for this recipe; the CPU recipe "
-            "in docs/training.md#on-a-cpu trains on the LGG set in about 30 minutes"
+            "in docs/training.md#on-a-cpu (the published model's) trains on the LGG set in about 1 h 20 min"
         )
     return lines
 
 
+PROJECTION_STEPS = 3  # steps timed before the projection (one step alone includes warm-up)
+
+
 class ProgressReporter:
-    """The progress train.py writes besides the bar, called at the loss updates of the steps
-    (every --log-interval steps, where the step time is known): once, at the first of the run,
-    the projected time (`projection_lines`); and, when stdout is not a terminal (a log file,
-    where the bar is hidden), a line at most every `every` seconds with the epoch, the step and
-    the run's time left."""
+    """The progress train.py writes besides the bar, called after every training step: once,
+    when this process has timed PROJECTION_STEPS steps of an epoch (or its last step), the
+    projected time (`projection_lines`); and, when stdout is not a terminal (a log file, where
+    the bar is hidden), a line at most every `every` seconds with the epoch, the step and the
+    run's time left."""
 
     def __init__(self, steps: int, epochs_left: int, val_slices: int, batch_size: int, device: str,
                  every: float = QUIET_PROGRESS_SECONDS, quiet: bool | None = None):  # fmt: skip
@@ -100,9 +103,13 @@ class ProgressReporter:
         self.quiet = (not sys.stdout.isatty()) if quiet is None else quiet
         self.projected, self.last_line = False, time.monotonic()
 
-    def __call__(self, epoch_index: int, step: int, per_step: float) -> None:
+    def __call__(self, epoch_index: int, step: int, per_step: float, timed: int | None = None) -> None:
         """`step` steps into the `epoch_index`-th epoch of this process (0: the first), at
-        `per_step` seconds per training step."""
+        `per_step` seconds per training step over the `timed` steps this process ran of it
+        (default `step`; fewer in an epoch resumed from a save within it)."""
+        timed = step if timed is None else timed
+        if not self.projected and timed < PROJECTION_STEPS and step < self.steps:
+            return
         total = projected_seconds(per_step, self.steps, self.epochs_left, self.val_slices, self.batch_size)
         if not self.projected:
             self.projected = True

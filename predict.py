@@ -564,7 +564,13 @@ def postprocessing_line(models: Sequence[LoadedModel], requested: str, mode: str
     if requested != "checkpoint":
         return f"post-processing: {requested} (--postprocess {requested}, for every checkpoint)"
     alone = sorted({postprocessing_name(m.postprocessing) for m in models})
-    line = f"post-processing: {', '.join(alone)} (the checkpoint's choice; lcc where a checkpoint has none)"
+    if not any(m.postprocessing_chosen for m in models):
+        line = (
+            "post-processing: lcc (no choice saved in the checkpoint: an unfinished run, or an older one; "
+            "`train.py --choose-postprocessing CKPT` makes one)"
+        )
+    else:
+        line = f"post-processing: {', '.join(alone)} (the checkpoint's choice; lcc where a checkpoint has none)"
     if mode == "folds" and len(alone) > 1:
         line = f"post-processing: each fold's own choice for its test patients ({', '.join(alone)})"
     _, warning = postprocessing_for(models, requested)

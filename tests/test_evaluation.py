@@ -4,6 +4,7 @@ checkpoints whose preprocessing differs."""
 
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -286,3 +287,11 @@ def test_output_dir_that_is_a_file_is_refused_first(small_phantom, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         run_predict([tmp_path / "missing.pt"], small_phantom, blocker)
     assert "--output-dir" in str(exit_info.value.code)
+
+
+def test_the_post_processing_line_says_when_no_checkpoint_made_a_choice():
+    chosen = SimpleNamespace(postprocessing={"method": "lcc"}, postprocessing_chosen=True)
+    unfinished = SimpleNamespace(postprocessing={"method": "lcc"}, postprocessing_chosen=False)
+    assert "the checkpoint's choice" in predict.postprocessing_line([chosen], "checkpoint", "single", False)
+    line = predict.postprocessing_line([unfinished], "checkpoint", "single", False)
+    assert "no choice saved in the checkpoint" in line and "--choose-postprocessing" in line

@@ -93,3 +93,13 @@ def browser_missing() -> str | None:
     if not Path(report.CHROMIUM).is_file():
         return f"{report.CHROMIUM} is missing (apt-get install chromium)"
     return None
+
+
+def sigint_reaches_it() -> None:
+    """`preexec_fn` for a train.py subprocess that a test interrupts with SIGINT: a test run
+    started in the background by a non-interactive shell (`pytest &` in a script) ignores
+    SIGINT, and its children inherit that; a user's Ctrl-C reaches a foreground process,
+    which this restores (Python then turns SIGINT into KeyboardInterrupt)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, tiny_train_args
+from conftest import ROOT, sigint_reaches_it, tiny_train_args
 
 
 def interrupt_after_first_epoch(argv: list[str], sig: int) -> subprocess.CompletedProcess:
@@ -23,6 +23,7 @@ def interrupt_after_first_epoch(argv: list[str], sig: int) -> subprocess.Complet
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_reaches_it,
     )
     lines = []
     for line in process.stdout:

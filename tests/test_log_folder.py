@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import ROOT, tiny_train_args
+from conftest import ROOT, sigint_reaches_it, tiny_train_args
 
 import train
 from tb_logger import TBLogger
@@ -18,7 +18,7 @@ from training_log import EPOCH_HEADER
 def start_train(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *argv],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_reaches_it,
     )  # fmt: skip
 
 

@@ -586,7 +586,8 @@ def make_protocol(args: argparse.Namespace, models: Sequence[LoadedModel], mode:
         "mode": mode,
         "patients": args.patients,
         "roles": "train/val/test from each checkpoint's split; unseen = in none of its lists",
-        "headline": "pooled over test and unseen patients only",
+        "headline": "pooled over test and unseen patients; when none was scored, over the others, marked biased "
+        "(summary.json headline.biased and headline.note)",
         "splits": [m.split for m in models],
         "threshold": args.threshold,
         "lcc": args.postprocess == "lcc" or (args.postprocess == "checkpoint" and all_lcc(models)),

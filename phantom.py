@@ -422,25 +422,24 @@ def is_phantom(patient_id: str) -> bool:
 
 def warn_if_phantom_trained(
     model: str | Path, split: dict | None, patient_ids: Sequence[str] | None = None, stacklevel: int = 2
-) -> None:
+) -> str | None:
     """One warning line when the checkpoint `model`, whose saved `split` trained on phantom
     patients only (the demo's), segments other data: its masks there say nothing about real
     FLAIR. `patient_ids`: the patients it is given (predict.py; no warning when all are
     phantoms), or None for volumes without ids (the hub pipeline), which may be anything.
     No warning without a split (a bare state_dict). `stacklevel` as for `warnings.warn`,
-    counted from the caller."""
+    counted from the caller. Returns the message, or None when there was nothing to say."""
     trained = (split or {}).get("train") or []
     if not trained or not all(is_phantom(i) for i in trained):
-        return
+        return None
     if patient_ids is None:
         what = "any volume other than a phantom"
     else:
         others = [i for i in patient_ids if not is_phantom(i)]
         if not others:
-            return
+            return None
         what = f"{len(others)} other patient(s) ({others[0]}{', ...' if len(others) > 1 else ''})"
-    warnings.warn(
-        f"{model} was trained on phantom data only; its masks for {what} say nothing about real FLAIR: "
-        "train on your data",
-        stacklevel=stacklevel + 1,
-    )
+    message = f"{model} was trained on phantom data only; its masks for {what} say nothing about real FLAIR: "
+    message += "train on your data"
+    warnings.warn(message, stacklevel=stacklevel + 1)
+    return message

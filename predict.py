@@ -636,8 +636,8 @@ def run(args: argparse.Namespace) -> dict:
     args.patients = args.patients or default_selection(models, [p.patient_id for p in patients])
     wanted = requested_patients(args.patients, models, folds)
     patients = select_requested(patients, args.patients, wanted, args.data_dir)
-    for model in models:  # one warning line per checkpoint trained on phantoms only, if others are given
-        warn_if_phantom_trained(model.path, model.split, [p.patient_id for p in patients], stacklevel=1)
+    ids = [p.patient_id for p in patients]  # one warning per checkpoint trained on phantoms only, if others are given
+    model_warnings = [w for m in models if (w := warn_if_phantom_trained(m.path, m.split, ids, stacklevel=1))]
     if args.backend == "onnxruntime":
         models = [with_onnxruntime(m) for m in models]
     out_dir = create_output_dirs(args)
@@ -659,6 +659,7 @@ def run(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start  # the patients' prediction, as the protocol records it
 
     summary = summarize(rows, make_protocol(args, models, mode, seconds))
+    summary["warnings"] = model_warnings  # what the run warned of about its models (report.html shows them)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     dice = [r for r in rows if r.get("dice") is not None]
     if dice:

@@ -307,7 +307,8 @@ def _headline(summary: dict, left_out: Collection[str] = ()) -> str:
             f'<p class="figure">Dice mean <b>{dice["mean"]:.4f}</b>, median <b>{dice["median"]:.4f}</b> '
             f"over {head['count']} patient(s)</p>"
         )
-    warning = f'<p class="warning"><b>WARNING:</b> {html.escape(head["note"])}</p>' if head.get("biased") else ""
+    notes = ([head["note"]] if head.get("biased") else []) + list(summary.get("warnings", []))
+    warning = "".join(f'<p class="warning"><b>WARNING:</b> {html.escape(note)}</p>' for note in notes)
     names = [name for name in head["metrics"] if name not in left_out]
     rest = [name for name in names if not is_overview(name)]
     more = (

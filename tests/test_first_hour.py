@@ -3,6 +3,8 @@
 other data, no folders left by a refused command, the hub's image size and its warning on a
 phantom-trained model, time left."""
 
+import html
+import json
 import shlex
 import shutil
 import warnings
@@ -273,14 +275,20 @@ def test_a_phantom_trained_model_on_other_data_warns_in_one_line(trained_checkpo
     data = tmp_path / "data"
     source = sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0]
     shutil.copytree(source, data / "CASE_01")  # the same pictures under a non-phantom id
-    common = ["--model-path", str(trained_checkpoint), "--no-report", "--no-overlays", "--backend", "torch"]
+    common = ["--model-path", str(trained_checkpoint), "--no-overlays", "--backend", "torch"]
     common += ["--cache-dir", str(tmp_path / "cache")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        predict.main([*common, "--data-dir", str(data), "--patients", "all", "--output-dir", str(tmp_path / "a")])
+        summary = predict.main(
+            [*common, "--data-dir", str(data), "--patients", "all", "--output-dir", str(tmp_path / "a")]
+        )
     messages = [str(w.message) for w in caught if "phantom data only" in str(w.message)]
     assert messages == [f"{trained_checkpoint} was trained on phantom data only; its masks for 1 other patient(s) "
                         "(CASE_01) say nothing about real FLAIR: train on your data"]  # fmt: skip
+    assert summary["warnings"] == messages  # in summary.json and on the report's first screen too
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["warnings"] == messages
+    assert html.escape(messages[0]) in (tmp_path / "a" / "report.html").read_text()
+    common.append("--no-report")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         predict.main(

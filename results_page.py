@@ -297,6 +297,13 @@ def report(args: argparse.Namespace) -> Path:
     return output
 
 
+def print_page(page: str, output: str | Path | None) -> None:
+    """Print a generated Markdown page and, when `output` is given, write it there (atomic)."""
+    print(page)
+    if output:
+        atomic_write_bytes(page.encode(), Path(output))
+
+
 def _local(command: list[str]) -> list[str]:
     """`python X.py ...` -> this interpreter and this repository's X.py."""
     return [sys.executable, str(ROOT / command[1]), *command[2:]]

@@ -29,7 +29,7 @@ from checkpoint import CheckpointError, load_checkpoint
 from dataset import CHANNELS, check_patient, discover_inputs
 from patients import DataError
 from pictures import plot_learning_curves, png_bytes
-from results_page import ROOT, ReportError, _local, machine_facts, run_timed
+from results_page import ROOT, ReportError, _local, machine_facts, print_page, run_timed
 from splits import read_patient_list
 from utils import atomic_write_bytes, format_duration
 
@@ -269,6 +269,5 @@ def lgg(args: argparse.Namespace, argv: list[str]) -> dict:
     except (ReportError, DataError, CheckpointError) as error:
         sys.exit(f"error: {error}")
     page = lgg_page(result, figures, "python bench.py lgg " + shlex.join(argv))
-    atomic_write_bytes(page.encode(), output)
-    print(page)
+    print_page(page, output)
     return result

@@ -21,9 +21,8 @@ import torch
 
 from inference import cpu_has_native_bf16, precision_text
 from metrics import dice_score
-from results_page import ReportError, _local, git_commit, machine_facts, run_timed
+from results_page import ReportError, _local, git_commit, machine_facts, print_page, run_timed
 from splits import read_patient_list
-from utils import atomic_write_bytes
 
 # What a reduced precision must meet on real patients to become predict.py's default.
 MIN_MASK_DICE, MAX_MEAN_DICE_CHANGE = 0.99, 0.002
@@ -114,7 +113,5 @@ def precision(args: argparse.Namespace, argv: list[str]) -> dict:
     except ReportError as error:
         sys.exit(f"error: {error}")
     page = precision_page(result, "python bench.py precision " + shlex.join(argv))
-    print(page)
-    if args.output:
-        atomic_write_bytes(page.encode(), Path(args.output))
+    print_page(page, args.output)
     return result

@@ -37,9 +37,9 @@ import torch
 
 from dataset import discover_patients, load_volume, source_files
 from patients import DataError, Patient
-from results_page import git_commit, machine_facts
+from results_page import git_commit, machine_facts, print_page
 from splits import read_patient_list
-from utils import UsageError, add_shared_flag, atomic_write_bytes
+from utils import UsageError, add_shared_flag
 
 ROOT = Path(__file__).resolve().parent
 LOCKED_TEST = ROOT / "lgg" / "locked_test.txt"
@@ -403,7 +403,5 @@ def preprocessing_study(args: argparse.Namespace, argv: list[str]) -> dict:
     except (DataError, UsageError) as error:
         sys.exit(f"error: {error}")
     page = comparison_page(result, "python bench.py preprocessing " + shlex.join(argv))
-    print(page)
-    if args.output:
-        atomic_write_bytes(page.encode(), Path(args.output))
+    print_page(page, args.output)
     return result

@@ -334,7 +334,8 @@ def _read_cache_entry(patient: Patient, entry: Path) -> Volume:
     masks = np.load(entry / "masks.npy", mmap_mode="r") if patient.labelled else None
     slices = len(patient.kept)
     if images.dtype != IMAGE_DTYPE or images.shape[:2] != (slices, 3) or len(geometry.slice_numbers) != slices:
-        raise ValueError(f"images.npy is {images.dtype} {images.shape}, expected float16 ({slices}, 3, H, W)")
+        expected = f"{np.dtype(IMAGE_DTYPE)} ({slices}, 3, H, W)"
+        raise ValueError(f"images.npy is {images.dtype} {images.shape}, expected {expected}")
     if masks is not None and (masks.dtype != np.uint8 or masks.shape != (slices, *images.shape[2:])):
         raise ValueError(f"masks.npy is {masks.dtype} {masks.shape}, expected uint8 ({slices}, H, W)")
     return Volume(patient.patient_id, images, masks, geometry)

@@ -131,6 +131,11 @@ def assign(patient_id: str, models: Sequence[LoadedModel], folds: bool) -> tuple
     return list(range(len(models))), combined_role([role_for(patient_id, m.split) for m in models])
 
 
+def split_patients(models: Sequence[LoadedModel], roles: Sequence[str] = ("train", "val", "test")) -> set[str]:
+    """The patient ids that have one of `roles` in any checkpoint's saved split."""
+    return set().union(*(set(m.split.get(r, [])) for m in models if m.split for r in roles))
+
+
 def default_selection(models: Sequence[LoadedModel], found: Collection[str]) -> list[str]:
     """--patients by default, given the patient ids `found` in --data-dir: `all` when none of
     them is in a checkpoint's split (a published model on a user's scans); else `test` when
@@ -138,12 +143,10 @@ def default_selection(models: Sequence[LoadedModel], found: Collection[str]) -> 
     are (the summary then says which figures are biased), and `val` for checkpoints without
     test patients (the demo's)."""
     found = set(found)
-    known = set().union(*(set(m.split.get(r, [])) for m in models if m.split for r in ("train", "val", "test")))
-    if not known & found:
+    if not split_patients(models) & found:
         return ["all"]
     if all(m.split and m.split.get("test") for m in models):
-        tested = set().union(*(set(m.split["test"]) for m in models))
-        return ["test"] if tested & found else ["all"]
+        return ["test"] if split_patients(models, ("test",)) & found else ["all"]
     return ["val"]
 
 
@@ -157,8 +160,7 @@ def requested_patients(selection: list[str], models: Sequence[LoadedModel], fold
     role = selection[0]
     if any(not m.split for m in models):
         raise CheckpointError(f"--patients {role}: a checkpoint has no saved split; pass --patients all or ids")
-    candidates = set().union(*(set(m.split.get(r, [])) for m in models for r in ("train", "val", "test")))
-    ids = sorted(p for p in candidates if assign(p, models, folds)[1] == role)
+    ids = sorted(p for p in split_patients(models) if assign(p, models, folds)[1] == role)
     if not ids:
         raise CheckpointError(
             f"--patients {role}: no patient has the role {role} for these checkpoints; pass --patients all or ids"

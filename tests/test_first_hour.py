@@ -251,6 +251,17 @@ def test_the_projection_counts_every_epoch_and_validation():
 
 
 def test_progress_reporter_projects_once_and_writes_lines_for_a_log_file(capsys):
+    early = training_log.ProgressReporter(10, 4, 32, 16, "cpu", every=0.0, quiet=True)
+    early(0, 1, 30.0)
+    early(0, 2, 20.0)  # two steps timed: warm-up still weighs in, nothing said yet
+    assert capsys.readouterr().out == ""
+    early(0, 3, 2.0)
+    assert capsys.readouterr().out.startswith("projected: 1 min 25 s ")  # 4 x (10 x 2 s + 4/3 s)
+    resumed = training_log.ProgressReporter(10, 4, 32, 16, "cpu", every=0.0, quiet=False)
+    resumed(0, 9, 2.0, timed=2)  # resumed at step 7: two steps timed
+    assert capsys.readouterr().out == ""
+    resumed(0, 10, 2.0, timed=2)  # the epoch's last step projects however few were timed
+    assert capsys.readouterr().out.startswith("projected: ")
     reporter = training_log.ProgressReporter(10, 4, 32, 16, "cpu", every=0.0, quiet=True)
     reporter(0, 5, 2.0)  # 2 s per step
     reporter(1, 10, 2.0)

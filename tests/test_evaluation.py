@@ -88,7 +88,7 @@ def test_assignment_in_folds_and_ensembles():
     assert predict.requested_patients(["val"], folds, True) == ["c"]
     assert predict.default_selection(folds, ["a", "b", "c", "external"]) == ["test"]
     assert predict.default_selection([Fake(split_of(train=["a"], val=["b"]))], ["a", "b"]) == ["val"]
-    assert predict.default_selection([Fake(split_of(train=["a"], val=["b"]))], ["x"]) == ["all"]  # demo model, other data
+    assert predict.default_selection([Fake(split_of(train=["a"], val=["b"]))], ["x"]) == ["all"]  # other data
     assert predict.default_selection(folds, ["external", "other"]) == ["all"]  # none of the run's patients
     tested = [Fake(split_of(train=["a"], val=["b"], test=["c"]))]
     assert predict.default_selection(tested, ["a", "b"]) == ["all"]  # its train and val patients, no test one

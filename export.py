@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +81,10 @@ class OnnxRuntimeModel:
         return torch.from_numpy(probabilities)
 
 
-def max_abs_difference(model: torch.nn.Module, runtime: OnnxRuntimeModel, image_size: int, seed: int = 0) -> float:
-    """Largest |onnxruntime - torch| probability over two random inputs of different batch
+def max_abs_difference(
+    model: torch.nn.Module, runtime: Callable[[torch.Tensor], torch.Tensor], image_size: int, seed: int = 0
+) -> float:
+    """Largest |runtime - torch| probability (`runtime`: onnxruntime, OpenVINO) over two random inputs of different batch
     size and shape, (2, C, S, S) and (3, C, S + 16, S + 32) with C the model's input channels:
     it also proves the dynamic axes."""
     generator = torch.Generator().manual_seed(seed)

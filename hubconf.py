@@ -29,7 +29,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
-ENTRY_MODULES = ("network", "utils", "preprocessing", "checkpoint", "postprocessing", "inference", "phantom")
+ENTRY_MODULES = (
+    "network",
+    "utils",
+    "preprocessing",
+    "checkpoint",
+    "postprocessing",
+    "inference",
+    "openvino_backend",
+    "phantom",
+)
 
 # The published model (docs/model_card.md): in the repository, so nothing downloads at run time.
 PUBLISHED_WEIGHTS = REPO / "weights" / "lgg_unet.pt"
@@ -171,11 +180,15 @@ class SegmentationPipeline:
         norm_region: str = "crop",
         postprocessing: dict | None = None,
         amp: str = "auto",
+        backend: str | None = None,
     ):
         self._modules = repo_modules()
         inference = self._modules["inference"]
+        if backend not in (None, "torch", "openvino"):
+            raise ValueError(f"backend={backend!r}: the pipeline runs 'torch' or 'openvino' (None: the fastest)")
         self.amp_dtype = inference.inference_dtype(device, amp)
-        self.backend, self.precision = "torch", inference.precision_text(self.amp_dtype)
+        self.backend = inference.resolve_backend(backend, device, self.amp_dtype)
+        self.precision = inference.precision_text(self.amp_dtype, self.backend)
         post = self._modules["postprocessing"]
         if postprocessing is None:
             postprocessing = dict(post.LCC if lcc else post.NO_FILTER)
@@ -187,6 +200,7 @@ class SegmentationPipeline:
         )
         self.device = device
         self.model = model.to(device).to(memory_format=torch.channels_last).eval()
+        self._compiled: tuple[torch.nn.Module, object] | None = None  # (model, its OpenVINO network)
         self.image_size, self.threshold, self.lcc, self.tta, self.batch_size = (
             image_size,
             threshold,
@@ -194,6 +208,17 @@ class SegmentationPipeline:
             tta,
             batch_size,
         )
+
+    def _network(self) -> torch.nn.Module:
+        """What runs the forward pass: `model` itself, or with the OpenVINO backend its compiled
+        copy (converted on the first call and again whenever `model` is replaced)."""
+        if self.backend != "openvino":
+            return self.model
+        if self._compiled is None or self._compiled[0] is not self.model:
+            openvino = self._modules["openvino_backend"]
+            precision = openvino.precision_of(self.amp_dtype)
+            self._compiled = self.model, openvino.checked_openvino(self.model, self.image_size, precision, "model")
+        return self._compiled[1]
 
     def __call__(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """volume (S, H, W, 3) of one patient, all slices in order -> masks uint8 0/1
@@ -206,9 +231,9 @@ class SegmentationPipeline:
         slices = range(len(volume))
         images, _, geometry = preprocessing.preprocess_volume(volume, None, self.image_size, slices, self.norm_region)
         images = preprocessing.as_stored(images)  # float16, as predict.py and training feed the network
-        amp = self.amp_dtype
+        amp = inference.autocast_for(self.backend, self.amp_dtype)
         probs = inference.predict_volume(
-            self.model, images, self.device, self.batch_size, self.tta, amp, self.context_slices
+            self._network(), images, self.device, self.batch_size, self.tta, amp, self.context_slices
         )
         return inference.to_native(probs, geometry, self.threshold, postprocessing=self.postprocessing)
 
@@ -222,6 +247,7 @@ def segmentation_pipeline(
     image_size: int | None = None,
     batch_size: int = 32,
     amp: str = "auto",
+    backend: str | None = None,
 ) -> SegmentationPipeline:
     """A callable that segments one patient's raw volume: (S, H, W, 3) -> masks uint8 0/1
     (S, H, W) and probabilities float32 (S, H, W) on the input grid, with the preprocessing,
@@ -245,11 +271,14 @@ def segmentation_pipeline(
     2.5-D model come from its input channels. A checkpoint trained on phantom patients only
     (the demo's) warns in one line, as predict.py does: its masks say nothing about real FLAIR.
 
-    `amp`: "auto" (default) is predict.py's: fp32 on the CPU, bf16 (or fp16) autocast on a
-    GPU; "bf16" asks for bf16 autocast (faster on a CPU with AMX or AVX512-BF16, with
-    slightly different masks: docs/deployment.md), "off" forces fp32. The weights and the
-    returned probabilities are float32 either way; the pipeline's `backend` and `precision`
-    attributes say what ran.
+    `amp`: "auto" (default) is predict.py's: on the CPU OpenVINO in bf16 where the CPU has
+    native bf16 instructions (AVX512-BF16 or AMX; masks checked against fp32 in
+    docs/precision.md), else in fp32; on a GPU bf16 (or fp16) autocast. "off" forces fp32,
+    "bf16" asks for bf16 anywhere. The weights and the returned probabilities are float32
+    either way, and so is `unet_segmentation`'s model; the pipeline's `backend` and
+    `precision` attributes say what ran. `backend`: None (default) is predict.py's choice
+    (OpenVINO on the CPU, torch on a GPU); "torch" runs the model itself (e.g. to hook it).
+    A bad `amp` / `backend` combination raises `utils.UsageError` (a ValueError).
     """
     modules = repo_modules()
     weights_path = published_weights() if weights_path is None else weights_path
@@ -281,7 +310,7 @@ def segmentation_pipeline(
     else:
         record = dict(post.LCC if lcc else post.NO_FILTER)
     pipeline = SegmentationPipeline(
-        model, int(image_size), device, threshold, record == post.LCC, tta, batch_size, region, record, amp
+        model, int(image_size), device, threshold, record == post.LCC, tta, batch_size, region, record, amp, backend
     )
     split = checkpoint.get("split") if trained else None  # a bare state_dict says nothing of its data
     modules["phantom"].warn_if_phantom_trained(weights_path, split, stacklevel=2)  # its volumes carry no ids

@@ -7,7 +7,7 @@ predict.py, the torch.hub pipeline, export.py and bench.py share.
 - Inference: `predict_probabilities` / `predict_volume` (batched forward pass, on the device
   / as a host array), `predict_logits` (the same pass before the sigmoid: training's
   validation loss), `binarize` and `to_native` (threshold and post-processing on the native
-  grid), `autocast_dtype` (mixed precision), `resolve_backend` (torch or onnxruntime).
+  grid), `autocast_dtype` (mixed precision), `resolve_backend` (torch, onnxruntime or OpenVINO).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class LoadedModel:
     """A training checkpoint ready to predict: its network and what its inputs must look like."""
 
     path: Path
-    model: nn.Module  # or export.OnnxRuntimeModel with --backend onnxruntime
+    model: nn.Module  # or export.OnnxRuntimeModel / openvino_backend.OpenVinoModel (--backend)
     image_size: int
     split: dict | None
     norm_region: str = "crop"  # where the normalisation statistics came from in training
@@ -179,19 +179,26 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
-def precision_text(dtype: torch.dtype | None) -> str:
-    """How a forward pass ran, for protocols and records: "fp32", or e.g. "bf16 autocast
-    (float32 weights and probabilities)"."""
-    return "fp32" if dtype is None else f"{amp_name(dtype)} autocast (float32 weights and probabilities)"
+def precision_text(dtype: torch.dtype | None, backend: str = "torch") -> str:
+    """How a forward pass ran, for protocols and records: "fp32", "bf16 autocast (float32
+    weights and probabilities)" for torch, "bf16 inference precision (float32 inputs and
+    probabilities)" for OpenVINO."""
+    if dtype is None:
+        return "fp32"
+    if backend == "openvino":
+        return f"{amp_name(dtype)} inference precision (float32 inputs and probabilities)"
+    return f"{amp_name(dtype)} autocast (float32 weights and probabilities)"
 
 
 def inference_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for prediction (predict.py --amp, the hub pipeline): "auto" is
-    `autocast_dtype`'s choice (bf16 or fp16 on CUDA, fp32 on the CPU), "off" is fp32, "bf16"
-    asks for bf16 autocast on any device. On the CPU "auto" stays fp32: bf16 is about twice as
-    fast where the CPU has it natively (`bench.py speed`), but on real validation patients its
-    masks differed from fp32's by more than the accuracy check allows (docs/precision.md,
-    `bench.py precision`). The weights and the returned probabilities stay float32 either way."""
+    """The precision of prediction (predict.py --amp, the hub pipeline): "auto" is bf16 or fp16
+    on CUDA (`autocast_dtype`), and on the CPU bf16 where it multiplies bf16 natively
+    (`cpu_has_native_bf16`), else fp32 (None); "off" is fp32, "bf16" and "fp16" ask for that
+    precision on any device. On such a CPU bf16 is about twice as fast as fp32 (`bench.py
+    speed`) and its masks agreed with fp32's on real patients (docs/precision.md, `bench.py
+    precision`). The weights and the returned probabilities stay float32 either way."""
+    if amp == "auto" and device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     return autocast_dtype(device, amp)
 
 
@@ -310,32 +317,39 @@ def to_native(
     return binarize(native_probs, threshold, lcc, postprocessing).astype(np.uint8), native_probs
 
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
 def resolve_backend(name: str | None, device: torch.device, amp_dtype: torch.dtype | None = None) -> str:
-    """--backend: None picks the fastest measured path (`bench.py speed`) for the precision:
-    torch on CUDA; on the CPU onnxruntime in fp32 and torch with a reduced precision
-    (`amp_dtype`, from `inference_dtype`). Raises UsageError for onnxruntime on a non-CPU
-    device (CPU provider only) or with a reduced precision (it runs the exported fp32 graph)."""
+    """--backend: None picks the fastest measured path (`bench.py speed`): torch on CUDA, and
+    on the CPU OpenVINO in fp32 or bf16 (torch for fp16, which OpenVINO's CPU plugin does not
+    run). Raises UsageError for onnxruntime or OpenVINO off the CPU (CPU runtimes here), for
+    onnxruntime with a reduced precision (it runs the exported fp32 graph) and for OpenVINO
+    in fp16."""
     if name is None:
-        return "onnxruntime" if device.type == "cpu" and amp_dtype is None else "torch"
+        return "torch" if device.type != "cpu" or amp_dtype == torch.float16 else "openvino"
+    if name in ("onnxruntime", "openvino") and device.type != "cpu":
+        raise UsageError(f"--backend {name} runs on the CPU only; pass --device cpu or --backend torch (not {device})")
     if name == "onnxruntime" and amp_dtype is not None:
         raise UsageError(
             f"--backend onnxruntime runs the fp32 ONNX graph; pass --amp off with it (not {amp_name(amp_dtype)})"
         )
-    if name == "onnxruntime" and device.type != "cpu":
-        raise UsageError(
-            f"--backend onnxruntime runs on the CPU only; pass --device cpu or --backend torch (not {device})"
-        )
+    if name == "openvino" and amp_dtype == torch.float16:
+        raise UsageError("--backend openvino runs fp32 or bf16 on the CPU; pass --amp bf16 or --amp off (not fp16)")
     return name
 
 
 def resolve_inference(backend: str | None, amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """predict.py's --backend and --amp resolved together: (backend, autocast dtype or None
-    for fp32). `--backend onnxruntime` with `--amp auto` runs in fp32; otherwise the precision
-    is `inference_dtype`'s and the backend `resolve_backend`'s for it."""
+    """predict.py's --backend and --amp resolved together: (backend, precision: a reduced
+    dtype or None for fp32). `--backend onnxruntime` with `--amp auto` runs in fp32; otherwise
+    the precision is `inference_dtype`'s and the backend `resolve_backend`'s for it."""
     if backend == "onnxruntime" and amp == "auto":
         amp = "off"
     dtype = inference_dtype(device, amp)
     return resolve_backend(backend, device, dtype), dtype
+
+
+def autocast_for(backend: str, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype `predict_volume` gets: the precision for torch; None for the CPU
+    runtimes, which hold their precision inside the compiled network."""
+    return dtype if backend == "torch" else None

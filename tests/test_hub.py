@@ -126,7 +126,7 @@ def test_pipeline_gives_the_network_predict_clis_inputs(trained_checkpoint, phan
     import dataset
     import inference
 
-    segment = hub_load("segmentation_pipeline", weights_path=str(trained_checkpoint))
+    segment = hub_load("segmentation_pipeline", weights_path=str(trained_checkpoint), backend="torch", amp="off")
     patient = discover_patients(phantom_dir)[1]
     volume, _ = read_volume(patient)
     seen = []

@@ -84,9 +84,9 @@ class OnnxRuntimeModel:
 def max_abs_difference(
     model: torch.nn.Module, runtime: Callable[[torch.Tensor], torch.Tensor], image_size: int, seed: int = 0
 ) -> float:
-    """Largest |runtime - torch| probability (`runtime`: onnxruntime, OpenVINO) over two random inputs of different batch
-    size and shape, (2, C, S, S) and (3, C, S + 16, S + 32) with C the model's input channels:
-    it also proves the dynamic axes."""
+    """Largest |runtime - torch| probability (`runtime`: onnxruntime, OpenVINO) over two random
+    inputs of different batch size and shape, (2, C, S, S) and (3, C, S + 16, S + 32) with C the
+    model's input channels: it also proves the dynamic axes."""
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(model).cpu().float().eval()
     worst = 0.0

@@ -1,6 +1,7 @@
 """The speed benchmark on a phantom data set written to a temp dir, and the entry point of
 the studies that live in modules of their own (study_ablation.py, results_page.py,
-study_postprocessing.py, study_precision.py, study_lgg.py, study_preprocessing.py).
+study_postprocessing.py, study_precision.py, study_lgg.py, study_preprocessing.py,
+study_cpu_inference.py).
 
     python bench.py speed [--device cpu|cuda] [--image-size 256] [--quick] [--json PATH]
     python bench.py ablation [--seeds 0 1 2] [--candidates NAME ...] [--output ablation.md]
@@ -9,6 +10,7 @@ study_postprocessing.py, study_precision.py, study_lgg.py, study_preprocessing.p
     python bench.py precision --model-path M --data-dir kaggle_3m     (bf16 against fp32 on real patients)
     python bench.py lgg --model-path M --data-dir kaggle_3m           (regenerates docs/results-lgg.md)
     python bench.py preprocessing --data-dir kaggle_3m --original-repo R  (ours against the original's, cold)
+    python bench.py cpu-inference --model-path M --data-dir kaggle_3m --patients ID ... --baseline COMMIT
 
 Measures, side by side: preprocessing per patient (cold and warm cache), augmentation per
 slice (ours, batched on the device, against per-sample skimage rescale + rotate), training
@@ -45,6 +47,7 @@ from preprocessing import restore_geometry
 from results_page import REPORT_ABOUT, ReportError, add_report_flags, report
 from sampling import ResidentSlices
 from study_ablation import ABLATION_ABOUT, ablation, add_ablation_flags
+from study_cpu_inference import CPU_INFERENCE_ABOUT, add_cpu_inference_flags, cpu_inference
 from study_lgg import LGG_ABOUT, add_lgg_flags, lgg
 from study_postprocessing import POSTPROCESSING_ABOUT, add_postprocessing_flags, postprocessing
 from study_precision import PRECISION_ABOUT, add_precision_flags, precision
@@ -530,6 +533,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "precision": [shared_flags("--data-dir")],
         "lgg": [shared_flags("--data-dir")],
         "preprocessing": [shared_flags("--data-dir")],
+        "cpu-inference": [shared_flags("--data-dir")],
     }
     for name, about, add_flags in (
         ("speed", "time preprocessing, augmentation, training and inference on a phantom", add_speed_flags),
@@ -539,6 +543,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         ("precision", PRECISION_ABOUT, add_precision_flags),
         ("lgg", LGG_ABOUT, add_lgg_flags),
         ("preprocessing", PREPROCESSING_ABOUT, add_preprocessing_study_flags),
+        ("cpu-inference", CPU_INFERENCE_ABOUT, add_cpu_inference_flags),
     ):
         sub = commands.add_parser(
             name, help=about.split(";")[0], description=about, formatter_class=HelpFormatter, parents=devices[name]
@@ -564,6 +569,8 @@ def main(argv: list[str] | None = None) -> dict | Path:
         return lgg(args, argv[1:])
     if args.command == "preprocessing":
         return preprocessing_study(args, argv[1:])
+    if args.command == "cpu-inference":
+        return cpu_inference(args, argv[1:])
     try:
         return report(args)
     except ReportError as error:

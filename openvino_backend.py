@@ -25,9 +25,10 @@ from inference import LoadedModel
 PRECISIONS = ("f32", "bf16")  # OpenVINO's INFERENCE_PRECISION_HINT values we use
 # Largest accepted |OpenVINO - torch fp32| probability on random inputs when the network is
 # converted. f32 is the same arithmetic as torch (measured: 6e-8). bf16 keeps 8 significant
-# bits: probabilities moved by at most 2e-4 on the U-Nets we measured, so 0.05 flags a wrong
-# graph, never rounding; the effect on masks is bench.py precision's job (docs/precision.md).
-TOLERANCE = {"f32": 1e-4, "bf16": 0.05}
+# bits: on these random inputs probabilities moved by at most 2e-4 (on real slices of the
+# published model up to 0.03, at the edges of lesions), so 0.1 flags a wrong graph, never
+# rounding; the effect on masks is bench.py precision's job (docs/precision.md).
+TOLERANCE = {"f32": 1e-4, "bf16": 0.1}
 
 
 class OpenVinoModel:

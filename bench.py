@@ -40,14 +40,15 @@ import train
 from augmentations import Augment, BatchAugmentation, build_augmentation
 from dataset import MRISegmentationDataset, discover_patients, load_volume, load_volumes, make_synthetic_dataset
 from distributed import Runtime
-from inference import autocast_dtype, binarize, cpu_has_native_bf16, inference_dtype, predict_volume
+from inference import amp_name, autocast_dtype, autocast_for, binarize, predict_volume, resolve_inference
 from losses import SoftDiceLoss, build_loss
 from network import DEFAULT_ARCHITECTURE, build_model
+from openvino_backend import OpenVinoModel, precision_of
 from preprocessing import restore_geometry
 from results_page import REPORT_ABOUT, ReportError, add_report_flags, report
 from sampling import ResidentSlices
 from study_ablation import ABLATION_ABOUT, ablation, add_ablation_flags
-from study_cpu_inference import CPU_INFERENCE_ABOUT, add_cpu_inference_flags, cpu_inference
+from study_cpu_inference import CPU_INFERENCE_ABOUT, add_cpu_inference_flags, cpu_inference, default_path, time_networks
 from study_lgg import LGG_ABOUT, add_lgg_flags, lgg
 from study_postprocessing import POSTPROCESSING_ABOUT, add_postprocessing_flags, postprocessing
 from study_precision import PRECISION_ABOUT, add_precision_flags, precision
@@ -196,51 +197,37 @@ def configured_training_rate(
     return epoch(steps, 1)["slices_per_s"]
 
 
-def bench_inference(volumes, base_filters: int, device: torch.device) -> dict:
-    """Seconds per patient: forward pass (in predict.py's default precision, `inference_dtype`)
-    + threshold + LCC + inverse geometry."""
+def bench_inference(volumes, base_filters: int, image_size: int, device: torch.device) -> dict:
+    """Seconds per patient: forward pass on predict.py's default backend and precision
+    (`resolve_inference`; OpenVINO's conversion and compilation untimed) + threshold + LCC +
+    inverse geometry."""
     model = default_network(base_filters).to(device).to(memory_format=torch.channels_last).eval()
-    predict_volume(model, volumes[0].images[:2], device)
+    backend, dtype = resolve_inference(None, "auto", device)
+    network = OpenVinoModel(model, image_size, precision_of(dtype)) if backend == "openvino" else model
+    predict_volume(network, volumes[0].images[:2], device, amp_dtype=autocast_for(backend, dtype))
     times = []
     for volume in volumes:
         synchronize(device)
         start = time.perf_counter()
-        probs = predict_volume(model, volume.images, device, 32, amp_dtype=inference_dtype(device))
+        probs = predict_volume(network, volume.images, device, 32, amp_dtype=autocast_for(backend, dtype))
         restore_geometry(binarize(probs).astype(np.uint8), volume.geometry)
         times.append(time.perf_counter() - start)
-    return {"s_per_patient": float(np.mean(times)), "slices_per_s": sum(len(v.images) for v in volumes) / sum(times)}
+    return {
+        "s_per_patient": float(np.mean(times)),
+        "slices_per_s": sum(len(v.images) for v in volumes) / sum(times),
+        "path": f"{backend} {amp_name(dtype) if dtype else 'fp32'}",
+    }
 
 
 def bench_cpu_backends(volumes, base_filters: int, image_size: int, max_slices: int, batch_size: int = 32) -> dict:
-    """CPU inference slices/s of the network alone, side by side, the same weights and the
-    same preprocessed slices (at most `max_slices`): torch eager fp32 and in bf16 autocast
-    (both channels_last, as predict.py runs them), and onnxruntime fp32 (the graph export.py
-    writes). bf16 is timed only where the CPU has native bf16 (`cpu_has_native_bf16`; it is
-    emulated, and slow, elsewhere)."""
-    from export import OnnxRuntimeModel, export_onnx
-
-    cpu = torch.device("cpu")
-    model = default_network(base_filters).eval()
-    networks = {
-        "torch": model.to(memory_format=torch.channels_last),
-        "onnxruntime": OnnxRuntimeModel(export_onnx(model, image_size)),
-    }
-    paths = {"torch": (networks["torch"], None), "onnxruntime": (networks["onnxruntime"], None)}
-    if cpu_has_native_bf16():
-        paths["torch_bf16"] = (networks["torch"], torch.bfloat16)
+    """CPU inference slices/s of the network alone on the same weights and preprocessed slices
+    (at most `max_slices`): torch fp32, onnxruntime fp32 (the CPU default before OpenVINO) and
+    predict.py's default on this CPU (`study_cpu_inference.default_path`), each with its
+    largest |probability - torch fp32|. `bench.py cpu-inference` times every path."""
     images = np.concatenate([np.asarray(v.images) for v in volumes])[:max_slices]  # (N, 3, S, S)
-    result, probabilities = {"slices": len(images), "batch_size": batch_size, "native_bf16": cpu_has_native_bf16()}, {}
-    for name, (network, amp) in paths.items():
-        predict_volume(network, images[:batch_size], cpu, batch_size, amp_dtype=amp)  # warm-up
-        start = time.perf_counter()
-        probabilities[name] = predict_volume(network, images, cpu, batch_size, amp_dtype=amp)
-        result[f"{name}_slices_per_s"] = len(images) / (time.perf_counter() - start)
-    result["onnxruntime_speedup"] = result["onnxruntime_slices_per_s"] / result["torch_slices_per_s"]
-    result["max_abs_difference"] = float(np.abs(probabilities["torch"] - probabilities["onnxruntime"]).max())
-    if "torch_bf16" in probabilities:
-        result["bf16_speedup"] = result["torch_bf16_slices_per_s"] / result["onnxruntime_slices_per_s"]
-        result["bf16_max_abs_difference"] = float(np.abs(probabilities["torch"] - probabilities["torch_bf16"]).max())
-    return result
+    default = default_path()
+    rows = time_networks(default_network(base_filters).eval(), image_size, images, batch_size, names=(default,))
+    return {"slices": len(images), "batch_size": batch_size, "default": default, "paths": rows}
 
 
 # The Kaggle LGG set (kaggle_3m): 110 patients, 3,929 slices; a default run validates 10 of them.
@@ -411,7 +398,7 @@ def speed(args: argparse.Namespace) -> dict:
             if args.compile:
                 compiled = configured_training_rate(data, args.base_filters, args.batch_size, steps, device, amp, True)
                 results["training"].update({"compiled_slices_per_s": compiled, "compiled_speedup": compiled / plain})
-        results["inference"] = bench_inference(volumes, args.base_filters, device)
+        results["inference"] = bench_inference(volumes, args.base_filters, args.image_size, device)
         results["epochs"] = bench_epochs(device, args, configured, args.quick, Path(tmp))
         results["cpu_backends"] = bench_cpu_backends(
             volumes, args.base_filters, args.image_size, 32 if args.quick else 128
@@ -452,22 +439,24 @@ def print_table(r: dict) -> None:
             )
         )
     rows += [
-        ("inference incl. LCC + inverse (s/patient)", f"{i['s_per_patient']:.3f}", f"{i['slices_per_s']:.1f} slices/s"),
+        (
+            "inference incl. LCC + inverse (s/patient)",
+            f"{i['s_per_patient']:.3f}",
+            f"{i['slices_per_s']:.1f} slices/s, {i['path']}",
+        ),
         ("peak RAM (MiB)", f"{r['peak_ram_mib']:.0f}", ""),
     ]
     if "cpu_backends" in r:
         b = r["cpu_backends"]
+        baseline = next(row for row in b["paths"] if row["path"] == "onnxruntime fp32")["slices_per_s"]
         rows[-1:-1] = [
-            ("CPU inference, torch (slices/s)", f"{b['torch_slices_per_s']:.1f}", f"{b['slices']} slices"),
             (
-                "CPU inference, onnxruntime (slices/s)",
-                f"{b['onnxruntime_slices_per_s']:.1f}",
-                f"{b['onnxruntime_speedup']:.2f}x, max |diff| {b['max_abs_difference']:.1e}",
-            ),
+                f"CPU inference, {row['path']}{' (default)' if row['path'] == b['default'] else ''} (slices/s)",
+                f"{row['slices_per_s']:.1f}",
+                f"{row['slices_per_s'] / baseline:.2f}x onnxruntime fp32, max |diff| {row['diff']:.1e}",
+            )
+            for row in b["paths"]
         ]
-        if "torch_bf16_slices_per_s" in b:
-            speedup = f"{b['bf16_speedup']:.2f}x onnxruntime, max |diff| {b['bf16_max_abs_difference']:.1e} vs fp32"
-            rows.insert(-1, ("CPU inference, torch bf16 (slices/s)", f"{b['torch_bf16_slices_per_s']:.1f}", speedup))
     if "peak_gpu_mib" in r:
         rows.append(("peak GPU memory (MiB)", f"{r['peak_gpu_mib']:.0f}", ""))
     if "epochs" in r:

@@ -164,19 +164,26 @@ def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | Non
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo: AMX tiles, or AVX-512 with bf16 dot products
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as the Linux kernel lists them (`flags` lines of /proc/cpuinfo);
+    empty where that file cannot be read (another OS)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(
+        flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()
+    )
+
+
 @functools.cache
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16: Intel Sapphire
     Rapids and later, AMD Zen 4 and later), read from the kernel's CPU flags. A capability
     check, not a timing probe: it costs nothing, gives the same answer every run, and
     without the flags (another OS, an older CPU) the answer is False, so such a CPU never
-    gets bf16 autocast, which oneDNN then emulates far slower than fp32."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
-    return any(flag in flags for flag in CPU_BF16_FLAGS)
+    gets bf16, which oneDNN then emulates far slower than fp32."""
+    return not cpu_flags(cpuinfo).isdisjoint(CPU_BF16_FLAGS)
 
 
 def precision_text(dtype: torch.dtype | None, backend: str = "torch") -> str:

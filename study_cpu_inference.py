@@ -25,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +33,38 @@ import torch
 
 from dataset import discover_patients, read_volume, stack_context
 from export import OnnxRuntimeModel, export_onnx
-from inference import cpu_has_native_bf16, load_model, predict_volume
+from inference import cpu_flags, cpu_has_native_bf16, load_model, predict_volume, resolve_inference
 from network import build_model
 from openvino_backend import OpenVinoModel
 from preprocessing import preprocess_volume
 from results_page import ROOT, ReportError, machine_facts, print_page, run_timed
 
 CPU_INFERENCE_ABOUT = "every CPU inference path on the same slices, and whole patients against an earlier commit"
+PATHS = (
+    "torch fp32",
+    "torch bf16 autocast",
+    "torch.compile bf16 autocast",
+    "onnxruntime fp32",
+    "onnxruntime int8 (static QDQ)",
+    "OpenVINO fp32",
+    "OpenVINO bf16",
+)
+SPEED_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")  # reported on the page
+REFERENCE, BASELINE = "torch fp32", "onnxruntime fp32"  # differences against the first, speed-ups against the second
 
 
 def add_cpu_inference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", required=True, help="training checkpoint (its size and width are timed)")
     parser.add_argument(
         "--patients", nargs="+", required=True, help="patient ids in --data-dir (predict.py --patients)"
+    )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=PATHS,
+        default=list(PATHS),
+        metavar="PATH",
+        help=f"network paths to time ({REFERENCE!r} and {BASELINE!r} always run; default: all of {', '.join(PATHS)})",
     )
     parser.add_argument("--baseline", default=None, help="commit whose predict.py is timed beside this one's")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (predict.py's default)")
@@ -84,8 +104,11 @@ def int8_network(model: torch.nn.Module, image_size: int, calibration: np.ndarra
     return OnnxRuntimeModel(quantized)
 
 
-def network_paths(model: torch.nn.Module, image_size: int, calibration: np.ndarray, folder: Path) -> dict:
-    """name -> (network called like a UNetModel, torch autocast dtype or None, seconds to build it)."""
+def network_paths(
+    model: torch.nn.Module, image_size: int, calibration: np.ndarray, folder: Path, names: Iterable[str] = PATHS
+) -> dict:
+    """name -> (network called like a UNetModel, torch autocast dtype or None, seconds to build it)
+    for REFERENCE, BASELINE and `names` (in PATHS' order) that this CPU runs natively."""
     model = model.cpu().float().eval().to(memory_format=torch.channels_last)
     builders = {
         "torch fp32": lambda: (model, None),
@@ -96,6 +119,8 @@ def network_paths(model: torch.nn.Module, image_size: int, calibration: np.ndarr
         "OpenVINO fp32": lambda: (OpenVinoModel(model, image_size, "f32"), None),
         "OpenVINO bf16": lambda: (OpenVinoModel(model, image_size, "bf16"), None),
     }
+    wanted = {REFERENCE, BASELINE, *names}
+    builders = {name: build for name, build in builders.items() if name in wanted}
     if not cpu_has_native_bf16():  # emulated bf16 is far slower than fp32: not a candidate here
         builders = {name: build for name, build in builders.items() if "bf16" not in name}
     paths = {}
@@ -107,20 +132,26 @@ def network_paths(model: torch.nn.Module, image_size: int, calibration: np.ndarr
 
 
 def time_networks(
-    model: torch.nn.Module, image_size: int, slices: np.ndarray, batch_size: int, context: int = 0
+    model: torch.nn.Module,
+    image_size: int,
+    slices: np.ndarray,
+    batch_size: int,
+    context: int = 0,
+    names: Iterable[str] = PATHS,
 ) -> list[dict]:
-    """Slices/s of each path over `slices` (N, C, S, S) float32 after one warm-up batch (which
-    also compiles torch.compile's graph), and the largest |probability - torch fp32|."""
+    """Per path of network_paths: slices/s over `slices` (N, C, S, S) float32 after one warm-up
+    batch (which also compiles torch.compile's graph), the seconds to build it, and `diff`, the
+    largest |probability - REFERENCE's|."""
     rows, reference = [], None
     with tempfile.TemporaryDirectory() as tmp:
         calibration = stack_context(slices, context)[:batch_size]
-        paths = network_paths(model, image_size, np.asarray(calibration, np.float32), Path(tmp))
+        paths = network_paths(model, image_size, np.asarray(calibration, np.float32), Path(tmp), names)
         for name, (network, dtype, build_s) in paths.items():
             predict_volume(network, slices[:batch_size], "cpu", batch_size, amp_dtype=dtype, context_slices=context)
             start = time.perf_counter()  # after the warm-up batch above
             probabilities = predict_volume(network, slices, "cpu", batch_size, amp_dtype=dtype, context_slices=context)
             seconds = time.perf_counter() - start
-            reference = probabilities if reference is None else reference  # torch fp32 comes first
+            reference = probabilities if reference is None else reference  # REFERENCE comes first
             difference = float(np.abs(probabilities - reference).max())
             rows.append({"path": name, "slices_per_s": len(slices) / seconds, "build_s": build_s, "diff": difference})
     return rows
@@ -170,21 +201,33 @@ def time_patients(args: argparse.Namespace, work: Path) -> dict:
 # ---------------------------------------------------------------------------------- the page
 
 
+def default_path() -> str:
+    """The PATHS name of what predict.py runs on this CPU without --backend and --amp."""
+    backend, dtype = resolve_inference(None, "auto", torch.device("cpu"))
+    return {"openvino": "OpenVINO", "onnxruntime": "onnxruntime", "torch": "torch"}[backend] + (
+        " bf16" if dtype == torch.bfloat16 else " fp32"
+    )
+
+
 def page(args: argparse.Namespace, networks: list[dict], runs: dict, slices: int, shape: tuple, command: str) -> str:
+    """The Markdown page: machine, the network table (speed-up against BASELINE), predict.py's times."""
     facts = machine_facts()
-    default = next(r for r in networks if r["path"] == "onnxruntime fp32")
+    default = next(r for r in networks if r["path"] == BASELINE)
     lines = [
         f"<!-- generated by `{command}` -->",
         "# CPU inference: every path, and whole patients",
         "",
         f"`{command}` on {facts['date']}, {facts['cpu']} ({facts['usable_cores']} cores, "
         f"{torch.get_num_threads()} threads), commit {facts['commit']}; native bf16 (AVX512-BF16 or AMX): "
-        f"{'yes' if cpu_has_native_bf16() else 'no'}; torch {torch.__version__}.",
+        f"{'yes' if cpu_has_native_bf16() else 'no'}; torch {torch.__version__}. CPU flags: "
+        + (", ".join(f for f in SPEED_FLAGS if f in cpu_flags()) or "none")
+        + f" of {', '.join(SPEED_FLAGS)}.",
         "",
         f"## The network alone: {slices} slices of {len(args.patients)} real patients, batches of {args.batch_size}",
         "",
         f"Checkpoint `{args.model_path}`: input {shape[1]} x {shape[2]} x {shape[3]}. Speed-up against onnxruntime "
-        "fp32 (the CPU default before OpenVINO); difference: largest |probability - torch fp32| over the slices.",
+        f"fp32 (the CPU default before OpenVINO); difference: largest |probability - {REFERENCE}| over the "
+        f"slices. predict.py's default on this CPU: {default_path()}.",
         "",
         "| path | slices/s | speed-up | build (s) | difference |",
         "|---|---|---|---|---|",
@@ -229,7 +272,7 @@ def cpu_inference(args: argparse.Namespace, argv: list[str]) -> dict:
     model = build_model(loaded.model.config)
     model.load_state_dict(loaded.model.state_dict())
     try:
-        networks = time_networks(model, loaded.image_size, slices, args.batch_size, loaded.context_slices)
+        networks = time_networks(model, loaded.image_size, slices, args.batch_size, loaded.context_slices, args.paths)
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(args.work_dir or tmp)
             work.mkdir(parents=True, exist_ok=True)

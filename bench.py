@@ -221,7 +221,7 @@ def bench_inference(volumes, base_filters: int, image_size: int, device: torch.d
 
 def bench_cpu_backends(volumes, base_filters: int, image_size: int, max_slices: int, batch_size: int = 32) -> dict:
     """CPU inference slices/s of the network alone on the same weights and preprocessed slices
-    (at most `max_slices`): torch fp32, onnxruntime fp32 (the CPU default before OpenVINO) and
+    (at most `max_slices`): torch fp32, onnxruntime fp32 (predict.py's fp32 default) and
     predict.py's default on this CPU (`study_cpu_inference.default_path`), each with its
     largest |probability - torch fp32|. `bench.py cpu-inference` times every path."""
     images = np.concatenate([np.asarray(v.images) for v in volumes])[:max_slices]  # (N, 3, S, S)

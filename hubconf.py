@@ -187,7 +187,9 @@ class SegmentationPipeline:
         if backend not in (None, "torch", "openvino"):
             raise ValueError(f"backend={backend!r}: the pipeline runs 'torch' or 'openvino' (None: the fastest)")
         self.amp_dtype = inference.inference_dtype(device, amp)
-        self.backend = inference.resolve_backend(backend, device, self.amp_dtype)
+        resolved = inference.resolve_backend(backend, device, self.amp_dtype)
+        # no onnxruntime session here: OpenVINO is the pipeline's faster fp32 runtime than torch
+        self.backend = "openvino" if resolved == "onnxruntime" else resolved
         self.precision = inference.precision_text(self.amp_dtype, self.backend)
         post = self._modules["postprocessing"]
         if postprocessing is None:

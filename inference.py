@@ -328,13 +328,16 @@ BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
 def resolve_backend(name: str | None, device: torch.device, amp_dtype: torch.dtype | None = None) -> str:
-    """--backend: None picks the fastest measured path (`bench.py speed`): torch on CUDA, and
-    on the CPU OpenVINO in fp32 or bf16 (torch for fp16, which OpenVINO's CPU plugin does not
-    run). Raises UsageError for onnxruntime or OpenVINO off the CPU (CPU runtimes here), for
+    """--backend: None picks the fastest measured path (`bench.py cpu-inference`): torch on
+    CUDA; on the CPU OpenVINO for bf16, onnxruntime for fp32 (faster than OpenVINO's fp32 on an
+    Intel Xeon, about even on an AMD EPYC) and torch for fp16, which neither CPU runtime runs
+    here. Raises UsageError for onnxruntime or OpenVINO off the CPU (CPU runtimes here), for
     onnxruntime with a reduced precision (it runs the exported fp32 graph) and for OpenVINO
     in fp16."""
     if name is None:
-        return "torch" if device.type != "cpu" or amp_dtype == torch.float16 else "openvino"
+        if device.type != "cpu" or amp_dtype == torch.float16:
+            return "torch"
+        return "openvino" if amp_dtype == torch.bfloat16 else "onnxruntime"
     if name in ("onnxruntime", "openvino") and device.type != "cpu":
         raise UsageError(f"--backend {name} runs on the CPU only; pass --device cpu or --backend torch (not {device})")
     if name == "onnxruntime" and amp_dtype is not None:

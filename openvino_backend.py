@@ -1,13 +1,14 @@
-"""The OpenVINO backend: the CPU default of predict.py and the hub pipeline.
+"""The OpenVINO backend: predict.py's CPU default where the CPU has native bf16, and the hub
+pipeline's CPU default.
 
-The network is converted straight from PyTorch (`openvino.convert_model`, about 1 s at 128 px
-and 3 s at 256 px, against 10 s for the ONNX export that onnxruntime needs) and compiled for
-the CPU in one of two inference precisions: "bf16" on a CPU with native bf16 instructions
-(`inference.cpu_has_native_bf16`) and "f32" elsewhere. The precision is set explicitly either
-way: OpenVINO's own default on a CPU with AMX is bf16. Inputs and outputs stay float32.
-Why this path: `python bench.py speed` (docs/deployment.md) times it against torch eager,
-torch bf16 autocast and onnxruntime on the same weights and slices.
-"""
+The network is converted straight from PyTorch (`openvino.convert_model`, about 2 s at 256 px,
+against about 4 s for the ONNX export that onnxruntime needs) and compiled for the CPU in one of
+two inference precisions, "bf16" (on a CPU with native bf16 instructions,
+`inference.cpu_has_native_bf16`) or "f32". The precision is set explicitly either way: OpenVINO's
+own default on a CPU with AMX is bf16. Inputs and outputs stay float32. Why this path:
+`python bench.py cpu-inference` (docs/cpu-inference.md) times it against torch, torch.compile and
+onnxruntime on the same weights and slices; in fp32 onnxruntime is as fast or faster, so
+predict.py keeps it there."""
 
 from __future__ import annotations
 

@@ -311,8 +311,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKENDS,
         default=None,
-        help="inference engine; default: the fastest path measured (bench.py speed): torch on CUDA, openvino on "
-        "the CPU (torch for --amp fp16)",
+        help="inference engine; default: the fastest path measured (bench.py cpu-inference): torch on CUDA; on "
+        "the CPU openvino for bf16, onnxruntime for fp32, torch for --amp fp16",
     )
     p.add_argument(
         "--amp",

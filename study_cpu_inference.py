@@ -8,7 +8,8 @@ through today's predict.py against an earlier commit's (docs/cpu-inference.md).
    fp32 and bf16 autocast (channels_last, as predict.py runs torch), torch.compile in bf16,
    onnxruntime fp32 (the ONNX graph export.py writes), onnxruntime int8 (static QDQ, per-channel
    weights, calibrated on the first batch of these slices) and OpenVINO in fp32 and bf16.
-   Speed-ups are against onnxruntime fp32, the CPU default before OpenVINO.
+   Speed-ups are against onnxruntime fp32, the CPU default before OpenVINO (and still
+   predict.py's fp32 path).
 2. Whole patients: `python predict.py` of this checkout and of `--baseline` (a commit, exported
    with `git archive` into a temporary folder) on the same patients and checkpoint, each a
    process of its own, with a warm preprocessing cache: once with every output (masks,
@@ -226,7 +227,7 @@ def page(args: argparse.Namespace, networks: list[dict], runs: dict, slices: int
         f"## The network alone: {slices} slices of {len(args.patients)} real patients, batches of {args.batch_size}",
         "",
         f"Checkpoint `{args.model_path}`: input {shape[1]} x {shape[2]} x {shape[3]}. Speed-up against onnxruntime "
-        f"fp32 (the CPU default before OpenVINO); difference: largest |probability - {REFERENCE}| over the "
+        f"fp32 (the CPU default before OpenVINO bf16); difference: largest |probability - {REFERENCE}| over the "
         f"slices. predict.py's default on this CPU: {default_path()}.",
         "",
         "| path | slices/s | speed-up | build (s) | difference |",

@@ -37,13 +37,14 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_the_cpu_default_is_openvino_in_bf16_only_where_the_cpu_has_it(native, monkeypatch):
+def test_the_cpu_default_is_bf16_only_where_the_cpu_has_it(native, monkeypatch):
     """A CPU with native bf16 predicts in bf16 by default, any other in fp32 (a CPU without
     the instructions, simulated, never gets the emulated bf16); --amp off forces fp32."""
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert inference.resolve_inference(None, "auto", cpu) == ("openvino", torch.bfloat16 if native else None)
-    assert inference.resolve_inference(None, "off", cpu) == ("openvino", None)
+    fallback = ("onnxruntime", None)  # fp32: the faster CPU runtime (docs/cpu-inference.md)
+    assert inference.resolve_inference(None, "auto", cpu) == (("openvino", torch.bfloat16) if native else fallback)
+    assert inference.resolve_inference(None, "off", cpu) == ("onnxruntime", None)
     assert inference.resolve_inference(None, "bf16", cpu) == ("openvino", torch.bfloat16)
     assert inference.resolve_inference(None, "fp16", cpu) == ("torch", torch.float16)
     assert inference.resolve_inference("torch", "auto", cpu) == ("torch", torch.bfloat16 if native else None)
@@ -94,8 +95,8 @@ def test_bf16_probabilities_and_masks_agree_with_fp32(trained_checkpoint, phanto
 
 @pytest.mark.parametrize("native", [True, False])
 def test_predict_records_backend_and_precision(native, trained_checkpoint, phantom_dir, tmp_path, monkeypatch):
-    """The default run (OpenVINO, bf16 or, without the instructions, fp32), --amp off and torch
-    in bf16: each says what ran in summary.json, and their Dice agree."""
+    """The default run (OpenVINO bf16 or, without the instructions, onnxruntime fp32), --amp off
+    (onnxruntime fp32) and torch in bf16: each says what ran in summary.json, and their Dice agree."""
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
     common = ["--model-path", str(trained_checkpoint), "--data-dir", str(phantom_dir), "--no-report"]
     common += ["--patients", "val", "--cache-dir", str(tmp_path / "cache"), "--no-overlays"]
@@ -103,7 +104,8 @@ def test_predict_records_backend_and_precision(native, trained_checkpoint, phant
     for name, flags in runs.items():
         predict.main([*common, "--output-dir", str(tmp_path / name), *flags])
     protocol = {n: json.loads((tmp_path / n / "summary.json").read_text())["protocol"] for n in runs}
-    assert protocol["default"]["backend"] == protocol["off"]["backend"] == "openvino"
+    assert protocol["default"]["backend"] == ("openvino" if native else "onnxruntime")
+    assert protocol["off"]["backend"] == "onnxruntime"
     assert protocol["off"]["precision"] == "fp32"
     expected = "bf16 inference precision (float32 inputs and probabilities)" if native else "fp32"
     assert protocol["default"]["precision"] == expected

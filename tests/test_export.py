@@ -90,7 +90,8 @@ def test_onnxruntime_backend_gives_the_torch_masks(trained_checkpoint, phantom_d
 
 
 def test_backend_default_and_onnxruntime_off_the_cpu():
-    assert inference.resolve_backend(None, torch.device("cpu")) == "openvino"
+    assert inference.resolve_backend(None, torch.device("cpu")) == "onnxruntime"  # fp32
+    assert inference.resolve_backend(None, torch.device("cpu"), torch.bfloat16) == "openvino"
     assert inference.resolve_backend(None, torch.device("cuda")) == "torch"
     with pytest.raises(UsageError, match="--backend onnxruntime runs on the CPU only"):
         inference.resolve_backend("onnxruntime", torch.device("cuda"))

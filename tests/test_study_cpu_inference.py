@@ -62,8 +62,8 @@ def test_the_page_gives_speed_ups_against_onnxruntime_and_the_ratio_of_the_runs(
     assert f"default on this CPU: {study_cpu_inference.default_path()}" in text
 
 
-def test_the_default_path_is_openvino_in_the_precision_the_cpu_supports(monkeypatch):
-    for native, name in ((True, "OpenVINO bf16"), (False, "OpenVINO fp32")):
+def test_the_default_path_is_openvino_bf16_where_the_cpu_has_it_else_onnxruntime_fp32(monkeypatch):
+    for native, name in ((True, "OpenVINO bf16"), (False, "onnxruntime fp32")):
         monkeypatch.setattr("inference.cpu_has_native_bf16", lambda native=native: native)
         assert study_cpu_inference.default_path() == name
 

@@ -25,8 +25,8 @@ Convention for README.md and docs/*.md (keep it when editing them):
   (GitHub's slug rule, see `heading_slugs`). External http(s) links are not checked (no
   network).
 - Every number in the README's `## Results` section (outside inline code) must occur in
-  docs/results-lgg.md, docs/results.md, docs/ablation.md or docs/postprocessing.md, the generated
-  pages, so a headline figure cannot silently go stale: after regenerating them, update the README's figures.
+  one of the generated pages (docs/results-lgg.md, results.md, ablation.md, postprocessing.md,
+  cpu-inference.md, precision.md, precision-test.md), so a headline figure cannot silently go stale: after regenerating them, update the README's figures.
 """
 
 from __future__ import annotations
@@ -47,7 +47,16 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 MARKDOWN_FILES = [README, *DOCS]  # every page whose examples run and whose links are checked
 GENERATED_RESULTS = [
-    ROOT / "docs" / name for name in ("results-lgg.md", "results.md", "ablation.md", "postprocessing.md")
+    ROOT / "docs" / name
+    for name in (
+        "results-lgg.md",
+        "results.md",
+        "ablation.md",
+        "postprocessing.md",
+        "cpu-inference.md",
+        "precision.md",
+        "precision-test.md",
+    )
 ]
 MARKER = re.compile(r"<!--\s*readme-test:\s*(.*?)\s*-->")
 FENCE = re.compile(r"^\s*```\s*([\w+-]*)")

@@ -1,7 +1,7 @@
 """The speed benchmark on a phantom data set written to a temp dir, and the entry point of
 the studies that live in modules of their own (study_ablation.py, results_page.py,
 study_postprocessing.py, study_precision.py, study_lgg.py, study_preprocessing.py,
-study_cpu_inference.py).
+study_cpu_inference.py, study_recipes.py).
 
     python bench.py speed [--device cpu|cuda] [--image-size 256] [--quick] [--json PATH]
     python bench.py ablation [--seeds 0 1 2] [--candidates NAME ...] [--output ablation.md]
@@ -11,6 +11,7 @@ study_cpu_inference.py).
     python bench.py lgg --model-path M --data-dir kaggle_3m           (regenerates docs/results-lgg.md)
     python bench.py preprocessing --data-dir kaggle_3m --original-repo R  (ours against the original's, cold)
     python bench.py cpu-inference --model-path M --data-dir kaggle_3m --patients ID ... --baseline COMMIT
+    python bench.py recipes --runs RUN_DIR ... --data-dir kaggle_3m --work-dir W  (recipes on the 88)
 
 Measures, side by side: preprocessing per patient (cold and warm cache), augmentation per
 slice (ours, batched on the device, against per-sample skimage rescale + rotate), training
@@ -53,6 +54,7 @@ from study_lgg import LGG_ABOUT, add_lgg_flags, lgg
 from study_postprocessing import POSTPROCESSING_ABOUT, add_postprocessing_flags, postprocessing
 from study_precision import PRECISION_ABOUT, add_precision_flags, precision
 from study_preprocessing import PREPROCESSING_ABOUT, add_preprocessing_study_flags, preprocessing_study
+from study_recipes import RECIPES_ABOUT, add_recipes_flags, recipes
 from train import train_one_epoch
 from utils import CLIParser, HelpFormatter, add_shared_flag, resolve_device, shared_flags
 
@@ -523,6 +525,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "lgg": [shared_flags("--data-dir")],
         "preprocessing": [shared_flags("--data-dir")],
         "cpu-inference": [shared_flags("--data-dir")],
+        "recipes": [shared_flags("--data-dir")],
     }
     for name, about, add_flags in (
         ("speed", "time preprocessing, augmentation, training and inference on a phantom", add_speed_flags),
@@ -533,6 +536,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         ("lgg", LGG_ABOUT, add_lgg_flags),
         ("preprocessing", PREPROCESSING_ABOUT, add_preprocessing_study_flags),
         ("cpu-inference", CPU_INFERENCE_ABOUT, add_cpu_inference_flags),
+        ("recipes", RECIPES_ABOUT, add_recipes_flags),
     ):
         sub = commands.add_parser(
             name, help=about.split(";")[0], description=about, formatter_class=HelpFormatter, parents=devices[name]
@@ -560,6 +564,8 @@ def main(argv: list[str] | None = None) -> dict | Path:
         return preprocessing_study(args, argv[1:])
     if args.command == "cpu-inference":
         return cpu_inference(args, argv[1:])
+    if args.command == "recipes":
+        return recipes(args, argv[1:])
     try:
         return report(args)
     except ReportError as error:

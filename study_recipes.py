@@ -26,7 +26,8 @@ import numpy as np
 from checkpoint import CheckpointError, load_checkpoint
 from patients import DataError
 from results_page import ReportError, _local, machine_facts, print_page, run_timed
-from study_lgg import check_locked_split, copied_channel_patients, epoch_seconds, read_rows
+from splits import read_patient_list
+from study_lgg import LOCKED_TEST, copied_channel_patients, epoch_seconds, read_rows
 from utils import format_duration
 
 RECIPES_ABOUT = "training recipes compared on the 88 development patients' held-out test patients"
@@ -37,7 +38,7 @@ def add_recipes_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runs", nargs="+", required=True, help="train.py --checkpoint-dir of each recipe; the first is the reference"
     )
-    parser.add_argument("--work-dir", required=True, help="predict.py's outputs go here (one folder per run)")
+    parser.add_argument("--work-dir", required=True, help="predict.py's outputs go here (run0, run1, ... in order)")
     parser.add_argument("--output", default=None, help="also write the page here (Markdown)")
 
 
@@ -62,23 +63,32 @@ def paired_difference(dice: dict[str, float], reference: dict[str, float]) -> tu
     return float(differences.mean()), float(low), float(high), int((differences > 0).sum())
 
 
+def check_no_locked_patient(saved: dict, path: str) -> None:
+    """Refuse a run that trained on, validated on or tested on any locked patient (ReportError
+    naming them): recipes are compared on the 88 alone."""
+    split = saved.get("split", {})
+    seen = set(read_patient_list(LOCKED_TEST)) & {p for role in ("train", "val", "test") for p in split.get(role, [])}
+    if seen:
+        raise ReportError(f"{path}: its split holds locked test patients: {', '.join(sorted(seen))}")
+
+
 def score_run(run: Path, data_dir: str, work: Path) -> dict:
-    """predict.py on the run's test patients; what the page needs of it."""
+    """predict.py on the run's test patients (outputs in `work`); what the page needs of it."""
     model = run / "best_model.pt"
     if not model.is_file():
         raise ReportError(f"{run}: no best_model.pt (not a finished train.py --checkpoint-dir)")
     saved = load_checkpoint(model)
-    check_locked_split(saved, str(model))
-    out = work / run.name
+    check_no_locked_patient(saved, str(model))
+    out = work
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     command = ["python", "predict.py", "--model-path", str(model), "--data-dir", data_dir, "--patients", "test"]
     command += ["--output-dir", str(out), "--no-overlays", "--no-report"]
-    run_timed(_local(command), Path.cwd(), work / f"{run.name}.log")
+    run_timed(_local(command), Path.cwd(), work / "predict.log")
     config = saved["args"]
     log_dir = Path(config["log_dir"]) if config.get("log_dir") else None
     return {
-        "name": run.name,
+        "name": str(run),
         "recipe": recipe_text(config),
         "dice": {r["patient"]: r["dice"] for r in read_rows(out) if not np.isnan(r["dice"])},
         "val_dice": float(saved["best_dice"]),
@@ -87,6 +97,8 @@ def score_run(run: Path, data_dir: str, work: Path) -> dict:
         "postprocessing": saved.get("postprocessing", {}).get("method", "lcc"),
         "seconds": sum((epoch_seconds(log_dir, saved.get("log_run", "")) or {}).values()),
         "test": sorted(saved["split"]["test"]),
+        "val": sorted(saved["split"]["val"]),
+        "train": sorted(saved["split"]["train"]),
         "command": shlex.join(command),
     }
 
@@ -137,6 +149,12 @@ def recipes_page(results: list[dict], copies: dict[str, str], command: str) -> s
         lines.append(f"| {r['recipe']} | {mean:+.3f} | {low:+.3f} to {high:+.3f} | {better} of {len(r['dice'])} |")
     lines += ["", "## The test patients", ""]
     lines += [", ".join(f"{p}{' (' + copies[p] + ')' if p in copies else ''}" for p in test), ""]
+    elsewhere = {role: [p for p in reference[role] if p in copies] for role in ("val", "train")}
+    lines += [
+        f"Patients whose pre- or post-contrast channel copies FLAIR: {len(copied)} among these test patients, "
+        f"{len(elsewhere['val'])} among the validation and {len(elsewhere['train'])} among the training patients.",
+        "",
+    ]
     lines += ["## Commands", "", *[f"- `{r['command']}`" for r in results], ""]
     return "\n".join(lines)
 
@@ -144,7 +162,8 @@ def recipes_page(results: list[dict], copies: dict[str, str], command: str) -> s
 def recipes(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     """`bench.py recipes`: score every run, check they share their test patients, write the page."""
     try:
-        results = [score_run(Path(run), args.data_dir, Path(args.work_dir)) for run in args.runs]
+        work = Path(args.work_dir)
+        results = [score_run(Path(run), args.data_dir, work / f"run{i}") for i, run in enumerate(args.runs)]
         different = [r["name"] for r in results if r["test"] != results[0]["test"]]
         if different:
             raise ReportError(f"{', '.join(different)}: other test patients than {results[0]['name']} (same --seed?)")

@@ -22,6 +22,8 @@ def result(name, dice, seconds=600.0):
         "postprocessing": "lcc",
         "seconds": seconds,
         "test": sorted(dice),
+        "val": ["V1", "V2"],
+        "train": ["T1", "T2"],
         "command": f"python predict.py --model-path {name}/best_model.pt --patients test",
     }
 
@@ -46,6 +48,7 @@ def test_the_page_splits_copied_channel_patients_and_compares_with_the_first_run
     assert "| recipe second | 0.700 | 0.700 | 0.600 | 0.750 |" in text
     assert "| recipe second | +0.067 |" in text and "| 1 of 3 |" in text
     assert "P1 (post-contrast = FLAIR), P2, P3" in text
+    assert "FLAIR: 1 among these test patients, 0 among the validation and 0 among the training" in text
 
 
 def test_recipe_text_names_what_tells_recipes_apart():

@@ -26,11 +26,9 @@ import csv
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import sys
 from collections.abc import Collection, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -227,57 +225,6 @@ def write_overlays(
         rgb = overlay(images[s, ..., 1], pred[s], None if truth is None else truth[s], title=title, crop=box)
         Image.fromarray(rgb).save(out_dir / overlay_path(patient, number), compress_level=1)
     return len(shown)
-
-
-class OverlayWriters:
-    """Draws the overlays (`write_overlays`) in `workers` forked processes while the main process
-    predicts the next patients: matplotlib draws on one core, about 0.1 s per slice, as long as
-    the rest of a patient with OpenVINO bf16 (docs/cpu-inference.md). At most `max_pending`
-    patients wait, so memory stays bounded. With `workers=0` it draws in the caller's process.
-    A worker's failure turns its patient's row into a failed one (`failed_row`), as a failure in
-    line does."""
-
-    def __init__(self, workers: int, max_pending: int = 4):
-        self.pool = None
-        if workers > 0:  # forked now, before a runtime starts its threads; every worker at once
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-            self.pool.submit(int).result()
-        self.pending: list[tuple[dict, Future]] = []
-        self.max_pending = max_pending
-        self.failed = False  # whether a patient's overlays failed
-
-    def submit(self, row: dict, *overlay_args: object) -> None:
-        """`write_overlays(*overlay_args)` for the patient of `row`; in line without workers."""
-        if self.pool is None:
-            write_overlays(*overlay_args)
-            return
-        while len(self.pending) >= self.max_pending:
-            self._finish(*self.pending.pop(0))
-        self.pending.append((row, self.pool.submit(write_overlays, *overlay_args)))
-
-    def close(self) -> bool:
-        """Wait for every overlay and end the workers; whether any patient's overlays failed."""
-        while self.pending:
-            self._finish(*self.pending.pop(0))
-        if self.pool is not None:
-            self.pool.shutdown()
-        return self.failed
-
-    def _finish(self, row: dict, future: Future) -> None:
-        try:
-            future.result()
-        except (OSError, ValueError, RuntimeError) as error:
-            failed_row(row, f"overlays: {type(error).__name__}: {error}")
-            self.failed = True
-
-
-def overlay_workers(args: argparse.Namespace) -> int:
-    """Worker processes for the overlays: one per usable core, at most 4 (on 2 cores 2 beat 1:
-    22 s against 29 s for 6 patients, docs/cpu-inference.md); none without overlays or where
-    fork is not available (drawn in line there)."""
-    if args.no_overlays or "fork" not in multiprocessing.get_all_start_methods():
-        return 0
-    return min(4, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 0
 
 
 def start_table(path: Path) -> None:
@@ -549,10 +496,8 @@ def process_patient(
     device: torch.device,
     args: argparse.Namespace,
     out_dir: Path,
-    overlays: OverlayWriters,
 ) -> dict:
-    """Predict one patient, write its masks (and probabilities; overlays through `overlays`); its
-    metrics row."""
+    """Predict one patient, write its masks (and probabilities, overlays); its metrics row."""
     indices, role = assign(patient.patient_id, models, folds)
     row = {
         "patient": patient.patient_id,
@@ -571,22 +516,15 @@ def process_patient(
             row.update(patient_metrics(native_mask, truth, patient.spacing, args.min_lesion_volume))
             row["units"] = metric_units(patient.spacing)
         if not args.no_overlays:
-            overlays.submit(row, patient, images, native_mask, truth, out_dir, row.get("dice"))
+            write_overlays(patient, images, native_mask, truth, out_dir, row.get("dice"))
         if not args.no_report:  # thumbnails from the arrays in memory, for report.html
             links = None if args.no_overlays else (lambda k: overlay_path(patient, k))
             numbers = [item.number for item in patient.kept]
             row["pictures"] = write_thumbnails(patient.patient_id, images, native_mask, truth, numbers, out_dir, links)
     except (DataError, OSError, ValueError, RuntimeError) as error:  # recorded; the run goes on
-        failed_row(row, f"{type(error).__name__}: {error}" if not isinstance(error, DataError) else str(error))
+        row = {key: row[key] for key in ("patient", "slices", "role", "spacing", "models")}
+        row["error"] = f"{type(error).__name__}: {error}" if not isinstance(error, DataError) else str(error)
     return row
-
-
-def failed_row(row: dict, error: str) -> None:
-    """Turn a patient's metrics row into a failed one, in place: what identifies the patient,
-    and `error`; its metrics go (a failed patient is not scored)."""
-    for key in [key for key in row if key not in ("patient", "slices", "role", "spacing", "models")]:
-        del row[key]
-    row["error"] = error
 
 
 def spacing_text(spacing: tuple[float, float, float] | None) -> str | None:
@@ -696,18 +634,6 @@ def run(args: argparse.Namespace) -> dict:
     for path in args.model_path:
         if not Path(path).exists():
             raise CheckpointError(missing_checkpoint(path, args.data_dir))
-    overlays = OverlayWriters(overlay_workers(args))
-    try:
-        return predict_patients(args, device, amp_dtype, overlays)
-    finally:
-        overlays.close()  # the workers end with the run, also on an error
-
-
-def predict_patients(
-    args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None, overlays: OverlayWriters
-) -> dict:
-    """`run` after its checks: load the models, choose the patients, predict them, write the
-    outputs, return the summary."""
     models = [load_model(path, device) for path in args.model_path]
     folds = are_folds(models)
     if not folds:
@@ -736,12 +662,8 @@ def predict_patients(
     rows = []
     start = time.perf_counter()
     for patient in tqdm(patients, desc="predict", unit="patient", leave=False, disable=None):
-        rows.append(process_patient(patient, models, folds, device, args, out_dir, overlays))
+        rows.append(process_patient(patient, models, folds, device, args, out_dir))
         append_row(table, rows[-1])
-    if overlays.close():  # a worker's failure is in its patient's row now
-        start_table(table)
-        for row in rows:
-            append_row(table, row)
     seconds = time.perf_counter() - start  # the patients' prediction, as the protocol records it
 
     summary = summarize(rows, make_protocol(args, models, mode, seconds))

@@ -26,7 +26,8 @@ Convention for README.md and docs/*.md (keep it when editing them):
   network).
 - Every number in the README's `## Results` section (outside inline code) must occur in
   one of the generated pages (docs/results-lgg.md, results.md, ablation.md, postprocessing.md,
-  cpu-inference.md, precision.md, precision-test.md), so a headline figure cannot silently go stale: after regenerating them, update the README's figures.
+  cpu-inference.md, precision.md, precision-test.md), so a headline figure cannot silently go
+  stale: after regenerating them, update the README's figures.
 """
 
 from __future__ import annotations

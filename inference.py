@@ -178,7 +178,7 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
 
 @functools.cache
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16: Intel Sapphire
+    """Whether this CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16: Intel Cooper Lake, Sapphire
     Rapids and later, AMD Zen 4 and later), read from the kernel's CPU flags. A capability
     check, not a timing probe: it costs nothing, gives the same answer every run, and
     without the flags (another OS, an older CPU) the answer is False, so such a CPU never
@@ -329,9 +329,9 @@ BACKENDS = ("torch", "onnxruntime", "openvino")
 
 def resolve_backend(name: str | None, device: torch.device, amp_dtype: torch.dtype | None = None) -> str:
     """--backend: None picks the fastest measured path (`bench.py cpu-inference`): torch on
-    CUDA; on the CPU OpenVINO for bf16, onnxruntime for fp32 (faster than OpenVINO's fp32 on an
-    Intel Xeon, about even on an AMD EPYC) and torch for fp16, which neither CPU runtime runs
-    here. Raises UsageError for onnxruntime or OpenVINO off the CPU (CPU runtimes here), for
+    CUDA; on the CPU OpenVINO for bf16, onnxruntime for fp32 (its path before OpenVINO, as fast
+    as OpenVINO's fp32 in docs/cpu-inference.md) and torch for fp16, which neither CPU runtime
+    runs here. Raises UsageError for onnxruntime or OpenVINO off the CPU (CPU runtimes here), for
     onnxruntime with a reduced precision (it runs the exported fp32 graph) and for OpenVINO
     in fp16."""
     if name is None:

@@ -201,9 +201,12 @@ def inference_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | No
     """The precision of prediction (predict.py --amp, the hub pipeline): "auto" is bf16 or fp16
     on CUDA (`autocast_dtype`), and on the CPU bf16 where it multiplies bf16 natively
     (`cpu_has_native_bf16`), else fp32 (None); "off" is fp32, "bf16" and "fp16" ask for that
-    precision on any device. On such a CPU bf16 is about twice as fast as fp32 (`bench.py
-    speed`) and its masks agreed with fp32's on real patients (docs/precision.md, `bench.py
-    precision`). The weights and the returned probabilities stay float32 either way."""
+    precision on any device. On such a CPU bf16 ran the network several times as fast as fp32
+    (docs/cpu-inference.md) and its masks agreed with fp32's on real patients
+    (docs/precision.md, `bench.py precision`). The weights and the returned probabilities stay
+    float32 either way. Raises UsageError for an `amp` outside AMP_CHOICES."""
+    if amp not in AMP_CHOICES:
+        raise UsageError(f"amp={amp!r}: choose one of {', '.join(AMP_CHOICES)}")
     if amp == "auto" and device.type == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else None
     return autocast_dtype(device, amp)

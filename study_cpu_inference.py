@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -32,11 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpoint import CheckpointError
 from dataset import discover_patients, read_volume, stack_context
 from export import OnnxRuntimeModel, export_onnx
 from inference import cpu_flags, cpu_has_native_bf16, load_model, predict_volume, resolve_inference
 from network import build_model
 from openvino_backend import OpenVinoModel
+from patients import DataError
 from preprocessing import preprocess_volume
 from results_page import ROOT, ReportError, machine_facts, print_page, run_timed
 
@@ -167,6 +170,7 @@ def export_commit(commit: str, into: Path) -> None:
     result = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True)
     if result.returncode != 0:
         raise ReportError(f"--baseline {commit}: git archive failed: {result.stderr.decode().strip()}")
+    shutil.rmtree(into, ignore_errors=True)  # a reused --work-dir
     into.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(result.stdout)) as archive:
         archive.extractall(into, filter="data")
@@ -220,9 +224,10 @@ def page(args: argparse.Namespace, networks: list[dict], runs: dict, slices: int
         "",
         f"`{command}` on {facts['date']}, {facts['cpu']} ({facts['usable_cores']} cores, "
         f"{torch.get_num_threads()} threads), commit {facts['commit']}; native bf16 (AVX512-BF16 or AMX): "
-        f"{'yes' if cpu_has_native_bf16() else 'no'}; torch {torch.__version__}. CPU flags: "
+        f"{'yes' if cpu_has_native_bf16() else 'no'}; torch {torch.__version__}. Of the CPU flags "
+        + f"{', '.join(SPEED_FLAGS)} it has: "
         + (", ".join(f for f in SPEED_FLAGS if f in cpu_flags()) or "none")
-        + f" of {', '.join(SPEED_FLAGS)}.",
+        + ".",
         "",
         f"## The network alone: {slices} slices of {len(args.patients)} real patients, batches of {args.batch_size}",
         "",
@@ -258,8 +263,15 @@ def page(args: argparse.Namespace, networks: list[dict], runs: dict, slices: int
 
 def cpu_inference(args: argparse.Namespace, argv: list[str]) -> dict:
     """`bench.py cpu-inference`: time the paths and the runs, print the page, write --output."""
-    loaded = load_model(args.model_path, torch.device("cpu"))
-    patients = {p.patient_id: p for p in discover_patients(args.data_dir)}
+    if args.baseline:  # before minutes of timing
+        known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.baseline}^{{commit}}"], cwd=ROOT)
+        if known.returncode != 0:
+            sys.exit(f"error: --baseline {args.baseline}: not a commit of {ROOT}")
+    try:
+        loaded = load_model(args.model_path, torch.device("cpu"))
+        patients = {p.patient_id: p for p in discover_patients(args.data_dir)}
+    except (CheckpointError, DataError) as error:
+        sys.exit(f"error: {error}")
     missing = [p for p in args.patients if p not in patients]
     if missing:
         sys.exit(f"error: --patients {' '.join(missing)}: not in {args.data_dir}")

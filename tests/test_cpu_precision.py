@@ -56,6 +56,8 @@ def test_the_cpu_default_is_bf16_only_where_the_cpu_has_it(native, monkeypatch):
     with pytest.raises(UsageError, match="--backend openvino runs on the CPU only"):
         inference.resolve_backend("openvino", torch.device("cuda"))
     assert inference.autocast_dtype(cpu, "auto") is None  # training on the CPU stays fp32
+    with pytest.raises(UsageError, match="amp='bogus': choose one of auto, fp16, bf16, off"):
+        inference.inference_dtype(cpu, "bogus")  # the hub pipeline's amp= reaches it unchecked
 
 
 def test_openvino_matches_torch_fp32(trained_checkpoint, phantom_dir):

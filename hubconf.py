@@ -278,9 +278,11 @@ def segmentation_pipeline(
     docs/precision.md), else in fp32; on a GPU bf16 (or fp16) autocast. "off" forces fp32,
     "bf16" asks for bf16 anywhere. The weights and the returned probabilities are float32
     either way, and so is `unet_segmentation`'s model; the pipeline's `backend` and
-    `precision` attributes say what ran. `backend`: None (default) is predict.py's choice
-    (OpenVINO on the CPU, torch on a GPU); "torch" runs the model itself (e.g. to hook it).
-    A bad `amp` / `backend` combination raises `utils.UsageError` (a ValueError).
+    `precision` attributes say what ran. `backend`: None (default) is OpenVINO on the CPU
+    (predict.py's bf16 path; for fp32 predict.py uses onnxruntime, which the pipeline does
+    not run) and torch on a GPU; "torch" runs the model itself (e.g. to hook it). OpenVINO
+    converts the network on the first call (a few seconds at 256 px). A bad `amp` or
+    `amp` / `backend` combination raises `utils.UsageError` (a ValueError).
     """
     modules = repo_modules()
     weights_path = published_weights() if weights_path is None else weights_path

@@ -552,20 +552,17 @@ def main(argv: list[str] | None = None) -> dict | Path:
     args = get_args_parser().parse_args(argv)
     if args.command == "speed":
         return speed(args)
-    if args.command == "ablation":
-        return ablation(args, argv[1:])
-    if args.command == "postprocessing":
-        return postprocessing(args, argv[1:])
-    if args.command == "precision":
-        return precision(args, argv[1:])
-    if args.command == "lgg":
-        return lgg(args, argv[1:])
-    if args.command == "preprocessing":
-        return preprocessing_study(args, argv[1:])
-    if args.command == "cpu-inference":
-        return cpu_inference(args, argv[1:])
-    if args.command == "recipes":
-        return recipes(args, argv[1:])
+    studies = {
+        "ablation": ablation,
+        "postprocessing": postprocessing,
+        "precision": precision,
+        "lgg": lgg,
+        "preprocessing": preprocessing_study,
+        "cpu-inference": cpu_inference,
+        "recipes": recipes,
+    }  # each takes its arguments and its command line (which its page quotes)
+    if args.command in studies:
+        return studies[args.command](args, argv[1:])
     try:
         return report(args)
     except ReportError as error:

@@ -1,9 +1,11 @@
-"""Pictures: slice overlays (truth against prediction, colour-blind-safe), thumbnails, the
-per-patient Dice chart and the learning curves. Colours from Okabe & Ito (2008).
+"""Pictures: slice overlays (truth against prediction, colour-blind-safe) and thumbnails, drawn
+with numpy and Pillow; the per-patient Dice chart and the learning curves, drawn with
+matplotlib. Colours from Okabe & Ito (2008).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,12 +39,13 @@ OVERLAY_REGIONS = {
 
 
 OVERLAY_ALPHA = 0.55
-PREDICTION_DASHES = (0, (3, 1.5))  # prediction outline dashed, truth outline solid
-OUTLINE_WIDTH = 1.0  # points: thin, and drawn under the fills, so a 1-pixel error rim stays visible
-OUTLINE_ZORDER, FILL_ZORDER = 2, 3
+TITLE_PX, LEGEND_PX = 50, 110  # bands above and below the image, in pixels
+TITLE_FONT_PX, LEGEND_FONT_PX = 18, 14  # at a 640-px width; scaled with the width
+OUTLINE_PX = 1  # outline width, drawn just outside each mask, under the fills
+DASH_PX = 4  # the prediction outline: 4 pixels drawn, 4 left out; the truth outline is solid
 SMALL_LESION_FRACTION = 0.1  # a lesion box under 10 % of the frame's side gets a zoomed inset
 ZOOM_CONTEXT, ZOOM_MIN_SIDE = 2.0, 12  # the inset shows 2x the lesion's extent, at least 12 pixels
-INSET_FRACTION = 0.4  # inset width, as a fraction of the image width: magnified at least 2x
+INSET_FRACTION = 0.4  # inset side, as a fraction of the image's shorter side: magnified at least 2x
 
 
 def _figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
@@ -55,6 +58,11 @@ def _figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
     return fig
 
 
+def _rgb(colour: str) -> np.ndarray:
+    """'#RRGGBB' -> float RGB in [0, 1], shape (3,)."""
+    return np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)], np.float32) / 255
+
+
 def _grey(image: np.ndarray) -> np.ndarray:
     """Scale to [0, 1] between the minimum and the 99.5th percentile (a few hot pixels
     must not darken the whole slice). Constant images become zeros."""
@@ -65,53 +73,79 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return np.clip((image - low) / (high - low), 0.0, 1.0)
 
 
-def _region_layer(prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
-    """RGBA float (H, W, 4): agreement, prediction-only and truth-only pixels in their colours."""
-    from matplotlib.colors import to_rgba
+REGION_ORDER = ("agreement", "prediction_only", "truth_only")  # region codes 1, 2, 3; 0: none
+TRUTH_OUTLINE, PREDICTION_OUTLINE = 256, 257  # base codes after the 256 grey levels
 
-    layer = np.zeros((*prediction.shape, 4), np.float32)
+
+def _regions(prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """uint8 (H, W) region codes: 0 none, then REGION_ORDER's agreement, prediction only, truth only."""
     truth = np.zeros_like(prediction) if truth is None else truth
-    regions = {
-        "agreement": prediction & truth,
-        "prediction_only": prediction & ~truth,
-        "truth_only": truth & ~prediction,
-    }
-    for name, pixels in regions.items():
-        layer[pixels] = to_rgba(OVERLAY_REGIONS[name][0], OVERLAY_ALPHA)
-    return layer
+    codes = np.zeros(prediction.shape, np.uint8)
+    codes[prediction & truth] = 1
+    codes[prediction & ~truth] = 2
+    codes[truth & ~prediction] = 3
+    return codes
 
 
-def _draw_contours(ax, mask: np.ndarray, colour: str, linestyle: str | tuple) -> None:
-    """Thin sub-pixel outline of a binary mask (marching squares, `skimage.measure.find_contours`),
-    drawn under the filled regions (`OUTLINE_ZORDER` < `FILL_ZORDER`) so it never hides them."""
-    from skimage.measure import find_contours
-
-    padded = np.pad(mask.astype(np.float32), 1)  # closes outlines that touch the frame
-    for contour in find_contours(padded, 0.5):
-        ax.plot(
-            contour[:, 1] - 1,
-            contour[:, 0] - 1,
-            color=colour,
-            linewidth=OUTLINE_WIDTH,
-            linestyle=linestyle,
-            zorder=OUTLINE_ZORDER,
-        )
+@functools.lru_cache(maxsize=1)
+def _blend_table() -> np.ndarray:
+    """uint8 (4, 258, 3): the shown colour for [region code, base code], base code 0-255 a
+    grey level, TRUTH_OUTLINE or PREDICTION_OUTLINE an outline's colour; a region's fill is
+    its colour over the base at OVERLAY_ALPHA (region 0: the base itself)."""
+    base = np.concatenate([np.repeat(np.arange(256, dtype=np.float64)[:, None] / 255, 3, axis=1), [
+        _rgb(OVERLAY_REGIONS["truth_only"][0]), _rgb(OVERLAY_REGIONS["prediction_only"][0])
+    ]])  # fmt: skip
+    table = [base] + [
+        (1 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * _rgb(OVERLAY_REGIONS[name][0]) for name in REGION_ORDER
+    ]
+    return np.round(np.stack(table) * 255).astype(np.uint8)
 
 
-def _overlay_legend_handles(has_truth: bool) -> list:
-    """Legend entries of `overlay`: the filled regions, then the two outline styles."""
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
+def _nearest(shape: tuple[int, int], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices that enlarge an array of `shape` to (height, width) by nearest
+    neighbour (each output pixel takes the input pixel under its centre)."""
+    rows = ((np.arange(height) + 0.5) * shape[0] / height).astype(int)
+    cols = ((np.arange(width) + 0.5) * shape[1] / width).astype(int)
+    return rows, cols
 
-    colour = {name: c for name, (c, _) in OVERLAY_REGIONS.items()}
-    prediction_line = Line2D(
-        [], [], color=colour["prediction_only"], linewidth=2, linestyle=PREDICTION_DASHES, label="prediction outline"
-    )
-    if not has_truth:
-        return [Patch(color=colour["prediction_only"], alpha=0.8, label="prediction (no truth)"), prediction_line]
-    regions = [Patch(color=c, alpha=0.8, label=label) for c, label in OVERLAY_REGIONS.values()]
-    truth_line = Line2D([], [], color=colour["truth_only"], linewidth=2, label="truth outline")
-    return [*regions, truth_line, prediction_line]
+
+def _near(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Pixels outside `mask` within OUTLINE_PX of it along `axis` (0: above or below, 1: left or right)."""
+    near = np.zeros_like(mask)
+    size = mask.shape[axis]
+    for step in range(1, OUTLINE_PX + 1):
+        for src, dst in ((slice(0, size - step), slice(step, size)), (slice(step, size), slice(0, size - step))):
+            index_src = (src, slice(None)) if axis == 0 else (slice(None), src)
+            index_dst = (dst, slice(None)) if axis == 0 else (slice(None), dst)
+            near[index_dst] |= mask[index_src]
+    return near & ~mask
+
+
+def _outline(mask: np.ndarray, dashed: bool) -> np.ndarray:
+    """The OUTLINE_PX-wide ring just outside `mask` ((h, w) bool, display pixels). Dashed: the
+    ring beside a left or right edge keeps alternate DASH_PX runs of rows, the ring above or
+    below an edge alternate runs of columns, so the dashes follow the edge in every direction."""
+    beside, above = _near(mask, 1), _near(mask, 0)
+    if not dashed:
+        return beside | above
+    rows, cols = np.arange(mask.shape[0])[:, None], np.arange(mask.shape[1])[None, :]
+    return (beside & (rows // DASH_PX % 2 == 0)) | (above & (cols // DASH_PX % 2 == 0))
+
+
+def _render(grey: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None, height: int, width: int) -> np.ndarray:
+    """The image part of an overlay at (height, width) display pixels, uint8 RGB. Bottom to top:
+    the slice in grey (bilinear), the truth (solid) and prediction (dashed) outlines, then the
+    translucent region fills (nearest neighbour: one block per mask pixel). The outlines lie
+    outside their masks and under the fills, so they never hide a pixel of any region."""
+    from PIL import Image
+
+    grey8 = Image.fromarray(np.round(grey * 255).astype(np.uint8))
+    base = np.asarray(grey8.resize((width, height), Image.Resampling.BILINEAR)).astype(np.int16)
+    rows, cols = _nearest(grey.shape, height, width)
+    if truth is not None:
+        base[_outline(truth[rows][:, cols], dashed=False)] = TRUTH_OUTLINE
+    base[_outline(prediction[rows][:, cols], dashed=True)] = PREDICTION_OUTLINE
+    return _blend_table()[_regions(prediction, truth)[rows][:, cols], base]
 
 
 def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -161,47 +195,74 @@ def zoom_box(lesion: np.ndarray) -> tuple[int, int, int, int] | None:
     return starts[0], starts[0] + side, starts[1], starts[1] + side
 
 
-def _draw_slice(ax, grey: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> None:
-    """The layers of one overlay picture, bottom to top: the slice in grey, the thin truth
-    (solid) and prediction (dashed) outlines, then the translucent region fills."""
-    ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear", zorder=0)
-    if truth is not None:
-        _draw_contours(ax, truth, OVERLAY_REGIONS["truth_only"][0], "-")
-    _draw_contours(ax, prediction, OVERLAY_REGIONS["prediction_only"][0], PREDICTION_DASHES)
-    ax.imshow(_region_layer(prediction, truth), interpolation="nearest", zorder=FILL_ZORDER)
-    ax.set_xlim(-0.5, grey.shape[1] - 0.5)
-    ax.set_ylim(grey.shape[0] - 0.5, -0.5)
-    ax.set_axis_off()
-
-
-def _add_zoom_inset(ax, grey: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> None:
-    """A magnified copy of a small lesion (`zoom_box`) in the image corner farthest from it,
-    with a white frame on the main image marking the magnified square."""
+def _inset(image: np.ndarray, grey: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> tuple | None:
+    """Paste a magnified copy of a small lesion (`zoom_box`) into `image` ((h, w, 3) uint8,
+    the rendered slice, changed in place) in the corner farthest from the lesion. Returns
+    (top, left, side) of the inset and (y0, x0, y1, x1) of the magnified square, both in
+    display pixels of `image`; None when there is no small lesion."""
     lesion = prediction if truth is None else prediction | truth
     box = zoom_box(lesion)
     if box is None:
-        return
+        return None
     height, width = grey.shape
+    image_h, image_w = image.shape[:2]
+    side = round(INSET_FRACTION * min(image_h, image_w))
     y0, y1, x0, x1 = box
-    inset_w = min(INSET_FRACTION, INSET_FRACTION * height / width)  # axes fractions: a square inset
-    inset_h = inset_w * width / height
-    centre_y, centre_x = (y0 + y1) / 2 / height, (x0 + x1) / 2 / width  # 0 = top, 0 = left
-    left = 1 - inset_w - 0.01 if centre_x < 0.5 else 0.01
-    bottom = 0.01 if centre_y < 0.5 else 1 - inset_h - 0.01  # axes fractions count from the bottom
-    inset = ax.inset_axes((left, bottom, inset_w, inset_h), zorder=10)
-    _draw_slice(inset, grey, prediction, truth)
-    inset.set_xlim(x0 - 0.5, x1 - 0.5)
-    inset.set_ylim(y1 - 0.5, y0 - 0.5)
-    inset.set_axis_on()
-    inset.set_xticks([])
-    inset.set_yticks([])
-    from matplotlib import patheffects
+    crop_truth = None if truth is None else truth[y0:y1, x0:x1]
+    zoomed = _render(grey[y0:y1, x0:x1], prediction[y0:y1, x0:x1], crop_truth, side, side)
+    margin_y, margin_x = round(0.01 * image_h), round(0.01 * image_w)
+    lesion_left, lesion_top = (x0 + x1) / 2 < width / 2, (y0 + y1) / 2 < height / 2
+    left = image_w - side - margin_x if lesion_left else margin_x
+    top = image_h - side - margin_y if lesion_top else margin_y
+    image[top : top + side, left : left + side] = zoomed
+    sy, sx = image_h / height, image_w / width
+    square = (round(y0 * sy), round(x0 * sx), round(y1 * sy) - 1, round(x1 * sx) - 1)
+    return top, left, side, square
 
-    for spine in inset.spines.values():  # white with a black rim: visible on tissue and background
-        spine.set_edgecolor("white")
-        spine.set_linewidth(1.5)
-        spine.set_path_effects([patheffects.withStroke(linewidth=3.0, foreground="black")])
-    ax.indicate_inset_zoom(inset, edgecolor="white", alpha=0.9, linewidth=1.0)
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int):
+    """Pillow's built-in scalable font (FreeType) at `size` pixels."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _legend_entries(has_truth: bool) -> list[tuple[str, str, str]]:
+    """(kind, colour, label) of the legend: kind "fill", "solid" or "dashed"."""
+    colour = {name: c for name, (c, _) in OVERLAY_REGIONS.items()}
+    prediction_line = ("dashed", colour["prediction_only"], "prediction outline")
+    if not has_truth:
+        return [("fill", colour["prediction_only"], "prediction (no truth)"), prediction_line]
+    regions = [("fill", c, label) for c, label in OVERLAY_REGIONS.values()]
+    return [*regions, ("solid", colour["truth_only"], "truth outline"), prediction_line]
+
+
+def _draw_legend(draw, entries: list[tuple[str, str, str]], top: int, width: int, font_px: int) -> None:
+    """The legend in two columns (filled column by column), centred in the band from `top`."""
+    font = _font(font_px)
+    swatch_w, swatch_h, gap, row_h = 2 * font_px, font_px * 3 // 4, font_px // 2, round(1.6 * font_px)
+    per_column = (len(entries) + 1) // 2
+    columns = [entries[:per_column], entries[per_column:]]
+    widths = [swatch_w + gap + max(font.getlength(label) for _, _, label in column) for column in columns]
+    x = (width - sum(widths) - 2 * font_px) / 2
+    y_first = top + (LEGEND_PX - per_column * row_h) / 2
+    white = np.ones(3)
+    for column, column_w in zip(columns, widths):
+        for row, (kind, colour, label) in enumerate(column):
+            y = y_first + row * row_h + row_h / 2  # the row's middle
+            rgb = _rgb(colour)
+            if kind == "fill":
+                shown = tuple(int(round(255 * v)) for v in 0.8 * rgb + 0.2 * white)
+                draw.rectangle((x, y - swatch_h / 2, x + swatch_w, y + swatch_h / 2), fill=shown)
+            else:
+                line = tuple(int(round(255 * v)) for v in rgb)
+                step = DASH_PX * 2 if kind == "dashed" else swatch_w
+                for x_start in np.arange(x, x + swatch_w, step):
+                    x_end = min(x + swatch_w, x_start + (DASH_PX * 1.5 if kind == "dashed" else swatch_w))
+                    draw.line((x_start, y, x_end, y), fill=line, width=3)
+            draw.text((x + swatch_w + gap, y), label, fill="black", font=font, anchor="lm")
+        x += column_w + 2 * font_px
 
 
 def overlay(
@@ -212,18 +273,23 @@ def overlay(
     width_px: int = 640,
     crop: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
-    """Picture of one slice for a person: RGB uint8 (H', W', 3), `width_px` wide.
+    """Picture of one slice for a person: RGB uint8 (TITLE_PX + h + LEGEND_PX, `width_px`, 3),
+    the image h pixels high at its own aspect ratio.
 
     flair: (H, W) any real dtype, shown in grey; prediction, truth: (H, W) bool/0-1 or None
     (no truth: an unlabelled patient). crop: (y0, y1, x0, x1) half-open part of the frame to
     show (e.g. `view_box` of the patient: the head), None for the whole frame. Translucent
     fills in Okabe-Ito colours separate agreement (yellow), prediction only (vermillion,
-    false positive) and truth only (sky blue, missed); they lie above thin outlines (truth
-    solid, prediction dashed, so overlap stays readable without colour), so a one-pixel
-    error rim is never hidden by a line. A lesion smaller than `SMALL_LESION_FRACTION` of
-    the shown frame gets a magnified inset (`zoom_box`) in the corner farthest from it.
-    `title` (e.g. patient, slice and Dice) goes above the image, a legend below.
+    false positive) and truth only (sky blue, missed); thin outlines just outside each mask
+    (truth solid, prediction dashed, so overlap stays readable without colour) lie under the
+    fills, so a one-pixel error rim is never hidden by a line. A lesion smaller than
+    `SMALL_LESION_FRACTION` of the shown frame gets a magnified inset (`zoom_box`) in the
+    corner farthest from it, its square marked in white. `title` (e.g. patient, slice and
+    Dice) goes above the image, a legend below. Drawn with numpy and Pillow (no matplotlib:
+    a few milliseconds per slice, so predict.py can draw every slice of every patient).
     """
+    from PIL import Image, ImageDraw
+
     if crop is not None:
         y0, y1, x0, x1 = crop
         flair = flair[y0:y1, x0:x1]
@@ -232,17 +298,24 @@ def overlay(
     height, width = flair.shape
     prediction = np.zeros((height, width), bool) if prediction is None else prediction.astype(bool)
     truth = None if truth is None else truth.astype(bool)
-    image_w, image_h = width_px / 100, width_px / 100 * height / width  # inches at 100 dpi
-    legend_h, title_h = 1.1, 0.5
-    fig = _figure(image_w, image_h + legend_h + title_h)
-    ax = fig.add_axes((0.0, legend_h / fig.get_figheight(), 1.0, image_h / fig.get_figheight()))
+    image_h = max(1, round(width_px * height / width))
     grey = _grey(flair)
-    _draw_slice(ax, grey, prediction, truth)
-    _add_zoom_inset(ax, grey, prediction, truth)
-    fig.suptitle(title, fontsize=13, y=1 - 0.1 / fig.get_figheight(), va="top")
-    fig.legend(handles=_overlay_legend_handles(truth is not None), loc="lower center", ncol=2, frameon=False)
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    image = _render(grey, prediction, truth, image_h, width_px)
+    inset = _inset(image, grey, prediction, truth)
+    canvas = Image.new("RGB", (width_px, TITLE_PX + image_h + LEGEND_PX), "white")
+    canvas.paste(Image.fromarray(image), (0, TITLE_PX))
+    draw = ImageDraw.Draw(canvas)
+    if inset is not None:  # the magnified square on the slice, the inset framed white on black
+        top, left, side, (sy0, sx0, sy1, sx1) = inset
+        draw.rectangle((sx0, TITLE_PX + sy0, sx1, TITLE_PX + sy1), outline="white", width=1)
+        frame = (left - 1, TITLE_PX + top - 1, left + side, TITLE_PX + top + side)
+        draw.rectangle(frame, outline="black", width=3)
+        draw.rectangle(frame, outline="white", width=1)
+    scale = width_px / 640
+    draw.text((width_px / 2, 10), title, fill="black", font=_font(round(TITLE_FONT_PX * scale)), anchor="mt")
+    legend_px = max(8, round(LEGEND_FONT_PX * scale))
+    _draw_legend(draw, _legend_entries(truth is not None), TITLE_PX + image_h, width_px, legend_px)
+    return np.asarray(canvas)
 
 
 def thumbnail(
@@ -252,8 +325,8 @@ def thumbnail(
     crop: tuple[int, int, int, int] | None = None,
     size: int = 96,
 ) -> np.ndarray:
-    """A small overlay without matplotlib (fast enough for every patient of a report):
-    RGB uint8 (h, w, 3) whose longer side is `size` pixels.
+    """A small overlay for every patient of a report: RGB uint8 (h, w, 3) whose longer side
+    is `size` pixels.
 
     The same grey scale and translucent region fills as `overlay` (agreement yellow,
     prediction only vermillion, truth only sky blue; no outlines at this size), blended in
@@ -265,14 +338,12 @@ def thumbnail(
     grey = _grey(flair[y0:y1, x0:x1])
     prediction = np.zeros(grey.shape, bool) if prediction is None else prediction[y0:y1, x0:x1].astype(bool)
     truth = None if truth is None else truth[y0:y1, x0:x1].astype(bool)
-    layer = _region_layer(prediction, truth)  # (h, w, 4)
-    alpha = layer[..., 3:]
-    rgb = grey[..., None] * (1 - alpha) + layer[..., :3] * alpha
     scale = size / max(grey.shape)
     shape = (max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)))
-    from PIL import Image  # matplotlib's own image library: a fast single-threaded resize
+    from PIL import Image
 
-    full = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    grey8 = np.round(grey * 255).astype(np.uint8)
+    full = Image.fromarray(_blend_table()[_regions(prediction, truth), grey8])
     return np.asarray(full.resize(shape[::-1], Image.Resampling.BILINEAR))  # PIL takes (width, height)
 
 

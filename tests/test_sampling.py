@@ -2,10 +2,13 @@
 follow the documented weights, and every scheme is seeded by its torch.Generator."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from dataset import MRISegmentationDataset, discover_patients, load_volumes
 from sampling import AreaSampler, ForegroundSampler, PatientFirstSampler, forced_foreground, make_sampler
@@ -103,3 +106,41 @@ def test_make_sampler_on_a_dataset(phantom_dir, tmp_path):
         assert 0 <= int(drawn.min()) and int(drawn.max()) < len(data)
     with pytest.raises(ValueError, match="expected one of area, foreground, patient"):
         make_sampler(data, "balanced")
+
+
+WORKERS_SCRIPT = """
+import sys
+import torch
+from dataset import MRISegmentationDataset, discover_patients, load_volumes
+from sampling import StreamedSlices
+
+data = MRISegmentationDataset(load_volumes(discover_patients(sys.argv[1])[:3], 32, None, num_workers=1))
+
+
+def batches(workers: int, first_step: int) -> list:
+    stream = StreamedSlices(data, torch.device("cpu"), workers)
+    return list(stream.batches(5, 4, torch.Generator().manual_seed(3), first_step))
+
+
+def same(first: list, second: list) -> bool:
+    return len(first) == len(second) and all(
+        torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(first, second)
+    )
+
+
+whole, resumed = batches(0, 0), batches(0, 2)
+assert len(whole) == 5 and same(resumed, whole[2:])
+assert same(batches(2, 0), whole) and same(batches(2, 2), resumed)
+print("same batches")
+"""
+
+
+def test_worker_processes_stream_the_same_batches(phantom_dir):
+    """`--num-workers 2` with `--data-placement stream` (DataLoader worker processes) reads the
+    same batches in the same order as the training process alone, from the first step and from
+    a save within the epoch. In a fresh process: forking a pytest-xdist worker, whose other
+    threads (execnet's reader, OpenMP, OpenVINO) may hold locks, is not safe."""
+    command = [sys.executable, "-c", WORKERS_SCRIPT, str(phantom_dir)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "same batches"

@@ -264,8 +264,9 @@ def test_a_save_within_an_epoch_that_does_not_fit_the_run_is_refused(phantom_dir
 
 def test_resume_refuses_a_changed_run_defining_flag(phantom_dir, tmp_path):
     first = tiny_train_args(
-        phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1", "--folds", "2", "--fold", "0"
-    )
+        phantom_dir, tmp_path, "--epochs", "2", "--steps-per-epoch", "1", "--folds", "2", "--fold", "0",
+        "--num-workers", "1",
+    )  # fmt: skip
     train.main([*first, "--stop-after-epoch", "1"])
     saved = (tmp_path / "ckpt" / "last.pt").read_bytes()
     changes = [
@@ -289,8 +290,9 @@ def test_resume_refuses_a_changed_run_defining_flag(phantom_dir, tmp_path):
     with pytest.raises(SystemExit, match="trained with --folds 2, this run asks for no --folds"):
         train.main([*without_folds, "--resume", "auto"])
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == saved
-    # flags that only say how to run may change
-    how = ["--num-workers", "1", "--log-interval", "1", "--data-placement", "stream", "--no-cache", "--deterministic"]
+    # flags that only say how to run may change (no DataLoader worker processes in a pytest
+    # worker: test_sampling runs them in a fresh process)
+    how = ["--num-workers", "0", "--log-interval", "1", "--data-placement", "stream", "--no-cache", "--deterministic"]
     result = train.main([*first, *how, "--resume", "auto"])
     assert [h["epoch"] for h in result["history"]] == [2]
 

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,9 @@ def write_masks(patient: Patient, native: np.ndarray, out_dir: Path) -> None:
         tifffile.imwrite(folder / item.mask_name, mask.astype(np.uint8) * 255)
 
 
+OVERLAY_THREADS = min(4, os.cpu_count() or 1)
+
+
 def overlay_path(patient: Patient, number: int) -> str:
     """`overlays/<patient>_<k>.png`, k zero-padded to 3 digits (more if needed) so `ls`
     lists the slices in order; relative to --output-dir."""
@@ -210,8 +214,9 @@ def write_overlays(
 ) -> int:
     """One PNG per kept slice with truth or prediction (`pictures.overlay`, cropped to the
     patient's head and masks, `pictures.view_box`), titled with the patient, the slice number
-    and the patient's Dice, at `overlay_path`. Returns the number written. PNG compression
-    level 1: files a quarter larger than at the default level 6, written 4x faster."""
+    and the patient's Dice, at `overlay_path`. Returns the number written. Drawn and written
+    by OVERLAY_THREADS threads (numpy and Pillow's PNG encoder release the GIL); PNG
+    compression level 1: files a quarter larger than at the default level 6, written 4x faster."""
     from PIL import Image
 
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
@@ -219,11 +224,19 @@ def write_overlays(
     shown = np.flatnonzero(pred.any(axis=(1, 2)) | has_truth)
     score = "no ground truth" if dice is None else f"patient Dice {dice:.3f}"
     box = view_box(images, pred, truth) if len(shown) else None
-    for s in shown:
+
+    def draw(s: int) -> None:
         number = patient.kept[s].number
         title = f"{patient.patient_id}   slice {number}   {score}"
         rgb = overlay(images[s, ..., 1], pred[s], None if truth is None else truth[s], title=title, crop=box)
         Image.fromarray(rgb).save(out_dir / overlay_path(patient, number), compress_level=1)
+
+    pool = ThreadPoolExecutor(max_workers=OVERLAY_THREADS, thread_name_prefix="overlay")
+    try:
+        for _ in pool.map(draw, shown):  # raises the first failure
+            pass
+    finally:  # on an error or Ctrl-C: drop the slices not started, finish the running ones
+        pool.shutdown(cancel_futures=True)
     return len(shown)
 
 

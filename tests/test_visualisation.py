@@ -125,6 +125,20 @@ def test_write_overlays_names_sort_by_slice(small_phantom, tmp_path):
     assert written == len(numbers) and names == [f"{patient.patient_id}_{k:03d}.png" for k in numbers]
 
 
+def test_write_overlays_raises_the_failure_of_a_slice(small_phantom, tmp_path, monkeypatch):
+    import predict
+
+    patient = next(p for p in discover_patients(small_phantom) if read_volume(p)[1].any())
+    images, truth = read_volume(patient)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(predict, "overlay", disk_full)  # the drawing threads must not swallow it
+    with pytest.raises(OSError, match="No space left"):
+        write_overlays(patient, images, truth.astype(bool), truth, tmp_path, dice=1.0)
+
+
 # ------------------------------------------------------------------------ errors, crop, zoom
 
 

@@ -40,7 +40,8 @@ OVERLAY_REGIONS = {
 
 OVERLAY_ALPHA = 0.55
 TITLE_PX, LEGEND_PX = 50, 110  # bands above and below the image, in pixels
-TITLE_FONT_PX, LEGEND_FONT_PX = 18, 14  # at a 640-px width; scaled with the width
+TITLE_FONT_PX, LEGEND_FONT_PX = 18, 14  # from a 640-px width up; scaled down below it
+MIN_WIDTH_PX = 320  # narrower, the legend's text would be too small to read
 OUTLINE_PX = 1  # outline width, drawn just outside each mask, under the fills
 DASH_PX = 4  # the prediction outline: 4 pixels drawn, 4 left out; the truth outline is solid
 SMALL_LESION_FRACTION = 0.1  # a lesion box under 10 % of the frame's side gets a zoomed inset
@@ -65,12 +66,16 @@ def _rgb(colour: str) -> np.ndarray:
 
 def _grey(image: np.ndarray) -> np.ndarray:
     """Scale to [0, 1] between the minimum and the 99.5th percentile (a few hot pixels
-    must not darken the whole slice). Constant images become zeros."""
+    must not darken the whole slice). Constant images become zeros; NaN and infinite
+    pixels are left out of the scale and shown black (-inf, NaN) or white (+inf)."""
     image = image.astype(np.float32)
-    low, high = float(image.min()), float(np.percentile(image, 99.5))
+    finite = np.isfinite(image)
+    if not finite.any():
+        return np.zeros_like(image)
+    low, high = float(image[finite].min()), float(np.percentile(image[finite], 99.5))
     if high <= low:
         return np.zeros_like(image)
-    return np.clip((image - low) / (high - low), 0.0, 1.0)
+    return np.clip(np.nan_to_num((image - low) / (high - low), nan=0.0), 0.0, 1.0)
 
 
 REGION_ORDER = ("agreement", "prediction_only", "truth_only")  # region codes 1, 2, 3; 0: none
@@ -98,7 +103,9 @@ def _blend_table() -> np.ndarray:
     table = [base] + [
         (1 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * _rgb(OVERLAY_REGIONS[name][0]) for name in REGION_ORDER
     ]
-    return np.round(np.stack(table) * 255).astype(np.uint8)
+    table = np.round(np.stack(table) * 255).astype(np.uint8)
+    table.flags.writeable = False  # shared by every overlay (and thread)
+    return table
 
 
 def _nearest(shape: tuple[int, int], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,11 +202,14 @@ def zoom_box(lesion: np.ndarray) -> tuple[int, int, int, int] | None:
     return starts[0], starts[0] + side, starts[1], starts[1] + side
 
 
-def _inset(image: np.ndarray, grey: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> tuple | None:
+def _inset(
+    image: np.ndarray, grey: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None
+) -> tuple[tuple[int, int, int], tuple[int, int, int, int]] | None:
     """Paste a magnified copy of a small lesion (`zoom_box`) into `image` ((h, w, 3) uint8,
     the rendered slice, changed in place) in the corner farthest from the lesion. Returns
-    (top, left, side) of the inset and (y0, x0, y1, x1) of the magnified square, both in
-    display pixels of `image`; None when there is no small lesion."""
+    (top, left, side) of the inset and (y0, y1, x0, x1) of the magnified square, both in
+    display pixels of `image` (the square half-open); None when there is no small lesion or
+    the inset would magnify it less than 2x (a frame of a few dozen pixels)."""
     lesion = prediction if truth is None else prediction | truth
     box = zoom_box(lesion)
     if box is None:
@@ -208,6 +218,9 @@ def _inset(image: np.ndarray, grey: np.ndarray, prediction: np.ndarray, truth: n
     image_h, image_w = image.shape[:2]
     side = round(INSET_FRACTION * min(image_h, image_w))
     y0, y1, x0, x1 = box
+    sy, sx = image_h / height, image_w / width
+    if side < 2 * (y1 - y0) * sy:
+        return None
     crop_truth = None if truth is None else truth[y0:y1, x0:x1]
     zoomed = _render(grey[y0:y1, x0:x1], prediction[y0:y1, x0:x1], crop_truth, side, side)
     margin_y, margin_x = round(0.01 * image_h), round(0.01 * image_w)
@@ -215,17 +228,18 @@ def _inset(image: np.ndarray, grey: np.ndarray, prediction: np.ndarray, truth: n
     left = image_w - side - margin_x if lesion_left else margin_x
     top = image_h - side - margin_y if lesion_top else margin_y
     image[top : top + side, left : left + side] = zoomed
-    sy, sx = image_h / height, image_w / width
-    square = (round(y0 * sy), round(x0 * sx), round(y1 * sy) - 1, round(x1 * sx) - 1)
-    return top, left, side, square
+    return (top, left, side), (round(y0 * sy), round(y1 * sy), round(x0 * sx), round(x1 * sx))
 
 
 @functools.lru_cache(maxsize=8)
 def _font(size: int):
-    """Pillow's built-in scalable font (FreeType) at `size` pixels."""
+    """DejaVu Sans (matplotlib's bundled font, as in the charts; covers accented and Greek
+    letters) at `size` pixels, for Pillow. FreeType fonts are read-only once loaded, so the
+    overlay threads share them."""
+    import matplotlib
     from PIL import ImageFont
 
-    return ImageFont.load_default(size=size)
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
 
 
 def _legend_entries(has_truth: bool) -> list[tuple[str, str, str]]:
@@ -285,13 +299,22 @@ def overlay(
     fills, so a one-pixel error rim is never hidden by a line. A lesion smaller than
     `SMALL_LESION_FRACTION` of the shown frame gets a magnified inset (`zoom_box`) in the
     corner farthest from it, its square marked in white. `title` (e.g. patient, slice and
-    Dice) goes above the image, a legend below. Drawn with numpy and Pillow (no matplotlib:
-    a few milliseconds per slice, so predict.py can draw every slice of every patient).
+    Dice) goes above the image, a legend below. Drawn with numpy and Pillow, not matplotlib
+    (10-15 ms a slice on one core), so predict.py can draw every slice of every patient.
+    Raises ValueError for `width_px` under MIN_WIDTH_PX, a mask whose shape differs from
+    `flair`'s, or a crop that is empty or leaves the frame.
     """
     from PIL import Image, ImageDraw
 
+    if width_px < MIN_WIDTH_PX:
+        raise ValueError(f"width_px {width_px}: must be at least {MIN_WIDTH_PX}")
+    for name, mask in (("prediction", prediction), ("truth", truth)):
+        if mask is not None and mask.shape != flair.shape:
+            raise ValueError(f"{name} {mask.shape} and flair {flair.shape}: the shapes differ")
     if crop is not None:
         y0, y1, x0, x1 = crop
+        if not (0 <= y0 < y1 <= flair.shape[0] and 0 <= x0 < x1 <= flair.shape[1]):
+            raise ValueError(f"crop {crop}: not a non-empty box inside the frame {flair.shape}")
         flair = flair[y0:y1, x0:x1]
         prediction = None if prediction is None else prediction[y0:y1, x0:x1]
         truth = None if truth is None else truth[y0:y1, x0:x1]
@@ -306,14 +329,14 @@ def overlay(
     canvas.paste(Image.fromarray(image), (0, TITLE_PX))
     draw = ImageDraw.Draw(canvas)
     if inset is not None:  # the magnified square on the slice, the inset framed white on black
-        top, left, side, (sy0, sx0, sy1, sx1) = inset
-        draw.rectangle((sx0, TITLE_PX + sy0, sx1, TITLE_PX + sy1), outline="white", width=1)
+        (top, left, side), (sy0, sy1, sx0, sx1) = inset
+        draw.rectangle((sx0, TITLE_PX + sy0, sx1 - 1, TITLE_PX + sy1 - 1), outline="white", width=1)
         frame = (left - 1, TITLE_PX + top - 1, left + side, TITLE_PX + top + side)
         draw.rectangle(frame, outline="black", width=3)
         draw.rectangle(frame, outline="white", width=1)
-    scale = width_px / 640
-    draw.text((width_px / 2, 10), title, fill="black", font=_font(round(TITLE_FONT_PX * scale)), anchor="mt")
-    legend_px = max(8, round(LEGEND_FONT_PX * scale))
+    scale = min(1.0, width_px / 640)  # the bands keep their height: the text only shrinks
+    draw.text((width_px / 2, 10), title, fill="black", font=_font(round(TITLE_FONT_PX * scale)), anchor="ma")
+    legend_px = round(LEGEND_FONT_PX * scale)
     _draw_legend(draw, _legend_entries(truth is not None), TITLE_PX + image_h, width_px, legend_px)
     return np.asarray(canvas)
 

@@ -24,6 +24,7 @@ STARTED = time.perf_counter()  # the printed run time counts from here: imports,
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -63,12 +64,13 @@ from pictures import overlay, plot_dice_distribution, view_box
 from postprocessing import LCC, NO_FILTER, postprocessing_name
 from report import write_report
 from summary import summarize
-from thumbnails import write_thumbnails
+from thumbnails import THUMBNAIL_DIR, write_thumbnails
 from utils import (
     CLIParser,
     HelpFormatter,
     UsageError,
     add_shared_flag,
+    atomic_write_bytes,
     check_writable_dir,
     ensure_writable_dir,
     one_line_warnings,
@@ -229,7 +231,9 @@ def write_overlays(
         number = patient.kept[s].number
         title = f"{patient.patient_id}   slice {number}   {score}"
         rgb = overlay(images[s, ..., 1], pred[s], None if truth is None else truth[s], title=title, crop=box)
-        Image.fromarray(rgb).save(out_dir / overlay_path(patient, number), compress_level=1)
+        png = io.BytesIO()
+        Image.fromarray(rgb).save(png, format="png", compress_level=1)
+        atomic_write_bytes(png.getvalue(), out_dir / overlay_path(patient, number), durable=False)
 
     pool = ThreadPoolExecutor(max_workers=OVERLAY_THREADS, thread_name_prefix="overlay")
     try:
@@ -382,6 +386,9 @@ def check_output_dirs(args: argparse.Namespace) -> None:
     if not args.no_cache:
         check_writable_dir(args.cache_dir, "--cache-dir")
     check_writable_dir(args.output_dir, "--output-dir")
+    for folder, wanted in (("masks", True), ("overlays", not args.no_overlays), (THUMBNAIL_DIR, not args.no_report)):
+        if wanted:  # a file named like one of the output's folders would fail every patient
+            check_writable_dir(Path(args.output_dir) / folder, "--output-dir")
     args.figure_path = args.figure_path or str(Path(args.output_dir) / "dice_distribution.png")
     figure = Path(args.figure_path)
     if figure.is_dir():
@@ -707,6 +714,13 @@ def main(argv: list[str] | None = None) -> dict:
         summary = run(args)
     except (DataError, CheckpointError, UsageError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: the patients finished so far are in {Path(args.output_dir) / 'metrics.csv'} and"
+            " masks/ (no summary.json or report yet); run the same command again to predict them all",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     failed = summary["failed_patients"]
     if failed:
         listing = "\n".join(f"  {patient}: {error}" for patient, error in failed.items())

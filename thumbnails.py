@@ -31,7 +31,7 @@ def save_thumbnail(rgb: np.ndarray, path: Path) -> None:
     """RGB uint8 (h, w, 3) -> a palette PNG (256 colours, Pillow's fast octree, no dithering): at most
     one byte per pixel whatever the slice looks like, so a 96-px thumbnail stays under about
     10 kB and 110 patients' strips under 6 MB."""
-    from PIL import Image  # matplotlib's image library
+    from PIL import Image
 
     Image.fromarray(rgb).quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path)
 

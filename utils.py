@@ -27,8 +27,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`.
+def atomic_write_bytes(data: bytes, path: str | Path, durable: bool = True) -> None:
+    """Write to a temp file in the same directory, fsync (when `durable`), then rename over
+    `path`: a crash or a full disk never leaves part of a file under its name. `durable=False`
+    skips the fsync, for files that can be made again (pictures).
 
     The temp file is created with mode 0o666, so the kernel applies the process umask and
     the result gets the same permissions as any other file the user creates (not
@@ -47,7 +49,8 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

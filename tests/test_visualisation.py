@@ -7,6 +7,9 @@ from matplotlib.colors import to_rgb, to_rgba
 
 from dataset import discover_patients, read_volume
 from pictures import (
+    DASH_PX,
+    LEGEND_PX,
+    MIN_WIDTH_PX,
     OVERLAY_ALPHA,
     OVERLAY_REGIONS,
     ROLE_STYLES,
@@ -70,6 +73,80 @@ def test_overlay_grey_scale_survives_hot_pixels():
     flair = np.full((SIZE, SIZE), 100.0)
     flair[:, : SIZE // 2] = 0.0
     flair[0, 0] = 1e6  # one hot pixel must not turn the brain black
+    rgb = overlay(flair, None, None, width_px=WIDTH_PX)
+    assert pixel(rgb, 32, 48).min() > 200 and pixel(rgb, 32, 8).max() < 30
+
+
+def is_colour(rgb: np.ndarray, colour: str, tolerance: int = 10) -> np.ndarray:
+    """(h, w) bool: pixels within `tolerance` per channel of the pure `colour`."""
+    return np.abs(rgb.astype(int) - np.round(255 * np.array(to_rgb(colour)))).max(axis=-1) <= tolerance
+
+
+def test_outlines_lie_just_outside_each_mask_truth_solid_prediction_dashed():
+    """A 64-px frame drawn 640 px wide: each native pixel is a 10 x 10 block. Truth rows
+    20-43 x columns 10-39 (display rows 250-489 under the 50-px title band, columns
+    100-399), prediction rows 20-43 x columns 25-54 (columns 250-549)."""
+    prediction, truth = blocks()
+    rgb = overlay(np.zeros((SIZE, SIZE)), prediction, truth, width_px=WIDTH_PX)
+    above = rgb[50 + 199]  # the display row just above both masks
+    truth_line = is_colour(above[100:250], OVERLAY_REGIONS["truth_only"][0])  # above truth only
+    assert truth_line.all()  # solid
+    prediction_line = is_colour(above[400:550], OVERLAY_REGIONS["prediction_only"][0])  # above prediction only
+    runs = np.flatnonzero(np.diff(prediction_line.astype(int))) + 1  # where the dashes start and stop
+    assert 0.4 < prediction_line.mean() < 0.6 and set(np.diff(runs)) == {DASH_PX}  # dashed, DASH_PX on and off
+    assert not is_colour(rgb[50 + 200, 100:550], OVERLAY_REGIONS["truth_only"][0]).any()  # inside: fill only
+    assert not is_colour(rgb[50 + 198], OVERLAY_REGIONS["truth_only"][0]).any()  # one pixel wide
+
+
+def test_title_and_legend_are_drawn_in_their_bands():
+    prediction, truth = blocks()
+    untitled = overlay(np.zeros((SIZE, SIZE)), prediction, truth, width_px=WIDTH_PX)
+    titled = overlay(np.zeros((SIZE, SIZE)), prediction, truth, title="P slice 7 Dice 0.5", width_px=WIDTH_PX)
+    assert (untitled[:50] == 255).all() and (titled[:50] < 128).any()  # black text on white, only when given
+    legend = titled[-LEGEND_PX:]
+    for colour, _ in OVERLAY_REGIONS.values():  # the swatches: the colour at 80 % over white
+        swatch = np.round(255 * (0.8 * np.array(to_rgb(colour)) + 0.2))
+        assert (np.abs(legend.astype(int) - swatch).max(axis=-1) <= 2).sum() > 50, colour
+    assert (legend < 128).all(axis=-1).sum() > 200  # the labels
+
+
+def test_a_small_lesion_inset_is_framed_and_its_square_marked():
+    flair, prediction, truth = head_and_small_lesion()
+    black = np.zeros_like(flair)  # on a black slice the only white pixels are the frame and the square
+    white = (overlay(black, prediction, truth, width_px=WIDTH_PX)[50:-LEGEND_PX] == 255).all(axis=-1)
+    side = round(0.4 * WIDTH_PX)
+    assert white.sum() > 4 * side  # the inset's frame, at least
+    rows, cols = np.nonzero(white)
+    square = (rows < WIDTH_PX / 2) & (cols < WIDTH_PX / 2)  # the lesion is in the upper left quadrant
+    lesion_rows = np.flatnonzero((prediction | truth).any(axis=1)) * WIDTH_PX / flair.shape[0]
+    assert square.any() and rows[square].min() < lesion_rows.min() and rows[square].max() > lesion_rows.max()
+    big = disc(128, 30)  # no inset: nothing white
+    assert not (overlay(black, big, big, width_px=WIDTH_PX)[50:-LEGEND_PX] == 255).all(axis=-1).any()
+
+
+def test_overlay_refuses_bad_input_with_a_clear_error():
+    prediction, truth = blocks()
+    with pytest.raises(ValueError, match=f"width_px 100: must be at least {MIN_WIDTH_PX}"):
+        overlay(np.zeros((SIZE, SIZE)), prediction, truth, width_px=100)
+    with pytest.raises(ValueError, match=r"truth \(10, 10\) and flair \(64, 64\): the shapes differ"):
+        overlay(np.zeros((SIZE, SIZE)), prediction, truth[:10, :10])
+    with pytest.raises(ValueError, match="not a non-empty box inside the frame"):
+        overlay(np.zeros((SIZE, SIZE)), prediction, truth, crop=(10, 10, 0, 64))
+
+
+def test_the_slice_is_enlarged_smoothly():
+    """Bilinear, as a radiologist's viewer shows it: a black-to-white edge 64 -> 640 px
+    passes through intermediate greys (nearest neighbour would jump from 0 to 255)."""
+    flair = np.zeros((SIZE, SIZE))
+    flair[:, SIZE // 2 :] = 1.0
+    row = overlay(flair, None, None, width_px=WIDTH_PX)[50 + 320, :, 0].astype(int)
+    assert ((row > 30) & (row < 225)).sum() >= 5
+
+
+def test_a_nan_pixel_does_not_blacken_the_slice():
+    flair = np.full((SIZE, SIZE), 100.0)
+    flair[:, : SIZE // 2] = 0.0
+    flair[3, 40] = np.nan
     rgb = overlay(flair, None, None, width_px=WIDTH_PX)
     assert pixel(rgb, 32, 48).min() > 200 and pixel(rgb, 32, 8).max() < 30
 

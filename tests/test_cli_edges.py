@@ -54,18 +54,6 @@ def test_an_output_subfolder_that_is_a_file_is_refused_before_any_work(
     assert not (out / "metrics.csv").exists(), "refused before any patient was predicted"
 
 
-def test_ctrl_c_in_predict_is_one_line(trained_checkpoint, phantom_dir, tmp_path, monkeypatch, capsys):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(predict, "predict_patient", interrupted)
-    argv = ["--model-path", str(trained_checkpoint), "--data-dir", str(phantom_dir), "--no-cache"]
-    with pytest.raises(SystemExit) as exit_info:
-        predict.main([*argv, "--output-dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.startswith("interrupted: the patients finished so far are in ")
-
-
 def test_patient_listed_twice_is_refused(phantom_dir):
     patients = discover_patients(phantom_dir)
     first = patients[0].patient_id

@@ -257,7 +257,7 @@ def test_a_failing_patient_keeps_the_others_and_the_summary(small_phantom, tmp_p
         assert len(list((out / "masks" / patient.patient_id).glob("*_mask.tif"))) == len(patient.slices)
 
 
-def test_rows_are_on_disk_before_the_run_ends(small_phantom, tmp_path, monkeypatch):
+def test_rows_are_on_disk_before_the_run_ends(small_phantom, tmp_path, monkeypatch, capsys):
     patients = discover_patients(small_phantom)
     checkpoint = make_checkpoint(tmp_path / "m.pt", split_of(test=[p.patient_id for p in patients]), seed=1)
     original = predict.process_patient
@@ -268,8 +268,10 @@ def test_rows_are_on_disk_before_the_run_ends(small_phantom, tmp_path, monkeypat
         return original(patient, *args)
 
     monkeypatch.setattr(predict, "process_patient", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         run_predict([checkpoint], small_phantom, tmp_path / "out")
+    assert exit_info.value.code == 130  # one line, no traceback
+    assert capsys.readouterr().err.startswith(f"interrupted: the patients finished so far are in {tmp_path}")
     assert [r["patient"] for r in read_metrics(tmp_path / "out")] == [p.patient_id for p in patients[:-1]]
 
 

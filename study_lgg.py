@@ -35,6 +35,13 @@ from utils import atomic_write_bytes, format_duration
 
 LOCKED_TEST = ROOT / "lgg" / "locked_test.txt"
 LGG_ABOUT = "the real-data page: predict.py on every patient of kaggle_3m, figures per role, docs/results-lgg.md"
+RECIPES_NOTE = (
+    "After this model was trained, its recipe was compared with others on the 88 development patients, never "
+    "on these: loss, learning rate, width and context slices in [recipes-lgg.md](recipes-lgg.md) "
+    "(`python bench.py recipes`). "
+    "No cross-validation over the 88 has been run: five runs of the 20-epoch recipe take about 2 h 15 min "
+    "of an idle 2-core machine ([training.md](training.md#on-a-cpu))."
+)
 ATTRIBUTION = (
     "Images: the LGG segmentation data set (Buda et al. 2019; Mazurowski et al. 2017), from the "
     "TCGA-LGG collection of The Cancer Imaging Archive; used under its terms, for research."
@@ -245,6 +252,7 @@ def lgg_page(result: dict, figures: dict[str, str], command: str) -> str:
         lines.append(
             f"| {row['patient']} | {row['dice']:.3f} | {row['hd95']:.2f} | {result['copies'].get(row['patient'], '')} |"
         )
+    lines += ["", "## Recipe choices and cross-validation", "", RECIPES_NOTE]
     lines += ["", "## Figures", "", f"![Dice per patient]({figures['chart']})", ""]
     if "curves" in figures:
         lines += [f"![Learning curves]({figures['curves']})", ""]

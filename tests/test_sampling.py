@@ -138,8 +138,9 @@ print("same batches")
 def test_worker_processes_stream_the_same_batches(phantom_dir):
     """`--num-workers 2` with `--data-placement stream` (DataLoader worker processes) reads the
     same batches in the same order as the training process alone, from the first step and from
-    a save within the epoch. In a fresh process: forking a pytest-xdist worker, whose other
-    threads (execnet's reader, OpenMP, OpenVINO) may hold locks, is not safe."""
+    a save within the epoch. In a fresh process: after a DataLoader forked its workers from
+    a pytest-xdist worker, that worker died of a SIGSEGV in a later test that ran torchrun
+    (seen under strace, every time in a clean clone)."""
     command = [sys.executable, "-c", WORKERS_SCRIPT, str(phantom_dir)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -290,8 +290,8 @@ def test_resume_refuses_a_changed_run_defining_flag(phantom_dir, tmp_path):
     with pytest.raises(SystemExit, match="trained with --folds 2, this run asks for no --folds"):
         train.main([*without_folds, "--resume", "auto"])
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == saved
-    # flags that only say how to run may change (no DataLoader worker processes in a pytest
-    # worker: test_sampling runs them in a fresh process)
+    # flags that only say how to run may change (no DataLoader worker processes inside a
+    # pytest worker: see test_sampling.test_worker_processes_stream_the_same_batches)
     how = ["--num-workers", "0", "--log-interval", "1", "--data-placement", "stream", "--no-cache", "--deterministic"]
     result = train.main([*first, *how, "--resume", "auto"])
     assert [h["epoch"] for h in result["history"]] == [2]

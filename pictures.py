@@ -41,7 +41,7 @@ OVERLAY_REGIONS = {
 OVERLAY_ALPHA = 0.55
 TITLE_PX, LEGEND_PX = 50, 110  # bands above and below the image, in pixels
 TITLE_FONT_PX, LEGEND_FONT_PX = 18, 14  # from a 640-px width up; scaled down below it
-MIN_WIDTH_PX = 320  # narrower, the legend's text would be too small to read
+MIN_WIDTH_PX = 400  # narrower, the legend's text would be under 9 px, too small to read
 OUTLINE_PX = 1  # outline width, drawn just outside each mask, under the fills
 DASH_PX = 4  # the prediction outline: 4 pixels drawn, 4 left out; the truth outline is solid
 SMALL_LESION_FRACTION = 0.1  # a lesion box under 10 % of the frame's side gets a zoomed inset
@@ -231,11 +231,11 @@ def _inset(
     return (top, left, side), (round(y0 * sy), round(y1 * sy), round(x0 * sx), round(x1 * sx))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _font(size: int):
-    """DejaVu Sans (matplotlib's bundled font, as in the charts; covers accented and Greek
-    letters) at `size` pixels, for Pillow. FreeType fonts are read-only once loaded, so the
-    overlay threads share them."""
+    """DejaVu Sans (matplotlib's bundled font, as in the charts; Latin with accents, Greek and
+    Cyrillic, no CJK) at `size` pixels, for Pillow. The overlay threads share one font: Pillow
+    renders text holding the GIL, so they never use it at the same time."""
     import matplotlib
     from PIL import ImageFont
 
@@ -335,7 +335,10 @@ def overlay(
         draw.rectangle(frame, outline="black", width=3)
         draw.rectangle(frame, outline="white", width=1)
     scale = min(1.0, width_px / 640)  # the bands keep their height: the text only shrinks
-    draw.text((width_px / 2, 10), title, fill="black", font=_font(round(TITLE_FONT_PX * scale)), anchor="ma")
+    title_px = round(TITLE_FONT_PX * scale)
+    while title_px > 8 and _font(title_px).getlength(title) > width_px - 20:  # a long title: smaller text
+        title_px -= 1
+    draw.text((width_px / 2, 10), title, fill="black", font=_font(title_px), anchor="ma")
     legend_px = round(LEGEND_FONT_PX * scale)
     _draw_legend(draw, _legend_entries(truth is not None), TITLE_PX + image_h, width_px, legend_px)
     return np.asarray(canvas)

@@ -245,9 +245,20 @@ def write_overlays(
 
 
 def start_table(path: Path) -> None:
-    """Write metrics.csv's header (replacing an older table)."""
+    """Write metrics.csv's header, replacing an older table, and remove the summary.json and
+    report.html beside it: they described the older table's run."""
+    for stale in ("summary.json", "report.html"):
+        (path.parent / stale).unlink(missing_ok=True)
     with path.open("w", newline="") as handle:
         csv.DictWriter(handle, fieldnames=csv_columns()).writeheader()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the patients: `finished` of `total` rows are in `table`."""
+
+    def __init__(self, finished: int, total: int, table: Path):
+        super().__init__(finished, total, table)
+        self.finished, self.total, self.table = finished, total, table
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -386,9 +397,14 @@ def check_output_dirs(args: argparse.Namespace) -> None:
     if not args.no_cache:
         check_writable_dir(args.cache_dir, "--cache-dir")
     check_writable_dir(args.output_dir, "--output-dir")
-    for folder, wanted in (("masks", True), ("overlays", not args.no_overlays), (THUMBNAIL_DIR, not args.no_report)):
-        if wanted:  # a file named like one of the output's folders would fail every patient
-            check_writable_dir(Path(args.output_dir) / folder, "--output-dir")
+    out = Path(args.output_dir)
+    folders = {"masks": True, "overlays": not args.no_overlays, THUMBNAIL_DIR: not args.no_report}
+    folders["probabilities"] = args.save_probabilities
+    for folder in [name for name, wanted in folders.items() if wanted]:  # a file there would fail every patient
+        check_writable_dir(out / folder, "--output-dir")
+    for name in ("metrics.csv", "summary.json", "report.html"):
+        if (out / name).is_dir():
+            raise UsageError(f"--output-dir {out}: {name} is a folder; remove it or choose another --output-dir")
     args.figure_path = args.figure_path or str(Path(args.output_dir) / "dice_distribution.png")
     figure = Path(args.figure_path)
     if figure.is_dir():
@@ -681,9 +697,12 @@ def run(args: argparse.Namespace) -> dict:
     start_table(table)
     rows = []
     start = time.perf_counter()
-    for patient in tqdm(patients, desc="predict", unit="patient", leave=False, disable=None):
-        rows.append(process_patient(patient, models, folds, device, args, out_dir))
-        append_row(table, rows[-1])
+    try:
+        for patient in tqdm(patients, desc="predict", unit="patient", leave=False, disable=None):
+            rows.append(process_patient(patient, models, folds, device, args, out_dir))
+            append_row(table, rows[-1])
+    except KeyboardInterrupt:
+        raise Interrupted(len(rows), len(patients), table) from None
     seconds = time.perf_counter() - start  # the patients' prediction, as the protocol records it
 
     summary = summarize(rows, make_protocol(args, models, mode, seconds))
@@ -714,12 +733,15 @@ def main(argv: list[str] | None = None) -> dict:
         summary = run(args)
     except (DataError, CheckpointError, UsageError) as error:
         sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
+    except Interrupted as stop:
         print(
-            f"interrupted: the patients finished so far are in {Path(args.output_dir) / 'metrics.csv'} and"
-            " masks/ (no summary.json or report yet); run the same command again to predict them all",
+            f"interrupted after {stop.finished} of {stop.total} patient(s): their rows are in {stop.table} and "
+            "their masks in masks/; summary.json and the report were not written; the same command predicts them all",
             file=sys.stderr,
         )
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted before any patient was predicted: no output was written", file=sys.stderr)
         sys.exit(130)
     failed = summary["failed_patients"]
     if failed:

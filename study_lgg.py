@@ -39,8 +39,8 @@ RECIPES_NOTE = (
     "After this model was trained, its recipe was compared with others on the 88 development patients, never "
     "on these: loss, learning rate, width and context slices in [recipes-lgg.md](recipes-lgg.md) "
     "(`python bench.py recipes`). "
-    "No cross-validation over the 88 has been run: five runs of the 20-epoch recipe take about 2 h 15 min "
-    "of an idle 2-core machine ([training.md](training.md#on-a-cpu))."
+    "No cross-validation over the 88 has been run: five runs of the 20-epoch recipe, about 27 minutes each on "
+    "the 2-core machine of [training.md](training.md#on-a-cpu), did not fit the CPU time beside the comparison."
 )
 ATTRIBUTION = (
     "Images: the LGG segmentation data set (Buda et al. 2019; Mazurowski et al. 2017), from the "

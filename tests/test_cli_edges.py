@@ -41,7 +41,7 @@ def test_figure_path_below_a_file_is_refused_before_any_work(trained_checkpoint,
     assert not (tmp_path / "out" / "metrics.csv").exists(), "refused before any patient was predicted"
 
 
-@pytest.mark.parametrize("folder", ["masks", "overlays", "thumbnails"])
+@pytest.mark.parametrize("folder", ["masks", "overlays", "thumbnails", "probabilities"])
 def test_an_output_subfolder_that_is_a_file_is_refused_before_any_work(
     trained_checkpoint, phantom_dir, tmp_path, folder
 ):
@@ -50,8 +50,32 @@ def test_an_output_subfolder_that_is_a_file_is_refused_before_any_work(
     (out / folder).write_text("x")  # would fail every patient's masks or pictures
     argv = ["--model-path", str(trained_checkpoint), "--data-dir", str(phantom_dir), "--no-cache"]
     with pytest.raises(SystemExit, match=rf"^error: --output-dir .*out/{folder}: is a file, not a folder"):
-        predict.main([*argv, "--output-dir", str(out)])
+        predict.main([*argv, "--save-probabilities", "--output-dir", str(out)])
     assert not (out / "metrics.csv").exists(), "refused before any patient was predicted"
+
+
+@pytest.mark.parametrize("name", ["metrics.csv", "summary.json", "report.html"])
+def test_an_output_file_that_is_a_folder_is_refused_before_any_work(trained_checkpoint, phantom_dir, tmp_path, name):
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    argv = ["--model-path", str(trained_checkpoint), "--data-dir", str(phantom_dir), "--no-cache"]
+    with pytest.raises(SystemExit, match=rf"^error: --output-dir .*out: {name} is a folder; remove it"):
+        predict.main([*argv, "--output-dir", str(out)])
+    assert not (out / "masks").exists(), "refused before any patient was predicted"
+
+
+def test_ctrl_c_before_any_patient_says_nothing_was_written(
+    trained_checkpoint, phantom_dir, tmp_path, monkeypatch, capsys
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "load_model", interrupted)
+    argv = ["--model-path", str(trained_checkpoint), "--data-dir", str(phantom_dir), "--no-cache"]
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([*argv, "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted before any patient was predicted: no output was written\n"
 
 
 def test_patient_listed_twice_is_refused(phantom_dir):

@@ -268,11 +268,17 @@ def test_rows_are_on_disk_before_the_run_ends(small_phantom, tmp_path, monkeypat
         return original(patient, *args)
 
     monkeypatch.setattr(predict, "process_patient", interrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    for earlier in ("summary.json", "report.html"):  # an earlier run's, which the new table replaces
+        (out / earlier).write_text("{}")
     with pytest.raises(SystemExit) as exit_info:
-        run_predict([checkpoint], small_phantom, tmp_path / "out")
+        run_predict([checkpoint], small_phantom, out)
     assert exit_info.value.code == 130  # one line, no traceback
-    assert capsys.readouterr().err.startswith(f"interrupted: the patients finished so far are in {tmp_path}")
-    assert [r["patient"] for r in read_metrics(tmp_path / "out")] == [p.patient_id for p in patients[:-1]]
+    n = len(patients)
+    assert capsys.readouterr().err.startswith(f"interrupted after {n - 1} of {n} patient(s): their rows are in {out}")
+    assert [r["patient"] for r in read_metrics(out)] == [p.patient_id for p in patients[:-1]]
+    assert not (out / "summary.json").exists() and not (out / "report.html").exists()
 
 
 def test_checkpoint_with_other_preprocessing_is_refused(small_phantom, tmp_path):

@@ -124,10 +124,21 @@ def test_a_small_lesion_inset_is_framed_and_its_square_marked():
     assert not (overlay(black, big, big, width_px=WIDTH_PX)[50:-LEGEND_PX] == 255).all(axis=-1).any()
 
 
+def test_a_long_title_shrinks_to_fit_and_a_tiny_frame_gets_no_inset():
+    title = "TCGA_CS_4941_19960909_a_long_folder_name_given_by_a_user   slice 12   patient Dice 0.873"
+    rgb = overlay(np.zeros((SIZE, SIZE)), None, None, title=title, width_px=MIN_WIDTH_PX)
+    band = rgb[:50]
+    assert (band < 128).any() and (band[:, :5] == 255).all() and (band[:, -5:] == 255).all()
+    tiny = np.zeros((16, 16), bool)
+    tiny[3, 3] = True  # small, but a 16-px frame cannot show it magnified 2x in an inset
+    picture = overlay(np.zeros((16, 16)), tiny, tiny, width_px=WIDTH_PX)[50:-LEGEND_PX]
+    assert not (picture == 255).all(axis=-1).any()  # no white frame
+
+
 def test_overlay_refuses_bad_input_with_a_clear_error():
     prediction, truth = blocks()
-    with pytest.raises(ValueError, match=f"width_px 100: must be at least {MIN_WIDTH_PX}"):
-        overlay(np.zeros((SIZE, SIZE)), prediction, truth, width_px=100)
+    with pytest.raises(ValueError, match=f"width_px 399: must be at least {MIN_WIDTH_PX}"):
+        overlay(np.zeros((SIZE, SIZE)), prediction, truth, width_px=MIN_WIDTH_PX - 1)
     with pytest.raises(ValueError, match=r"truth \(10, 10\) and flair \(64, 64\): the shapes differ"):
         overlay(np.zeros((SIZE, SIZE)), prediction, truth[:10, :10])
     with pytest.raises(ValueError, match="not a non-empty box inside the frame"):

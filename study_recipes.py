@@ -72,25 +72,42 @@ def check_no_locked_patient(saved: dict, path: str) -> None:
         raise ReportError(f"{path}: its split holds locked test patients: {', '.join(sorted(seen))}")
 
 
-def score_run(run: Path, data_dir: str, work: Path) -> dict:
-    """predict.py on the run's test patients (outputs in `work`); what the page needs of it."""
+def load_run(run: Path) -> dict:
+    """The run's best_model.pt, checked: it exists and its split holds no locked patient
+    (ReportError otherwise)."""
     model = run / "best_model.pt"
     if not model.is_file():
         raise ReportError(f"{run}: no best_model.pt (not a finished train.py --checkpoint-dir)")
     saved = load_checkpoint(model)
     check_no_locked_patient(saved, str(model))
-    out = work
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    return saved
+
+
+def check_shared_test_patients(runs: list[Path], saved: list[dict]) -> None:
+    """Refuse (ReportError) runs whose test patients differ from the first run's, or a first
+    run without test patients: the comparison is paired on the same held-out patients."""
+    tests = [sorted(s["split"]["test"]) for s in saved]
+    different = [str(run) for run, test in zip(runs, tests) if test != tests[0]]
+    if different:
+        raise ReportError(f"{', '.join(different)}: other test patients than {runs[0]} (same --seed?)")
+    if not tests[0]:
+        raise ReportError(f"{runs[0]}: no test patients (train with --test-patients N)")
+
+
+def score_run(run: Path, saved: dict, data_dir: str, work: Path) -> dict:
+    """predict.py on the run's test patients (outputs in `work`); what the page needs of it."""
+    model = run / "best_model.pt"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     command = ["python", "predict.py", "--model-path", str(model), "--data-dir", data_dir, "--patients", "test"]
-    command += ["--output-dir", str(out), "--no-overlays", "--no-report"]
+    command += ["--output-dir", str(work), "--no-overlays", "--no-report"]
     run_timed(_local(command), Path.cwd(), work / "predict.log")
     config = saved["args"]
     log_dir = Path(config["log_dir"]) if config.get("log_dir") else None
     return {
         "name": str(run),
         "recipe": recipe_text(config),
-        "dice": {r["patient"]: r["dice"] for r in read_rows(out) if not np.isnan(r["dice"])},
+        "dice": {r["patient"]: r["dice"] for r in read_rows(work) if not np.isnan(r["dice"])},
         "val_dice": float(saved["best_dice"]),
         "epoch": saved["epoch"],
         "epochs": config["epochs"],
@@ -115,11 +132,11 @@ def recipes_page(results: list[dict], copies: dict[str, str], command: str) -> s
         f"`{command}` on {facts['date']}, {facts['cpu']} ({facts['usable_cores']} cores), commit {facts['commit']}.",
         "",
         f"Every run trained on the same split of the 88 patients outside the locked list: {len(test)} test "
-        "patients held out from all of them (below), 10 validation patients that chose each run's checkpoint "
-        "and post-processing, the rest for training. Each run's `best_model.pt` was scored once by "
-        "`python predict.py --patients test` (native grid, its own post-processing). Training wall time: the "
-        "epochs as TensorBoard recorded them, with other work on the machine at the time (two runs at once, one "
-        "thread each), so compare them with each other, not with an idle machine. The locked 22 were not used.",
+        f"patients held out from all of them (below), {len(reference['val'])} validation patients that chose "
+        "each run's checkpoint and post-processing, the rest for training. Each run's `best_model.pt` was "
+        "scored once by `python predict.py --patients test` (native grid, its own post-processing). Training "
+        "wall time: the epochs as TensorBoard recorded them, with whatever else ran on the machine at the time "
+        "(not recorded here), so it is a rough guide, not a measurement. The locked 22 were not used.",
         "",
         f"| recipe | test Dice mean | median | {len(copied)} with a copied channel | "
         f"{len(test) - len(copied)} others | validation Dice | best epoch | post-processing | training |",
@@ -160,16 +177,15 @@ def recipes_page(results: list[dict], copies: dict[str, str], command: str) -> s
 
 
 def recipes(args: argparse.Namespace, argv: list[str]) -> list[dict]:
-    """`bench.py recipes`: score every run, check they share their test patients, write the page."""
+    """`bench.py recipes`: check the runs (finished, no locked patient, the same test patients),
+    score each, write the page."""
     try:
-        work = Path(args.work_dir)
-        results = [score_run(Path(run), args.data_dir, work / f"run{i}") for i, run in enumerate(args.runs)]
-        different = [r["name"] for r in results if r["test"] != results[0]["test"]]
-        if different:
-            raise ReportError(f"{', '.join(different)}: other test patients than {results[0]['name']} (same --seed?)")
-        if not results[0]["test"]:
-            raise ReportError(f"{results[0]['name']}: no test patients (train with --test-patients N)")
+        runs = [Path(run) for run in args.runs]
+        saved = [load_run(run) for run in runs]
+        check_shared_test_patients(runs, saved)  # before minutes of predict.py
         copies = copied_channel_patients(args.data_dir)
+        work = Path(args.work_dir)
+        results = [score_run(run, s, args.data_dir, work / f"run{i}") for i, (run, s) in enumerate(zip(runs, saved))]
     except (ReportError, DataError, CheckpointError) as error:
         sys.exit(f"error: {error}")
     print_page(recipes_page(results, copies, "python bench.py recipes " + shlex.join(argv)), args.output)

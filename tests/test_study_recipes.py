@@ -65,3 +65,20 @@ def test_a_folder_without_a_finished_run_is_one_error_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="empty: no best_model.pt"):
         study_recipes.recipes(args, [])
+
+
+def test_runs_with_other_test_patients_are_refused_before_any_prediction(tmp_path, monkeypatch):
+    import torch
+
+    for name, test in (("a", ["P1", "P2"]), ("b", ["P1", "P3"])):
+        (tmp_path / name).mkdir()
+        torch.save({"split": {"train": ["T1"], "val": ["V1"], "test": test}}, tmp_path / name / "best_model.pt")
+
+    def predicted(*args, **kwargs):
+        raise AssertionError("predict.py ran before the runs were checked")
+
+    monkeypatch.setattr(study_recipes, "run_timed", predicted)
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    args = argparse.Namespace(runs=runs, data_dir=str(tmp_path), work_dir=str(tmp_path / "w"), output=None)
+    with pytest.raises(SystemExit, match=r"b: other test patients than .*a \(same --seed\?\)"):
+        study_recipes.recipes(args, [])

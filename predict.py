@@ -400,8 +400,9 @@ def check_output_dirs(args: argparse.Namespace) -> None:
     out = Path(args.output_dir)
     folders = {"masks": True, "overlays": not args.no_overlays, THUMBNAIL_DIR: not args.no_report}
     folders["probabilities"] = args.save_probabilities
-    for folder in [name for name, wanted in folders.items() if wanted]:  # a file there would fail every patient
-        check_writable_dir(out / folder, "--output-dir")
+    for folder, written in folders.items():
+        if written:  # a file of that name would fail every patient
+            check_writable_dir(out / folder, "--output-dir")
     for name in ("metrics.csv", "summary.json", "report.html"):
         if (out / name).is_dir():
             raise UsageError(f"--output-dir {out}: {name} is a folder; remove it or choose another --output-dir")
